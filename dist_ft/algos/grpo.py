@@ -1,0 +1,139 @@
+"""GRPO and its variants: group-relative advantages, clipped policy losses, KL estimator.
+
+Shapes: B = prompts, G = completions per prompt, N = B x G samples, T = completion tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from dist_ft.algos.common import masked_mean
+
+
+class LossType(str, enum.Enum):
+    GRPO = "grpo"  # token mean per sequence, then mean over sequences (DeepSeekMath)
+    DR_GRPO = "dr_grpo"  # token sum over a constant N x max_tokens: no length bias (Dr.GRPO)
+    DAPO = "dapo"  # token sum over all tokens of the batch, clip-higher (DAPO)
+    GSPO = "gspo"  # one length-normalised importance ratio per sequence (GSPO)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    loss_type: LossType = LossType.GRPO
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0  # KL coefficient; 0 disables the KL term
+    max_tokens: int = 1  # Dr.GRPO's constant: the completion budget (rollout.max_new_tokens)
+
+
+def group_advantages(
+    rewards_BG: torch.Tensor,
+    scale: bool = True,
+    valid_BG: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantage of each completion relative to its group: (r - mean_g) / (std_g + eps).
+
+    rewards_BG [B, G]; valid_BG [B, G] bool marks samples whose reward exists. Invalid samples
+    neither enter their group's statistics nor get an advantage (0). ``scale=False`` is Dr.GRPO's
+    mean-centring only. std is the unbiased sample std, as in DeepSeekMath and TRL; a group with
+    fewer than two valid samples has no spread and gets 0. Returns [B, G], always finite.
+    """
+    if valid_BG is None:
+        valid_BG = torch.ones_like(rewards_BG, dtype=torch.bool)
+    w = valid_BG.to(torch.float64)
+    r = torch.where(valid_BG, rewards_BG.to(torch.float64), torch.zeros((), dtype=torch.float64))
+    n = w.sum(-1, keepdim=True)  # [B, 1]
+    mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = (r - mean) * w
+    adv = centred
+    if scale:
+        var = (centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = centred / (var.sqrt() + eps)
+    adv = torch.where(n >= 2, adv, torch.zeros_like(adv))
+    return adv.to(rewards_BG.dtype)
+
+
+def kl_k3(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = ref - logp.
+
+    Unbiased, always >= 0, and lower variance than log(pi/ref). [N, T].
+    """
+    d = ref_logp_NT - logp_NT
+    return torch.exp(d) - d - 1
+
+
+def loss_normaliser(mask_NT: torch.Tensor, params: LossParams) -> float:
+    """The denominator of the loss for a whole step's batch.
+
+    The learner computes it once over the full step (all ranks, all micro-batches) and passes it
+    to :func:`policy_loss` for every micro-batch, so that gradient accumulation and data
+    parallelism give exactly the gradient of the full-batch loss.
+    """
+    n = mask_NT.shape[0]
+    if params.loss_type is LossType.DAPO:
+        return float(mask_NT.sum().clamp(min=1))
+    if params.loss_type is LossType.DR_GRPO:
+        return float(n * params.max_tokens)
+    return float(n)  # GRPO and GSPO average over sequences
+
+
+def policy_loss(
+    logp_NT: torch.Tensor,
+    old_logp_NT: torch.Tensor,
+    adv_N: torch.Tensor,
+    mask_NT: torch.Tensor,
+    params: LossParams,
+    ref_logp_NT: torch.Tensor | None = None,
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss (plus beta x KL) for one batch of completions.
+
+    logp_NT [N, T]: current policy, with grad. old_logp_NT [N, T]: the behaviour policy that
+    sampled the tokens. adv_N [N]. mask_NT [N, T]: 1 on completion tokens. ref_logp_NT [N, T]
+    is required when ``params.beta > 0``. ``normaliser`` defaults to this batch's own
+    (:func:`loss_normaliser`). Returns the scalar loss and detached statistics.
+    """
+    mask = mask_NT.to(logp_NT.dtype)
+    adv = adv_N.to(logp_NT.dtype).unsqueeze(-1)  # [N, 1]
+    log_ratio = (logp_NT - old_logp_NT) * mask
+    lo, hi = 1.0 - params.eps_low, 1.0 + params.eps_high
+    lengths_N = mask.sum(-1).clamp(min=1.0)
+
+    if params.loss_type is LossType.GSPO:
+        ratio = torch.exp(log_ratio.sum(-1, keepdim=True) / lengths_N.unsqueeze(-1))  # [N, 1]
+    else:
+        ratio = torch.exp(log_ratio)  # [N, T]
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+    clipped = (ratio < lo) & (adv < 0) | (ratio > hi) & (adv > 0)
+
+    kl_NT = torch.zeros_like(logp_NT)
+    if params.beta > 0:
+        if ref_logp_NT is None:
+            raise ValueError("beta > 0 needs reference logprobs (ref_logp_NT)")
+        kl_NT = kl_k3(logp_NT, ref_logp_NT)
+
+    if params.loss_type is LossType.GSPO:
+        per_seq_N = -surrogate.squeeze(-1) + params.beta * (kl_NT * mask).sum(-1) / lengths_N
+        total = per_seq_N.sum()
+        clip_frac = clipped.float().mean()
+    else:
+        per_token_NT = (-surrogate + params.beta * kl_NT) * mask
+        if params.loss_type is LossType.GRPO:
+            total = (per_token_NT.sum(-1) / lengths_N).sum()
+        else:  # DR_GRPO and DAPO sum tokens; they differ only in the normaliser
+            total = per_token_NT.sum()
+        clip_frac = masked_mean(clipped.float(), mask)
+
+    if normaliser is None:
+        normaliser = loss_normaliser(mask_NT, params)
+    loss = total / normaliser
+    stats = {
+        "clip_frac": float(clip_frac),
+        "kl": float(masked_mean(kl_NT.detach(), mask)),
+        "ratio": float(masked_mean(torch.exp(log_ratio.detach()), mask)),
+    }
+    return loss, stats

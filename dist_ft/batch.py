@@ -1,0 +1,95 @@
+"""``ScoredBatch``: the only payload a rollout worker sends back.
+
+It carries token ids, logprobs, rewards and advantages, never gradients or weights, so a step's
+traffic from rollout to learner is kilobytes. Shapes: N = B x G samples (B prompts, G
+completions each), P = prompt tokens (left-padded), T = completion tokens (right-padded),
+K = reward functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_PROMPT_ALIGNED = ("prompt_ids", "prompt_mask")
+_COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "logprobs", "ref_logprobs")
+
+
+@dataclass
+class ScoredBatch:
+    prompt_ids: torch.Tensor  # [N, P] int32, left-padded
+    prompt_mask: torch.Tensor  # [N, P] bool
+    completion_ids: torch.Tensor  # [N, T] int32, right-padded
+    completion_mask: torch.Tensor  # [N, T] bool, 1 up to and including EOS
+    logprobs: torch.Tensor  # [N, T] float32, behaviour policy (the version that sampled)
+    rewards: torch.Tensor  # [N, K] float32, one column per reward function (unweighted)
+    reward_total: torch.Tensor  # [N] float32, weighted sum of the columns
+    advantages: torch.Tensor  # [N] float32, group-relative
+    sample_ids: torch.Tensor  # [N, 3] int64: (step, prompt index, completion index)
+    versions: torch.Tensor  # [N] int64, policy version that generated each sample
+    reward_names: list[str]
+    ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
+
+    def __post_init__(self) -> None:
+        n = self.prompt_ids.shape[0]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.shape[0] != n:
+                raise ValueError(f"ScoredBatch.{f.name} has {value.shape[0]} rows, expected {n}")
+        if self.rewards.shape[1] != len(self.reward_names):
+            raise ValueError("ScoredBatch.rewards needs one column per reward name")
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data this batch carries (what crosses the wire, less pickling)."""
+        return sum(t.nbytes for t in self._tensors().values())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def select(self, index: torch.Tensor | list[int]) -> ScoredBatch:
+        """Rows ``index`` of every tensor (used to split a step across ranks or micro-batches)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {k: v[index] for k, v in self._tensors().items()}
+        return ScoredBatch(reward_names=list(self.reward_names), **picked)
+
+    @staticmethod
+    def concat(batches: list[ScoredBatch]) -> ScoredBatch:
+        """Stack batches from several workers; prompts and completions are re-padded."""
+        if not batches:
+            raise ValueError("nothing to concatenate")
+        names = batches[0].reward_names
+        if any(b.reward_names != names for b in batches):
+            raise ValueError("batches disagree on reward functions")
+
+        def pad_cat(key: str, left: bool) -> torch.Tensor:
+            parts = [getattr(b, key) for b in batches]
+            width = max(p.shape[1] for p in parts)
+            padded = []
+            for p in parts:
+                fill = torch.zeros(p.shape[0], width - p.shape[1], dtype=p.dtype)
+                padded.append(torch.cat([fill, p] if left else [p, fill], dim=1))
+            return torch.cat(padded)
+
+        fields = {}
+        for key in batches[0]._tensors():
+            if key in _PROMPT_ALIGNED:
+                fields[key] = pad_cat(key, left=True)
+            elif key in _COMPLETION_ALIGNED:
+                fields[key] = pad_cat(key, left=False)
+            else:
+                fields[key] = torch.cat([getattr(b, key) for b in batches])
+        return ScoredBatch(reward_names=list(names), **fields)

@@ -1,0 +1,326 @@
+"""Typed, nested, strict run configuration.
+
+Precedence is defaults < YAML < ``a.b=c`` overrides. The defaults alone are a complete run: the
+built-in demo (tiny model, letter-repeat task, GRPO with LoRA), so ``dist-ft demo`` needs no file.
+
+Only ``cli.py`` and ``trainer.py`` see the whole tree; components take plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_ft.algos.grpo import LossType
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema. The message names the key."""
+
+
+class PeftMethod(str, enum.Enum):
+    NONE = "none"  # full fine-tuning
+    LORA = "lora"
+    DORA = "dora"
+    QLORA = "qlora"  # LoRA on a 4-bit (nf4) base through bitsandbytes
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the built-in tiny Llama (used when ``model.path == "tiny"``)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local HF model directory, or "tiny" for the built-in model. Hub ids are not fetched.
+    path: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    method: PeftMethod = PeftMethod.LORA
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0  # >0 makes learner and rollout logprobs differ at ratio 1
+    # "all-linear" is peft's shortcut for every linear layer except the output head.
+    target_modules: str | list[str] = "all-linear"
+    # Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
+    # vocabulary changed). Empty keeps the adapter pure low-rank.
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "demo" (built-in letter-repeat task), or a .jsonl / .parquet file / save_to_disk folder.
+    source: str = "demo"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: Literal["plain", "chat"] = "plain"
+    plain_template: str = "{prompt}"
+    max_prompt_tokens: int = 256
+    demo_size: int = 256
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class RewardFnConfig:
+    # A built-in verifier name (see dist_ft.rewards.BUILTIN) or "package.module:function".
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _demo_rewards() -> list[RewardFnConfig]:
+    # char_match gives partial credit, which a random-init model needs to find any signal;
+    # exact_match at weight 0 is logged only, to show the share of fully right answers.
+    return [RewardFnConfig("char_match", 1.0), RewardFnConfig("exact_match", 0.0)]
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    functions: list[RewardFnConfig] = field(default_factory=_demo_rewards)
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    loss: LossType = LossType.GRPO
+    prompts_per_step: int = 8  # B; a step trains on B x G samples
+    scale_rewards: bool = True  # divide advantages by the group std; Dr.GRPO turns this off
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
+    beta: float = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
+    # SFT steps on answer-*shaped* targets before RL (built-in demo task only): a random-init
+    # model first learns to answer with four identical letters, then RL learns which letter.
+    sft_warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    offload: Literal["none", "cpu"] = "none"
+    # Gradient accumulation: the per-rank batch is split into this many micro-batches.
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    mode: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    rollout_workers: int = 1
+    learners: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"
+    steps: int = 150
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    # wandb runs offline unless asked: nothing leaves the machine by default.
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "dist_ft"
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2: advantages are group-relative")
+        per_step = self.algo.prompts_per_step * self.rollout.group_size
+        if per_step % (self.resources.learners * self.learner.micro_batches):
+            raise ConfigError(
+                f"algo.prompts_per_step x rollout.group_size = {per_step} samples must split "
+                f"evenly over resources.learners x learner.micro_batches = "
+                f"{self.resources.learners} x {self.learner.micro_batches}"
+            )
+        if self.algo.sft_warmup_steps and self.data.source != "demo":
+            raise ConfigError("algo.sft_warmup_steps is a format warm-up for data.source=demo")
+        if self.learner.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage must be 0-3, got {self.learner.zero_stage}")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.algo.prompts_per_step * self.rollout.group_size
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per learner micro-batch, derived: B x G / learners / micro_batches."""
+        return self.samples_per_step // (self.resources.learners * self.learner.micro_batches)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where it is lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: expected one of {[m.value for m in tp]}, got {value!r}"
+            ) from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not user error
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-safe dict (enums as their values)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and ``a.b=c`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

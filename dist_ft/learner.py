@@ -1,0 +1,234 @@
+"""``Learner``: one DeepSpeed ZeRO rank. The only module in dist_ft that imports deepspeed.
+
+In debug mode one Learner runs in the driver process at world size 1; on Ray each learner actor
+is one rank of a data-parallel group (``cluster.py`` sets rank, world size and master address).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from dist_ft.algos.grpo import LossParams, loss_normaliser, policy_loss
+from dist_ft.algos.sft import sft_loss
+from dist_ft.batch import ScoredBatch
+from dist_ft.config import PeftConfig
+from dist_ft.models import completion_logprobs, export_state, is_adapter, load_policy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """Join the learner group. gloo on CPU, nccl on GPU. Idempotent within a process."""
+    if dist.is_initialized():
+        return
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def deepspeed_config(
+    *,
+    samples_per_step: int,
+    world_size: int,
+    micro_batches: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    zero_stage: int,
+    offload: str,
+    dtype: str,
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": samples_per_step,
+        "train_micro_batch_size_per_gpu": samples_per_step // (world_size * micro_batches),
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for 60-90 s on first use.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+class Learner:
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        dtype: str,
+        peft: PeftConfig,
+        device: str,
+        loss: LossParams,
+        temperature: float,
+        lr: float,
+        weight_decay: float,
+        grad_clip: float,
+        zero_stage: int,
+        offload: str,
+        samples_per_step: int,
+        micro_batches: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        init_process_group(rank, world_size, master_addr, master_port or free_port())
+        torch.manual_seed(seed + rank)
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0  # guards anything written to disk once per group
+        self.loss = loss
+        self.temperature = temperature
+        self.micro_batches = micro_batches
+        self.zero_stage = zero_stage
+        model = load_policy(model_path, dtype, peft, torch.device(device), trust_remote_code)
+        self.adapter_only = is_adapter(model)
+        config = deepspeed_config(
+            samples_per_step=samples_per_step,
+            world_size=world_size,
+            micro_batches=micro_batches,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            zero_stage=zero_stage,
+            offload=offload,
+            dtype=dtype,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=config
+        )
+        self.version = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _gathered(self, params: list[torch.nn.Parameter]) -> Any:
+        """Context that materialises ZeRO-3 partitions (a no-op below stage 3)."""
+        return deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3)
+
+    def _accumulate(
+        self, rows: int, micro_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+    ) -> dict[str, float]:
+        """One optimizer step over ``rows`` samples, in ``micro_batches`` forward/backward passes.
+
+        ``micro_loss(index)`` returns a micro-batch's share of the step's loss (its normaliser
+        spans the whole step), so the summed gradients are those of the full-batch loss.
+        """
+        self.engine.train()
+        chunks = torch.arange(rows).chunk(self.micro_batches)
+        totals: dict[str, float] = {"loss": 0.0}
+        for idx in chunks:
+            loss, stats = micro_loss(idx)
+            # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
+            self.engine.backward(loss * self.micro_batches * self.world_size)
+            self.engine.step()
+            totals["loss"] += float(loss.detach())
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / len(chunks)
+        self.version += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return totals
+
+    def step(self, batch: ScoredBatch, normaliser: float | None = None) -> dict[str, float]:
+        """One GRPO optimizer step on this rank's share of the step's samples.
+
+        ``normaliser`` is the loss denominator of the whole step (all ranks); the caller computes
+        it before splitting, so the update equals a single-process update on the full batch.
+        """
+        if normaliser is None:
+            normaliser = loss_normaliser(batch.completion_mask, self.loss)
+        # Trim the completion padding that every sample in this shard shares: no compute on it.
+        used = batch.completion_mask.any(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+
+        def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            mb = batch.select(idx)
+            mask = mb.completion_mask[:, :width]
+            logp = completion_logprobs(
+                self.engine,
+                mb.prompt_ids,
+                mb.prompt_mask,
+                mb.completion_ids[:, :width],
+                mask,
+                self.temperature,
+            )
+            ref = None if mb.ref_logprobs is None else mb.ref_logprobs[:, :width]
+            return policy_loss(
+                logp, mb.logprobs[:, :width], mb.advantages, mask, self.loss, ref, normaliser
+            )
+
+        metrics = self._accumulate(len(batch), micro_loss)
+        metrics["tokens"] = float(batch.num_tokens)
+        return metrics
+
+    def sft_step(
+        self,
+        prompt_ids_NP: torch.Tensor,
+        prompt_mask_NP: torch.Tensor,
+        target_ids_NT: torch.Tensor,
+        target_mask_NT: torch.Tensor,
+    ) -> dict[str, float]:
+        """One supervised step: NLL of the target tokens given the (left-padded) prompts."""
+        normaliser = float(target_mask_NT.sum().clamp(min=1))
+
+        def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            logp = completion_logprobs(
+                self.engine,
+                prompt_ids_NP[idx],
+                prompt_mask_NP[idx],
+                target_ids_NT[idx],
+                target_mask_NT[idx],
+            )
+            return sft_loss(logp, target_mask_NT[idx], normaliser), {}
+
+        return self._accumulate(len(prompt_ids_NP), micro_loss)
+
+    def export_weights(self, adapter_only: bool | None = None) -> dict[str, torch.Tensor]:
+        """What changed since the start: the adapter alone under PEFT, else all weights.
+
+        Under ZeRO-3 only the exported parameters are gathered (for LoRA: adapter parameters,
+        never the base model). Every rank must call this; all get the same tensors.
+        """
+        adapter_only = self.adapter_only if adapter_only is None else adapter_only
+        params = [p for p in self.module.parameters() if p.requires_grad or not adapter_only]
+        with self._gathered(params):
+            return export_state(self.module, adapter_only)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """HF ``save_pretrained`` (safetensors): the adapter alone under PEFT. Rank 0 writes."""
+        with self._gathered(list(self.module.parameters())):
+            if self.is_main:
+                self.module.save_pretrained(str(out_dir), safe_serialization=True)

@@ -1,0 +1,100 @@
+"""Metrics to metrics.jsonl and wandb (offline unless configured), a progress bar, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Tracker:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        run_name: str,
+        total_steps: int,
+        wandb_mode: str,
+        wandb_project: str,
+        config: dict[str, Any],
+        plot: bool = True,
+    ) -> None:
+        self.output_dir = output_dir
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self._file = self.metrics_path.open("a")
+        self.history: list[dict[str, float]] = []
+        self.plot = plot
+        self._wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            # The config holds no secrets by construction (keys come from the environment).
+            self._wandb = wandb.init(
+                project=wandb_project,
+                name=run_name,
+                mode=wandb_mode,
+                dir=str(output_dir),
+                config=config,
+                reinit="finish_previous",
+            )
+        self._progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self._task = self._progress.add_task("train", total=total_steps, info="")
+        self._progress.start()
+        self._t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **metrics}
+        self.history.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        info = (
+            f"reward {metrics.get('reward/mean', math.nan):.3f}  "
+            f"kl {metrics.get('kl', math.nan):.4f}  "
+            f"{metrics.get('samples_per_s', math.nan):.0f} samples/s"
+        )
+        self._progress.update(self._task, completed=step, info=info)
+
+    def mean(self, key: str, first: int | None = None, last: int | None = None) -> float:
+        values = [r[key] for r in self.history if key in r]
+        values = values[:first] if first is not None else values
+        values = values[-last:] if last is not None else values
+        return sum(values) / len(values) if values else math.nan
+
+    def finish(self) -> Path | None:
+        self._progress.stop()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        return self._plot() if self.plot and self.history else None
+
+    def _plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on cluster nodes
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in self.history]
+        panels = [k for k in ("reward/mean", "kl") if any(k in r for r in self.history)]
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
+        for ax, key in zip(axes[:, 0], panels):
+            ax.plot(steps, [r.get(key, math.nan) for r in self.history])
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        path = self.output_dir / "reward.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

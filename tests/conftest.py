@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+# Tests never talk to wandb servers, and never fetch from a hub.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from dist_ft.config import TinyModelConfig
+    from dist_ft.models import resolve_model_path
+
+    return resolve_model_path("tiny", TinyModelConfig())
+
+
+@pytest.fixture(scope="session")
+def demo_prompts():
+    from dist_ft.data import Prompt, demo_rows
+
+    return [Prompt(i, r["prompt"], r["answer"]) for i, r in enumerate(demo_rows(16, seed=1))]
+
+
+def build(tiny_path: str, *overrides: str):
+    """RolloutWorker and Learner constructor kwargs for a config with ``overrides``."""
+    from dist_ft.config import load_config
+    from dist_ft.trainer import component_kwargs
+
+    cfg = load_config(None, ["run.wandb=disabled", *overrides])
+    return cfg, *component_kwargs(cfg, tiny_path)

@@ -1,0 +1,73 @@
+"""RolloutWorker on the tiny model: real HF generate, real peft."""
+
+import torch
+
+from conftest import build
+from dist_ft.config import PeftConfig, PeftMethod
+from dist_ft.learner import Learner
+from dist_ft.models import completion_logprobs, load_policy
+from dist_ft.rollout import RolloutWorker
+
+
+def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
+    cfg, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=6")
+    worker = RolloutWorker(**wk)
+    batch = worker.rollout(7, demo_prompts[:3])
+    n = 3 * 4
+    assert len(batch) == n
+    assert batch.completion_ids.shape == batch.logprobs.shape == (n, 6)
+    assert batch.rewards.shape == (n, len(cfg.reward.functions))
+    assert batch.reward_names == ["char_match", "exact_match"]
+    assert batch.sample_ids[:, 0].eq(7).all()
+    assert batch.sample_ids[:4, 1].eq(demo_prompts[0].index).all()
+    assert batch.sample_ids[:4, 2].tolist() == [0, 1, 2, 3]
+    assert batch.versions.eq(0).all()
+    # logprobs are real log-probabilities on real tokens and exactly 0 on padding
+    m = batch.completion_mask
+    assert (batch.logprobs[m] < 0).all() and (batch.logprobs[~m] == 0).all()
+    # advantages are group-relative: zero mean within each group
+    torch.testing.assert_close(batch.advantages.view(3, 4).sum(-1), torch.zeros(3), atol=1e-5,
+                               rtol=0)
+    # what travels: ids, masks, logprobs, rewards; no weights (a few hundred bytes per sample)
+    assert batch.nbytes < 40 * 6 * n
+
+
+def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
+    """On-policy, the learner's recomputed logprobs give an importance ratio of exactly ~1."""
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
+    learner = Learner(**lk)
+    worker = RolloutWorker(**wk)
+    worker.set_weights(0, learner.export_weights())
+    batch = worker.rollout(1, demo_prompts[:4])
+    metrics = learner.step(batch)
+    assert abs(metrics["ratio"] - 1.0) < 1e-5
+
+
+def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_prompts):
+    _, wk, _ = build(tiny_path, "algo.beta=0.05")
+    worker = RolloutWorker(**wk)
+    assert worker.ref_model is None  # LoRA: the adapter is switched off instead
+    # move the adapter away from its no-op init so policy and reference differ
+    with torch.no_grad():
+        for name, p in worker.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = worker.rollout(1, demo_prompts[:2])
+    base = load_policy(tiny_path, "float32", PeftConfig(method=PeftMethod.NONE),
+                       torch.device("cpu")).eval()
+    with torch.no_grad():
+        expected = completion_logprobs(base, batch.prompt_ids, batch.prompt_mask,
+                                       batch.completion_ids, batch.completion_mask.long())
+    m = batch.completion_mask
+    torch.testing.assert_close(batch.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batch.logprobs[m], batch.ref_logprobs[m], atol=1e-3)
+
+
+def test_completion_is_masked_after_eos(tiny_path):
+    _, wk, _ = build(tiny_path, "rollout.max_new_tokens=5")
+    worker = RolloutWorker(**wk)
+    eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id
+    generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, 13]])
+    ids, mask = worker._completion(generated)
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert ids.tolist() == [[10, eos, pad, pad, pad], [10, 11, 12, 13, pad]]
