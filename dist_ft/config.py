@@ -114,7 +114,7 @@ class AlgoConfig:
     beta: float = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
     # SFT steps on answer-*shaped* targets before RL (built-in demo task only): a random-init
     # model first learns to answer with four identical letters, then RL learns which letter.
-    sft_warmup_steps: int = 0
+    sft_warmup_steps: int = 40
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class LearnerConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     mode: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"  # for mode=ray: "auto" (inside a cluster) or HOST:PORT
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rollout_workers: int = 1
     learners: int = 1
@@ -139,7 +140,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
-    steps: int = 150
+    steps: int = 600
     seed: int = 0
     output_dir: str = "runs/demo"
     # wandb runs offline unless asked: nothing leaves the machine by default.
@@ -171,7 +172,10 @@ class Config:
                 f"{self.resources.learners} x {self.learner.micro_batches}"
             )
         if self.algo.sft_warmup_steps and self.data.source != "demo":
-            raise ConfigError("algo.sft_warmup_steps is a format warm-up for data.source=demo")
+            raise ConfigError(
+                f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
+                f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}"
+            )
         if self.learner.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"learner.zero_stage must be 0-3, got {self.learner.zero_stage}")
 

@@ -75,10 +75,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> datasets.Dataset:
+def load_rows(
+    source: str, demo_size: int = 256, seed: int = 0
+) -> datasets.Dataset | list[dict[str, Any]]:
     """Raw rows from ``"demo"``, a .jsonl or .parquet file, or a ``save_to_disk`` folder."""
     if source == "demo":
-        return datasets.Dataset.from_list(demo_rows(demo_size, seed))
+        return demo_rows(demo_size, seed)
     path = Path(source)
     if not path.exists():
         raise DatasetError(f"data.source not found: {source}")
@@ -88,8 +90,9 @@ def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> datasets.Data
             raise DatasetError(f"{source}: holds splits {list(loaded)}; point at one split")
         return loaded
     if path.suffix == ".jsonl":
-        # Parsed line by line (not by pyarrow) so that an error can name its row.
-        return datasets.Dataset.from_list(_read_jsonl(path))
+        # Parsed line by line, not by pyarrow: an error can name its row, and a row of the wrong
+        # type reaches validation instead of failing the whole file's schema inference.
+        return _read_jsonl(path)
     if path.suffix == ".parquet":
         return datasets.Dataset.from_parquet(str(path))
     raise DatasetError(f"{source}: unsupported format (use .jsonl, .parquet or a folder)")
@@ -104,7 +107,7 @@ def render(tokenizer: Any, prompt: str, template: str, plain_template: str) -> s
 
 
 def prepare_prompts(
-    rows: datasets.Dataset,
+    rows: datasets.Dataset | list[dict[str, Any]],
     tokenizer: Any,
     *,
     source: str,

@@ -159,7 +159,8 @@ class Learner:
                 totals[k] = totals.get(k, 0.0) + v / len(chunks)
         self.version += 1
         grad_norm = self.engine.get_global_grad_norm()
-        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if grad_norm is not None:  # DeepSpeed does not record it for fp32 ZeRO-0
+            totals["grad_norm"] = float(grad_norm)
         return totals
 
     def step(self, batch: ScoredBatch, normaliser: float | None = None) -> dict[str, float]:

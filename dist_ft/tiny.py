@@ -64,7 +64,7 @@ def build_model(
         tie_word_embeddings=True,
         # Wider than Llama's 0.02: with a 64-wide residual, 0.02 caps every logit near +-1.3
         # after RMSNorm, so an adapter that cannot touch lm_head could never become confident.
-        initializer_range=0.1,
+        initializer_range=0.2,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -83,7 +83,7 @@ def ensure_tiny_model(
     hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
 ) -> Path:
     """Return a local HF directory holding the tiny model and tokenizer, building it once."""
-    spec = {"h": hidden_size, "l": num_layers, "a": num_heads, "s": seed, "v": 3}
+    spec = {"h": hidden_size, "l": num_layers, "a": num_heads, "s": seed, "v": 4}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / f"tiny-llama-{key}"
     if (target / "config.json").exists():

@@ -86,10 +86,17 @@ class Tracker:
         import matplotlib.pyplot as plt
 
         steps = [r["step"] for r in self.history]
-        panels = [k for k in ("reward/mean", "kl") if any(k in r for r in self.history)]
+        # KL is plotted only when the KL term is on (it is exactly 0 otherwise).
+        panels = [k for k in ("reward/mean", "kl") if any(r.get(k) for r in self.history)]
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
         for ax, key in zip(axes[:, 0], panels):
-            ax.plot(steps, [r.get(key, math.nan) for r in self.history])
+            values = [r.get(key, math.nan) for r in self.history]
+            ax.plot(steps, values, alpha=0.35, label="per step")
+            k = max(1, len(values) // 30)  # moving average over ~1/30 of the run
+            smooth = [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+                      for i in range(len(values))]
+            ax.plot(steps, smooth, label=f"mean of {k}")
+            ax.legend(loc="best")
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")

@@ -84,6 +84,8 @@ def train(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.resources.mode != "local":
+        raise NotImplementedError("resources.mode=ray is not implemented yet (issue #3)")
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
 

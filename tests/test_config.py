@@ -61,12 +61,20 @@ def test_list_of_reward_sections_is_typed(tmp_path):
 
 
 def test_batch_sizes_are_derived():
-    cfg = load_config(None, ["algo.prompts_per_step=4", "rollout.group_size=8",
-                             "resources.learners=2", "learner.micro_batches=2"])
+    cfg = load_config(
+        None,
+        [
+            "algo.prompts_per_step=4",
+            "rollout.group_size=8",
+            "resources.learners=2",
+            "learner.micro_batches=2",
+        ],
+    )
     assert cfg.samples_per_step == 32 and cfg.micro_batch_size == 8
     with pytest.raises(ConfigError, match="split evenly"):
-        load_config(None, ["algo.prompts_per_step=3", "rollout.group_size=3",
-                           "resources.learners=2"])
+        load_config(
+            None, ["algo.prompts_per_step=3", "rollout.group_size=3", "resources.learners=2"]
+        )
 
 
 def test_config_is_frozen():
@@ -83,9 +91,18 @@ def test_every_shipped_config_validates(path):
 
 def test_print_config_round_trips(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "dist_ft.cli", "train", str(ROOT / "configs" / "demo.yaml"),
-         "learner.lr=0.25", "--print-config"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "dist_ft.cli",
+            "train",
+            str(ROOT / "configs" / "demo.yaml"),
+            "learner.lr=0.25",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     printed = yaml.safe_load(out)
     assert printed["learner"]["lr"] == 0.25
@@ -97,7 +114,8 @@ def test_print_config_round_trips(tmp_path):
 def test_cli_reports_bad_key_with_exit_code_2():
     r = subprocess.run(
         [sys.executable, "-m", "dist_ft.cli", "demo", "learner.lrr=1"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     assert "unknown config key 'learner.lrr'" in r.stderr

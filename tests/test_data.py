@@ -1,5 +1,6 @@
 import json
 
+import datasets
 import pytest
 
 from dist_ft.data import DatasetError, PromptSampler, demo_rows, load_rows, prepare_prompts
@@ -7,8 +8,14 @@ from dist_ft.models import load_tokenizer
 
 
 def prepare(path, tok, **kw):
-    args = dict(source=str(path), prompt_field="prompt", answer_field="answer",
-                template="plain", plain_template="{prompt}", max_prompt_tokens=32)
+    args = dict(
+        source=str(path),
+        prompt_field="prompt",
+        answer_field="answer",
+        template="plain",
+        plain_template="{prompt}",
+        max_prompt_tokens=32,
+    )
     args.update(kw)
     return prepare_prompts(load_rows(str(path)), tok, **args)
 
@@ -64,7 +71,7 @@ def test_template_error_names_row(tmp_path, tok):
 
 
 def test_parquet_disk_and_chat_template(tmp_path, tok):
-    ds = load_rows("demo", demo_size=5)
+    ds = datasets.Dataset.from_list(load_rows("demo", demo_size=5))
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
     for src in (tmp_path / "d.parquet", tmp_path / "saved"):

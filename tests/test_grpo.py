@@ -112,8 +112,10 @@ def test_split_batch_with_global_normaliser_sums_to_full_loss(loss_type):
     params = LossParams(loss_type=loss_type, max_tokens=5)
     full, _ = policy_loss(new, old, adv, mask, params)
     norm = loss_normaliser(mask, params)
-    parts = [policy_loss(new[s], old[s], adv[s], mask[s], params, normaliser=norm)[0]
-             for s in (slice(0, 2), slice(2, 6))]
+    parts = [
+        policy_loss(new[s], old[s], adv[s], mask[s], params, normaliser=norm)[0]
+        for s in (slice(0, 2), slice(2, 6))
+    ]
     torch.testing.assert_close(sum(parts), full)
     (g_full,) = torch.autograd.grad(full, new)
     (g_parts,) = torch.autograd.grad(sum(parts), new)

@@ -29,8 +29,9 @@ def imported_roots(path: Path) -> set[str]:
 
 
 def test_only_learner_imports_deepspeed():
-    users = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py")
-             if "deepspeed" in imported_roots(p)}
+    users = {
+        p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if "deepspeed" in imported_roots(p)
+    }
     assert users == {"learner.py"}
 
 

@@ -13,14 +13,19 @@ def test_exact_match_normalises_case_space_and_full_stop():
 
 
 def test_char_match_gives_positional_partial_credit():
-    assert char_match(["q"] * 3, ["cccc", "ccxx", "xcc"], ["cccc"] * 3) == [1.0, 0.5, 0.25]
+    assert char_match(["q"] * 3, ["cccc", "ccxx", "xcxx"], ["cccc"] * 3) == [1.0, 0.5, 0.25]
 
 
 def test_format_regex_and_length_penalty():
     assert format_regex(["q"] * 2, ["<a>1</a>", "1"], [None] * 2, pattern=r"<a>\d+</a>") == [
-        1.0, 0.0]
+        1.0,
+        0.0,
+    ]
     assert length_penalty(["q"] * 3, ["abcd", "abcdef", "a" * 20], [None] * 3, max_chars=4) == [
-        0.0, -0.5, -1.0]
+        0.0,
+        -0.5,
+        -1.0,
+    ]
 
 
 def test_weighted_sum_keeps_each_component(tmp_path, monkeypatch):
@@ -49,6 +54,6 @@ def test_bad_reward_names_and_outputs_are_errors(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardError, match="reward 'bad_rewards:boom' raised ValueError: kaput"):
         RewardSet([("bad_rewards:boom", 1.0, {})]).score(["p"], ["c"], [None])
-    with pytest.raises(RewardError, match="bad_rewards:nan.*non-finite"):
+    with pytest.raises(RewardError, match=r"bad_rewards:nan.*non-finite"):
         RewardSet([("bad_rewards:nan", 1.0, {})]).score(["p"], ["c"], [None])
     sys.modules.pop("bad_rewards", None)

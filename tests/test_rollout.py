@@ -1,8 +1,8 @@
 """RolloutWorker on the tiny model: real HF generate, real peft."""
 
 import torch
-
 from conftest import build
+
 from dist_ft.config import PeftConfig, PeftMethod
 from dist_ft.learner import Learner
 from dist_ft.models import completion_logprobs, load_policy
@@ -26,8 +26,9 @@ def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
     m = batch.completion_mask
     assert (batch.logprobs[m] < 0).all() and (batch.logprobs[~m] == 0).all()
     # advantages are group-relative: zero mean within each group
-    torch.testing.assert_close(batch.advantages.view(3, 4).sum(-1), torch.zeros(3), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        batch.advantages.view(3, 4).sum(-1), torch.zeros(3), atol=1e-5, rtol=0
+    )
     # what travels: ids, masks, logprobs, rewards; no weights (a few hundred bytes per sample)
     assert batch.nbytes < 40 * 6 * n
 
@@ -53,11 +54,17 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     batch = worker.rollout(1, demo_prompts[:2])
-    base = load_policy(tiny_path, "float32", PeftConfig(method=PeftMethod.NONE),
-                       torch.device("cpu")).eval()
+    base = load_policy(
+        tiny_path, "float32", PeftConfig(method=PeftMethod.NONE), torch.device("cpu")
+    ).eval()
     with torch.no_grad():
-        expected = completion_logprobs(base, batch.prompt_ids, batch.prompt_mask,
-                                       batch.completion_ids, batch.completion_mask.long())
+        expected = completion_logprobs(
+            base,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask.long(),
+        )
     m = batch.completion_mask
     torch.testing.assert_close(batch.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batch.logprobs[m], batch.ref_logprobs[m], atol=1e-3)
@@ -67,7 +74,11 @@ def test_completion_is_masked_after_eos(tiny_path):
     _, wk, _ = build(tiny_path, "rollout.max_new_tokens=5")
     worker = RolloutWorker(**wk)
     eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id
-    generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, 13]])
+    # generate stops early only once every row has ended; later tokens are junk or padding
+    generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, eos]])
     ids, mask = worker._completion(generated)
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
-    assert ids.tolist() == [[10, eos, pad, pad, pad], [10, 11, 12, 13, pad]]
+    assert ids.tolist() == [[10, eos, pad, pad, pad], [10, 11, 12, eos, pad]]
+    # a completion cut at max_new_tokens without EOS is kept whole
+    ids, mask = worker._completion(torch.tensor([[10, 11, 12, 13, 14]]))
+    assert mask.tolist() == [[1, 1, 1, 1, 1]]
