@@ -93,8 +93,8 @@ class Tracker:
             values = [r.get(key, math.nan) for r in self.history]
             ax.plot(steps, values, alpha=0.35, label="per step")
             k = max(1, len(values) // 30)  # moving average over ~1/30 of the run
-            smooth = [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
-                      for i in range(len(values))]
+            windows = [values[max(0, i - k + 1) : i + 1] for i in range(len(values))]
+            smooth = [sum(w) / len(w) for w in windows]
             ax.plot(steps, smooth, label=f"mean of {k}")
             ax.legend(loc="best")
             ax.set_ylabel(key)
