@@ -27,12 +27,12 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dist_ft tests bench
-	$(VENV)/bin/ruff format --check dist_ft tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix dist_ft tests bench
-	$(VENV)/bin/ruff format dist_ft tests bench
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(PY) $$f || exit 1; done

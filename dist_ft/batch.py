@@ -27,8 +27,8 @@ class ScoredBatch:
     rewards: torch.Tensor  # [N, K] float32, one column per reward function (unweighted)
     reward_total: torch.Tensor  # [N] float32, weighted sum of the columns
     advantages: torch.Tensor  # [N] float32, group-relative
-    sample_ids: torch.Tensor  # [N, 3] int64: (step, prompt index, completion index)
-    versions: torch.Tensor  # [N] int64, policy version that generated each sample
+    sample_ids: torch.Tensor  # [N, 3] int32: (step, prompt index, completion index)
+    versions: torch.Tensor  # [N] int32, policy version that generated each sample
     reward_names: list[str]
     ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
 

@@ -62,9 +62,18 @@ def load_policy(
     if peft.method is PeftMethod.NONE:
         return model
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
+    model = get_peft_model(model, lora_config(peft))
+    if peft.method is PeftMethod.QLORA:
+        _keep_4bit_trainable(model)
+    return model
+
+
+def lora_config(peft: PeftConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
@@ -73,10 +82,6 @@ def load_policy(
         use_dora=peft.method is PeftMethod.DORA,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    if peft.method is PeftMethod.QLORA:
-        _keep_4bit_trainable(model)
-    return model
 
 
 def _keep_4bit_trainable(model: nn.Module) -> None:
@@ -87,6 +92,23 @@ def _keep_4bit_trainable(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def sync_bytes(config: Any, peft: PeftConfig, dtype: str) -> dict[str, int]:
+    """Bytes one weight sync carries for a model of this HF config, without loading weights:
+    the model is built on the meta device and the adapter applied to it.
+
+    Returns ``{"full": every weight, "adapter": trainable adapter tensors}`` in ``dtype``.
+    """
+    from peft import get_peft_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    size = torch.finfo(DTYPES[dtype]).bits // 8
+    full = sum(t.numel() for t in model.state_dict().values()) * size
+    adapted = get_peft_model(model, lora_config(peft))
+    adapter = sum(p.numel() for p in adapted.parameters() if p.requires_grad) * size
+    return {"full": full, "adapter": adapter}
 
 
 def is_adapter(model: nn.Module) -> bool:

@@ -116,7 +116,7 @@ class RolloutWorker:
 
         n = len(prompts) * g
         sample_ids = torch.tensor(
-            [[step, p.index, j] for p in prompts for j in range(g)], dtype=torch.int64
+            [[step, p.index, j] for p in prompts for j in range(g)], dtype=torch.int32
         )
         return ScoredBatch(
             prompt_ids=prompt_ids.to("cpu", torch.int32),
@@ -129,7 +129,7 @@ class RolloutWorker:
             reward_total=total_N,
             advantages=adv_BG.reshape(n).float(),
             sample_ids=sample_ids,
-            versions=torch.full((n,), self.version, dtype=torch.int64),
+            versions=torch.full((n,), self.version, dtype=torch.int32),
             reward_names=list(self.rewards.names),
         )
 

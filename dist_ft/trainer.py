@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from dist_ft.algos.grpo import LossParams, loss_normaliser
-from dist_ft.cluster import LocalCluster
+from dist_ft.cluster import make_cluster
 from dist_ft.config import Config, config_to_dict
 from dist_ft.data import (
     PromptSampler,
@@ -84,8 +85,6 @@ def train(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    if cfg.resources.mode != "local":
-        raise NotImplementedError("resources.mode=ray is not implemented yet (issue #3)")
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
 
@@ -107,7 +106,11 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- placement: the only line that differs between debug mode and a cluster
     worker_kwargs, learner_kwargs = component_kwargs(cfg, model_path)
-    cluster = LocalCluster(worker_kwargs, learner_kwargs, cfg.resources.rollout_workers)
+    res = cfg.resources
+    cluster = make_cluster(
+        res.mode, worker_kwargs, learner_kwargs, res.rollout_workers, res.learners, res.ray_address
+    )
+    (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
     params = loss_params(cfg)
     tracker = Tracker(
         out,
