@@ -1,7 +1,7 @@
 """Rollout throughput (samples/s) with 1 vs 2 rollout actors on a local Ray, same prompts.
 
-Each actor gets one CPU (Ray pins its torch to one thread), so on a 2-core machine two actors can run side by side; the
-ratio is the scaling of generation + scoring across actors, learner excluded.
+Each actor gets one CPU (Ray pins its torch to one thread), so on a 2-core machine two actors
+can run side by side; the ratio is the scaling of generation + scoring, learner excluded.
 
     python bench/rollout_scaling.py [--steps 10]
 """

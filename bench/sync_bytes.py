@@ -66,9 +66,9 @@ def main() -> None:
     rows = [("tiny (fp32)", sync_bytes(AutoConfig.from_pretrained(tiny_path), lora, "float32"))]
     rows += [(f"{name} (bf16)", sync_bytes(c, lora, "bfloat16")) for name, c in SHAPES.items()]
     print(f"LoRA r={lora.r} on all linear layers; bytes per weight sync")
-    print(f"{'model':28} {'full':>14} {'LoRA adapter':>14} {'ratio':>10}")
+    print(f"{'model':34} {'full':>15} {'LoRA adapter':>13} {'ratio':>8}")
     for name, b in rows:
-        print(f"{name:28} {b['full']:>14,} {b['adapter']:>14,} {b['full'] / b['adapter']:>9.1f}x")
+        print(f"{name:34} {b['full']:>15,} {b['adapter']:>13,} {b['full'] / b['adapter']:>7.1f}x")
     measured = measured_tiny_adapter_bytes(tiny_path)
     print(
         f"tiny adapter measured from a real learner export: {measured:,} bytes "
