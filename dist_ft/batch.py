@@ -56,6 +56,16 @@ class ScoredBatch:
         """Bytes of tensor data this batch carries (what crosses the wire, less pickling)."""
         return sum(t.nbytes for t in self._tensors().values())
 
+    @staticmethod
+    def bytes_per_sample(
+        prompt_tokens: int, completion_tokens: int, rewards: int, ref: bool
+    ) -> int:
+        """Upper bound of :attr:`nbytes` per sample for the given padded widths (for planning):
+        int32 ids + bool masks, float32 logprobs (x2 with reference), K + 1 rewards, advantage,
+        int32 (step, prompt, completion) id and version."""
+        p, t = prompt_tokens, completion_tokens
+        return 5 * p + 5 * t + 4 * t * (2 if ref else 1) + 4 * (rewards + 1) + 4 + 12 + 4
+
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())

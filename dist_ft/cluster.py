@@ -136,6 +136,20 @@ class LearnerHost:
         self.learner.save_pretrained(out_dir)
 
 
+def init_ray(address: str, num_actors: int) -> None:
+    """Connect to ``address``; ``"local"`` starts a private single-node Ray (never attaching to
+    another cluster on this machine), without a dashboard, with a CPU slot for every actor
+    (each asks for one) even on a machine with fewer cores."""
+    import ray
+
+    if address == "local":
+        ray.init(
+            address="local", num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=False
+        )
+    else:
+        ray.init(address=address)
+
+
 class RayCluster:
     """Rollout workers and a data-parallel learner group as Ray actors.
 
@@ -157,15 +171,8 @@ class RayCluster:
         from dist_ft.rollout import RolloutWorker
 
         self._owns_ray = not ray.is_initialized()
-        if self._owns_ray and address == "local":
-            # A private single-node Ray, without a dashboard, with a CPU slot for every actor
-            # (each asks for one) even on a machine with fewer cores.
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, num_workers + num_learners),
-                include_dashboard=False,
-            )
-        elif self._owns_ray:
-            ray.init(address=address)
+        if self._owns_ray:
+            init_ray(address, num_workers + num_learners)
         rollout_resources = {"rollout": 1} if ray.cluster_resources().get("rollout") else {}
         gpu = 1 if learner_kwargs["device"] == "cuda" else 0
         self.workers = [
@@ -276,3 +283,49 @@ def make_cluster(
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
         return LocalCluster(worker_kwargs, learner_kwargs, num_workers)
     return RayCluster(worker_kwargs, learner_kwargs, num_workers, num_learners, ray_address)
+
+
+def predict_placement(
+    nodes: list[dict[str, Any]], num_workers: int, num_learners: int, gpu: bool
+) -> list[tuple[str, str]]:
+    """Where Ray would put each actor, as (actor, node address), from ``ray.nodes()`` entries.
+
+    Mirrors RayCluster's requests: a rollout worker needs 1 CPU (+1 GPU) and 1 ``rollout`` when
+    any node has that resource, spread across nodes; a learner needs 1 CPU (+1 GPU). A
+    prediction for the plan, not a reservation.
+    """
+    free = [dict(n["Resources"]) for n in nodes]
+    need_rollout = any(r.get("rollout") for r in free)
+
+    def take(i: int, rollout: bool) -> bool:
+        asks = {
+            "CPU": 1.0,
+            **({"GPU": 1.0} if gpu else {}),
+            **({"rollout": 1.0} if rollout else {}),
+        }
+        if any(free[i].get(k, 0.0) < v for k, v in asks.items()):
+            return False
+        for k, v in asks.items():
+            free[i][k] -= v
+        return True
+
+    out: list[tuple[str, str]] = []
+    for w in range(num_workers):  # SPREAD: start each search one node further on
+        picked = next(
+            (i for k in range(len(nodes)) if take(i := (w + k) % len(nodes), need_rollout)), None
+        )
+        out.append(
+            (
+                f"rollout[{w}]",
+                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
+            )
+        )
+    for r in range(num_learners):
+        picked = next((i for i in range(len(nodes)) if take(i, False)), None)
+        out.append(
+            (
+                f"learner[rank {r}]",
+                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
+            )
+        )
+    return out

@@ -34,12 +34,7 @@ class WeightUpdate:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def make_update(
-    version: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-) -> WeightUpdate:
-    """Cast to the rollout dtype (if given) before hashing, so both ends hash the same bytes."""
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+def make_update(version: int, tensors: dict[str, torch.Tensor]) -> WeightUpdate:
     return WeightUpdate(version, tensors, fingerprint(tensors))
 
 

@@ -1,0 +1,58 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import build
+
+from dist_ft.batch import ScoredBatch
+from dist_ft.cluster import predict_placement
+from dist_ft.config import PeftConfig
+from dist_ft.models import export_state, load_policy
+from dist_ft.rollout import RolloutWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def node(addr, **resources):
+    return {"NodeManagerAddress": addr, "Resources": resources}
+
+
+def test_rollout_workers_go_where_the_rollout_resource_is():
+    nodes = [
+        node("10.0.0.1", CPU=4.0),
+        node("10.0.0.2", CPU=4.0, rollout=2.0),
+        node("10.0.0.3", CPU=4.0, rollout=2.0),
+    ]
+    placed = dict(predict_placement(nodes, num_workers=4, num_learners=2, gpu=False))
+    assert sorted(placed[f"rollout[{i}]"] for i in range(4)) == ["10.0.0.2"] * 2 + ["10.0.0.3"] * 2
+    assert placed["learner[rank 0]"] == placed["learner[rank 1]"] == "10.0.0.1"
+    # more workers than `rollout` slots cannot be placed, and the plan says so
+    placed = dict(predict_placement(nodes, num_workers=5, num_learners=0, gpu=False))
+    assert placed["rollout[4]"] == "UNSCHEDULABLE"
+    placed = dict(predict_placement([node("a", CPU=8.0)], 1, 1, gpu=True))
+    assert set(placed.values()) == {"UNSCHEDULABLE"}
+
+
+def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):
+    _, wk, _ = build(tiny_path, "algo.beta=0.1")
+    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:2])
+    bound = ScoredBatch.bytes_per_sample(
+        batch.prompt_ids.shape[1], batch.completion_ids.shape[1], len(batch.reward_names), ref=True
+    )
+    assert batch.nbytes / len(batch) == bound  # exact at the batch's own padded widths
+
+
+def test_plan_cli_reports_the_bytes_a_sync_really_sends(tiny_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dist_ft.cli", "plan", str(ROOT / "configs" / "demo.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 prompts x 8 completions = 64 samples per step" in r.stdout
+    sync = int(re.search(r"learner -> rollout: ([\d,]+) bytes", r.stdout).group(1).replace(",", ""))
+    model = load_policy(tiny_path, "float32", PeftConfig(), torch.device("cpu"))
+    assert sync == sum(t.nbytes for t in export_state(model, adapter_only=True).values())
