@@ -129,7 +129,7 @@ def train(cfg: Config) -> dict[str, Any]:
             texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
             cluster.sft_step(*encode_pairs(tokenizer, texts, [r["completion"] for r in rows]))
 
-        # ---- version 0: the workers' LoRA init is random; start them from the learner's
+        # ---- first sync: the workers' adapter init is random; start them from the learner's
         cluster.sync_weights()
         for step in range(1, cfg.run.steps + 1):
             # ---- generate + score: G completions per prompt, rewards, group advantages
