@@ -126,8 +126,8 @@ class LearnerHost:
     def step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
         return self.learner.step(batch, normaliser)
 
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
-        return self.learner.sft_step(*tensors)
+    def sft_step(self, *tensors: torch.Tensor, normaliser: float) -> dict[str, float]:
+        return self.learner.sft_step(*tensors, normaliser=normaliser)
 
     def export_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         return self.learner.version, self.learner.export_weights()
@@ -227,10 +227,15 @@ class RayCluster:
         import ray
 
         index = torch.arange(len(tensors[0])).chunk(len(self.learners))
+        normaliser = float(tensors[-1].sum().clamp(min=1))  # target tokens of the whole step
         per_rank = ray.get(
-            [h.sft_step.remote(*(t[i] for t in tensors)) for h, i in zip(self.learners, index)]
+            [
+                h.sft_step.remote(*(t[i] for t in tensors), normaliser=normaliser)
+                for h, i in zip(self.learners, index)
+            ]
         )
-        return {"loss": sum(m["loss"] for m in per_rank) / len(per_rank)}
+        # Each rank's loss is its share of the step's loss.
+        return {"loss": sum(m["loss"] for m in per_rank)}
 
     def sync_weights(self) -> SyncStats:
         import ray

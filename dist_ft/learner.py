@@ -201,9 +201,14 @@ class Learner:
         prompt_mask_NP: torch.Tensor,
         target_ids_NT: torch.Tensor,
         target_mask_NT: torch.Tensor,
+        normaliser: float | None = None,
     ) -> dict[str, float]:
-        """One supervised step: NLL of the target tokens given the (left-padded) prompts."""
-        normaliser = float(target_mask_NT.sum().clamp(min=1))
+        """One supervised step: NLL of the target tokens given the (left-padded) prompts.
+
+        ``normaliser`` is the whole step's target-token count (all ranks), as for :meth:`step`.
+        """
+        if normaliser is None:
+            normaliser = float(target_mask_NT.sum().clamp(min=1))
 
         def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             logp = completion_logprobs(

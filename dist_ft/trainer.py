@@ -183,5 +183,4 @@ def train(cfg: Config) -> dict[str, Any]:
         "metrics": str(tracker.metrics_path),
         "plot": str(plot) if plot else None,
         "final": str(final_dir),
-        "sampler": sampler.state_dict(),
     }
