@@ -30,10 +30,18 @@ class ScoredBatch:
     sample_ids: torch.Tensor  # [N, 3] int32: (step, prompt index, completion index)
     versions: torch.Tensor  # [N] int32, policy version that generated each sample
     reward_names: list[str]
+    reward_errors: torch.Tensor | None = None  # [N, K] bool: that function failed on it
+    valid: torch.Tensor | None = None  # [N] bool: trained on (False: reward error, stale, dup)
     ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
+    # worker index -> (samples, seconds generating and scoring them): per-worker samples/s.
+    worker_stats: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
+        if self.valid is None:
+            self.valid = torch.ones(n, dtype=torch.bool)
+        if self.reward_errors is None:
+            self.reward_errors = torch.zeros(n, len(self.reward_names), dtype=torch.bool)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor) and value.shape[0] != n:
@@ -62,19 +70,27 @@ class ScoredBatch:
     ) -> int:
         """Upper bound of :attr:`nbytes` per sample for the given padded widths (for planning):
         int32 ids + bool masks, float32 logprobs (x2 with reference), K + 1 rewards, advantage,
-        int32 (step, prompt, completion) id and version."""
+        int32 (step, prompt, completion) id and version, bool reward-error flags and validity."""
         p, t = prompt_tokens, completion_tokens
-        return 5 * p + 5 * t + 4 * t * (2 if ref else 1) + 4 * (rewards + 1) + 4 + 12 + 4
+        flags = rewards + 1
+        return 5 * p + 5 * t + 4 * t * (2 if ref else 1) + 4 * (rewards + 1) + 4 + 12 + 4 + flags
 
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[N, T] bool: completion tokens of the samples the loss uses."""
+        return self.completion_mask & self.valid[:, None]
+
     def select(self, index: torch.Tensor | list[int]) -> ScoredBatch:
         """Rows ``index`` of every tensor (used to split a step across ranks or micro-batches)."""
         index = torch.as_tensor(index, dtype=torch.long)
         picked = {k: v[index] for k, v in self._tensors().items()}
-        return ScoredBatch(reward_names=list(self.reward_names), **picked)
+        return ScoredBatch(
+            reward_names=list(self.reward_names), worker_stats=dict(self.worker_stats), **picked
+        )
 
     @staticmethod
     def concat(batches: list[ScoredBatch]) -> ScoredBatch:
@@ -102,4 +118,20 @@ class ScoredBatch:
                 fields[key] = pad_cat(key, left=False)
             else:
                 fields[key] = torch.cat([getattr(b, key) for b in batches])
-        return ScoredBatch(reward_names=list(names), **fields)
+        stats: dict[int, tuple[int, float]] = {}
+        for b in batches:
+            for k, (n, sec) in b.worker_stats.items():
+                n0, sec0 = stats.get(k, (0, 0.0))
+                stats[k] = (n0 + n, sec0 + sec)
+        return ScoredBatch(reward_names=list(names), worker_stats=stats, **fields)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flat ``{prefix + field: tensor}``, e.g. for a safetensors file (checkpoints)."""
+        return {prefix + k: v for k, v in self._tensors().items()}
+
+    @staticmethod
+    def from_tensors(
+        tensors: dict[str, torch.Tensor], prefix: str, reward_names: list[str]
+    ) -> ScoredBatch:
+        picked = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return ScoredBatch(reward_names=reward_names, **picked)

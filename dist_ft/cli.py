@@ -7,8 +7,10 @@ import sys
 
 import yaml
 
+from dist_ft.checkpoint import CheckpointError
 from dist_ft.config import Config, ConfigError, config_to_dict, load_config
 from dist_ft.data import DatasetError
+from dist_ft.rewards import RewardError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError) as e:
         print(f"dist-ft: error: {e}", file=sys.stderr)
         return 2
+    except (RewardError, CheckpointError, TimeoutError) as e:  # stopped mid-run, loudly
+        print(f"dist-ft: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(
         f"mean reward: first {summary['window']} steps {summary['first_reward']:.3f}, "
         f"last {summary['window']} steps {summary['last_reward']:.3f} "

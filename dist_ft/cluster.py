@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from dist_ft.batch import ScoredBatch
+from dist_ft.config import ResourcesConfig
 from dist_ft.data import Prompt
 from dist_ft.sync import check_fingerprints, make_update
 
@@ -27,8 +29,23 @@ class SyncStats:
     seconds: float
 
 
+@dataclass
+class PendingRollout:
+    """One step's rollout, issued and not yet collected: a list of prompt shares, one per
+    worker, each with its sampling seed, and per share either its ``ScoredBatch`` (collected, or
+    computed in-process) or a Ray reference to it (in flight)."""
+
+    step: int
+    shares: list[list[Prompt]]
+    seeds: list[int]
+    versions: list[int]  # the policy version each share was issued against
+    results: list[Any]
+
+
 class Cluster(Protocol):
-    def rollout(self, step: int, prompts: list[Prompt]) -> ScoredBatch: ...
+    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout: ...
+
+    def collect(self, pending: PendingRollout) -> ScoredBatch: ...
 
     def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]: ...
 
@@ -36,9 +53,13 @@ class Cluster(Protocol):
 
     def sync_weights(self) -> SyncStats: ...
 
+    def save_state(self, ckpt_dir: Path) -> None: ...
+
+    def load_state(self, ckpt_dir: Path) -> int: ...
+
     def save_pretrained(self, out_dir: Path) -> None: ...
 
-    def placement(self) -> dict[str, list[str]]: ...
+    def placement(self) -> dict[str, list[Any]]: ...
 
     def shutdown(self) -> None: ...
 
@@ -47,6 +68,12 @@ def split_prompts(prompts: list[Prompt], parts: int) -> list[list[Prompt]]:
     """Contiguous, near-equal shares of whole prompt groups (a group never spans workers)."""
     bounds = torch.linspace(0, len(prompts), parts + 1).round().long().tolist()
     return [prompts[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def share_seed(seed: int, step: int, share: int) -> int:
+    """Sampling seed of one share: a function of (run seed, step, share) alone, so a share
+    issued again (dead worker, resumed run) draws the same completions."""
+    return (seed * 1_000_003 + step * 1_009 + share) % 2**63
 
 
 class LocalCluster:
@@ -61,12 +88,21 @@ class LocalCluster:
         from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
         from dist_ft.rollout import RolloutWorker
 
+        self.seed = worker_kwargs["seed"]
         self.learner = Learner(**learner_kwargs)
         self.workers = [RolloutWorker(**worker_kwargs, worker_index=i) for i in range(num_workers)]
 
-    def rollout(self, step: int, prompts: list[Prompt]) -> ScoredBatch:
+    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
+        # Computed now: with max_staleness > 0 the loop submits before it trains, so debug mode
+        # sees exactly the staleness that Ray's overlapped generation gives.
         shares = split_prompts(prompts, len(self.workers))
-        return ScoredBatch.concat([w.rollout(step, s) for w, s in zip(self.workers, shares)])
+        seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
+        results = [w.rollout(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
+        versions = [w.version for w in self.workers[: len(shares)]]
+        return PendingRollout(step, shares, seeds, versions, results)
+
+    def collect(self, pending: PendingRollout) -> ScoredBatch:
+        return ScoredBatch.concat(pending.results)
 
     def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
         return self.learner.step(batch, normaliser)
@@ -81,11 +117,18 @@ class LocalCluster:
         check_fingerprints(update, prints)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 
+    def save_state(self, ckpt_dir: Path) -> None:
+        self.learner.save_state(ckpt_dir)
+
+    def load_state(self, ckpt_dir: Path) -> int:
+        return self.learner.load_state(ckpt_dir)
+
     def save_pretrained(self, out_dir: Path) -> None:
         self.learner.save_pretrained(out_dir)
 
-    def placement(self) -> dict[str, list[str]]:
-        return {"rollout": ["local"] * len(self.workers), "learner": ["local"]}
+    def placement(self) -> dict[str, list[Any]]:
+        local = {"node_id": "local", "pid": os.getpid()}
+        return {"rollout": [local] * len(self.workers), "learner": [local]}
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -132,8 +175,22 @@ class LearnerHost:
     def export_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         return self.learner.version, self.learner.export_weights()
 
+    def save_state(self, ckpt_dir: str) -> None:
+        self.learner.save_state(ckpt_dir)
+
+    def load_state(self, ckpt_dir: str) -> int:
+        return self.learner.load_state(ckpt_dir)
+
     def save_pretrained(self, out_dir: str) -> None:
         self.learner.save_pretrained(out_dir)
+
+
+def actor_info(_self: Any) -> dict[str, Any]:
+    """Run inside an actor (``__ray_call__``): where it is."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
 
 def init_ray(address: str, num_actors: int) -> None:
@@ -150,49 +207,127 @@ def init_ray(address: str, num_actors: int) -> None:
         ray.init(address=address)
 
 
+def resolve_rollout_workers(
+    setting: int | str, nodes: list[dict[str, Any]], learners: int, gpu: bool
+) -> int:
+    """``resources.rollout_workers``, with ``"auto"`` resolved from the live nodes: one per unit
+    of the ``rollout`` resource if any node advertises it, else one per GPU the learners leave
+    free, else one per node."""
+    if setting != "auto":
+        return int(setting)
+    totals: dict[str, float] = {}
+    for n in nodes:
+        for k, v in n["Resources"].items():
+            totals[k] = totals.get(k, 0.0) + v
+    if totals.get("rollout"):
+        return int(totals["rollout"])
+    if gpu:
+        return max(1, int(totals.get("GPU", 0)) - learners)
+    return max(1, len(nodes))
+
+
+class ActorTimeoutError(TimeoutError):
+    """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
+
+
 class RayCluster:
     """Rollout workers and a data-parallel learner group as Ray actors.
 
     Rollout workers ask for the custom resource ``rollout`` when the cluster advertises it (so
     they land on the nodes set aside for generation) and are spread across nodes; each learner
     is one DeepSpeed rank, rank 0's node address and a free port there form the rendezvous.
+    With ``colocate`` rollout worker i and learner rank i share placement-group bundle i.
+
+    A rollout worker that dies is restarted by Ray (``max_restarts``); the shares it held are
+    issued again, to it once it is back or to another worker, after the current weights have
+    been loaded there. A worker or rank that does not answer within ``timeout_s`` fails the run
+    with its name, node and pid.
     """
 
     def __init__(
         self,
         worker_kwargs: dict[str, Any],
         learner_kwargs: dict[str, Any],
-        num_workers: int,
+        num_workers: int | str,
         num_learners: int,
         address: str = "auto",
+        *,
+        rollout_cpus: float = 1.0,
+        rollout_gpus: float | str = "auto",
+        learner_cpus: float = 1.0,
+        learner_gpus: float | str = "auto",
+        colocate: bool = False,
+        timeout_s: float = 600.0,
+        max_restarts: int = 3,
     ) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from dist_ft.rollout import RolloutWorker
 
+        self.timeout_s = timeout_s
+        self.seed = worker_kwargs["seed"]
+        gpu = learner_kwargs["device"] == "cuda"
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            init_ray(address, num_workers + num_learners)
-        rollout_resources = {"rollout": 1} if ray.cluster_resources().get("rollout") else {}
-        gpu = 1 if learner_kwargs["device"] == "cuda" else 0
+            init_ray(address, (num_workers if isinstance(num_workers, int) else 1) + num_learners)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        n_workers = num_learners if colocate else None
+        n_workers = n_workers or resolve_rollout_workers(num_workers, nodes, num_learners, gpu)
+        # Colocated actors split one device: half a GPU each.
+        share = 0.5 if colocate else 1.0
+        r_gpus = (share if gpu else 0.0) if rollout_gpus == "auto" else float(rollout_gpus)
+        l_gpus = (share if gpu else 0.0) if learner_gpus == "auto" else float(learner_gpus)
+
+        self._pg = None
+        if colocate:
+            from ray.util.placement_group import placement_group
+
+            bundle = {"CPU": rollout_cpus + learner_cpus, **({"GPU": 1.0} if gpu else {})}
+            self._pg = placement_group([bundle] * num_learners, strategy="PACK")
+            ray.get(self._pg.ready(), timeout=timeout_s)
+
+        def where(i: int, rollout: bool) -> dict[str, Any]:
+            if self._pg is not None:
+                return {
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, i),
+                }
+            if rollout:
+                has_rollout = any(n["Resources"].get("rollout") for n in nodes)
+                return {
+                    "resources": {"rollout": 1} if has_rollout else {},
+                    "scheduling_strategy": "SPREAD",
+                }
+            return {}
+
         self.workers = [
             ray.remote(RolloutWorker)
             .options(
-                num_cpus=1,
-                num_gpus=gpu,
-                resources=rollout_resources,
-                scheduling_strategy="SPREAD",
-                max_restarts=0,
+                num_cpus=rollout_cpus,
+                num_gpus=r_gpus,
+                max_restarts=max_restarts,
+                max_task_retries=0,  # a lost share is issued again by collect(), not by Ray
+                **where(i, True),
             )
             .remote(**worker_kwargs, worker_index=i)
-            for i in range(num_workers)
+            for i in range(n_workers)
         ]
         self.learners = [
-            ray.remote(LearnerHost).options(num_cpus=1, num_gpus=gpu).remote()
-            for _ in range(num_learners)
+            ray.remote(LearnerHost)
+            .options(num_cpus=learner_cpus, num_gpus=l_gpus, **where(r, False))
+            .remote()
+            for r in range(num_learners)
         ]
-        master_addr, master_port = ray.get(self.learners[0].address.remote())
-        ray.get(
+        self._info = {
+            "rollout": self._get(
+                [w.__ray_call__.remote(actor_info) for w in self.workers], "rollout workers"
+            ),
+            "learner": self._get(
+                [h.__ray_call__.remote(actor_info) for h in self.learners], "learner ranks"
+            ),
+        }
+        master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
+        self._learners_get(
             [
                 host.start.remote(
                     **learner_kwargs,
@@ -204,19 +339,105 @@ class RayCluster:
                 for rank, host in enumerate(self.learners)
             ]
         )
+        self._update_ref: Any = None  # the latest weights in the object store
+        self._update: Any = None
+        self._worker_version: list[int | None] = [0] * n_workers  # None: unknown (restarted)
+        self.restarts = 0  # rollout shares issued again after a worker died
 
-    def rollout(self, step: int, prompts: list[Prompt]) -> ScoredBatch:
+    # ------------------------------------------------------------------ remote calls
+    def _name(self, kind: str, i: int) -> str:
+        info = self._info[kind][i]
+        label = f"rollout worker {i}" if kind == "rollout" else f"learner rank {i}"
+        return f"{label} (pid {info['pid']} on node {info['ip']})"
+
+    def _get(self, refs: Any, who: str) -> Any:
         import ray
+        from ray.exceptions import GetTimeoutError
 
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except GetTimeoutError:
+            raise ActorTimeoutError(
+                f"{who} did not answer within {self.timeout_s:.0f} s "
+                "(resources.actor_timeout_s): stalled process or lost node"
+            ) from None
+
+    def _learners_get(self, refs: list[Any]) -> list[Any]:
+        """Results of one call on every rank. A dead rank is fatal (its optimizer shard is
+        gone): the run stops naming it, to be resumed from the last checkpoint."""
+        from ray.exceptions import RayActorError
+
+        out = []
+        for r, ref in enumerate(refs):
+            try:
+                out.append(self._get(ref, self._name("learner", r)))
+            except RayActorError as e:
+                raise RuntimeError(f"{self._name('learner', r)} died: {e}") from None
+        return out
+
+    # ------------------------------------------------------------------ rollout
+    def _load_current(self, k: int) -> None:
+        """Bring worker ``k`` to the latest weights if it is not known to hold them."""
+        if self._update is None or self._worker_version[k] == self._update.version:
+            return
+        w = self.workers[k]
+        fp = self._get(
+            w.set_weights.remote(self._update.version, self._update_ref), self._name("rollout", k)
+        )
+        check_fingerprints(self._update, [fp])
+        self._worker_version[k] = self._update.version
+
+    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
         shares = split_prompts(prompts, len(self.workers))
-        refs = [w.rollout.remote(step, s) for w, s in zip(self.workers, shares)]
-        return ScoredBatch.concat(ray.get(refs))
+        seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
+        versions = [self._update.version if self._update else 0] * len(shares)
+        refs = [w.rollout.remote(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
+        return PendingRollout(step, shares, seeds, versions, refs)
 
+    def collect(self, pending: PendingRollout) -> ScoredBatch:
+        """Wait for every share; a share lost with its worker is issued again (same seed)."""
+        from ray.exceptions import RayActorError
+
+        for k, result in enumerate(pending.results):
+            if isinstance(result, ScoredBatch):
+                continue
+            ref, target, expected = result, k, pending.versions[k]
+            for attempt in range(len(self.workers) * 4):
+                try:
+                    batch = self._get(ref, self._name("rollout", target))
+                    # A worker restarted since its last sync holds its initial weights.
+                    if bool((batch.versions == expected).all()):
+                        pending.results[k] = batch
+                        break
+                    cause = f"came back holding weights v{int(batch.versions[0])}"
+                except RayActorError as e:
+                    cause = f"died ({type(e).__name__})"
+                self._worker_version[target] = None
+                target = (k + attempt + 1) % len(self.workers)
+                self.restarts += 1
+                warnings.warn(
+                    f"step {pending.step}: {self._name('rollout', k)} {cause}; issuing its "
+                    f"{len(pending.shares[k])} prompts again on rollout worker {target}",
+                    stacklevel=2,
+                )
+                try:
+                    self._load_current(target)
+                except RayActorError:
+                    continue  # also gone: the next attempt picks another worker
+                expected = self._update.version if self._update else 0
+                ref = self.workers[target].rollout.remote(
+                    pending.step, pending.shares[k], pending.seeds[k]
+                )
+            else:
+                raise RuntimeError(f"step {pending.step}: no rollout worker could take share {k}")
+        return ScoredBatch.concat(pending.results)
+
+    # ------------------------------------------------------------------ learning
     def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
-        import ray
-
         shards = balanced_shards(batch, len(self.learners))
-        per_rank = ray.get([h.step.remote(s, normaliser) for h, s in zip(self.learners, shards)])
+        per_rank = self._learners_get(
+            [h.step.remote(s, normaliser) for h, s in zip(self.learners, shards)]
+        )
         # Each rank's loss is its share of the step's loss: sum them; average the rest.
         out = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
         out["loss"] = sum(m["loss"] for m in per_rank)
@@ -224,11 +445,9 @@ class RayCluster:
         return out
 
     def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
-        import ray
-
         index = torch.arange(len(tensors[0])).chunk(len(self.learners))
         normaliser = float(tensors[-1].sum().clamp(min=1))  # target tokens of the whole step
-        per_rank = ray.get(
+        per_rank = self._learners_get(
             [
                 h.sft_step.remote(*(t[i] for t in tensors), normaliser=normaliser)
                 for h, i in zip(self.learners, index)
@@ -239,55 +458,74 @@ class RayCluster:
 
     def sync_weights(self) -> SyncStats:
         import ray
+        from ray.exceptions import RayActorError
 
         t0 = time.perf_counter()
         # Every rank takes part (ZeRO-3 gathers are collective); rank 0's copy is published.
-        version, tensors = ray.get([h.export_weights.remote() for h in self.learners])[0]
-        update = make_update(version, tensors)
-        ref = ray.put(update.tensors)  # once into the object store; every worker reads it
-        prints = ray.get([w.set_weights.remote(update.version, ref) for w in self.workers])
-        check_fingerprints(update, prints)
-        return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
+        version, tensors = self._learners_get([h.export_weights.remote() for h in self.learners])[0]
+        self._update = make_update(version, tensors)
+        self._update_ref = ray.put(self._update.tensors)  # once; every worker reads it
+        refs = [w.set_weights.remote(version, self._update_ref) for w in self.workers]
+        prints = []
+        for k, ref in enumerate(refs):
+            try:
+                prints.append(self._get(ref, self._name("rollout", k)))
+                self._worker_version[k] = version
+            except RayActorError:  # restarted by Ray; loads the weights before its next share
+                self._worker_version[k] = None
+        check_fingerprints(self._update, prints)
+        return SyncStats(version, self._update.nbytes, time.perf_counter() - t0)
+
+    def save_state(self, ckpt_dir: Path) -> None:
+        self._learners_get([h.save_state.remote(str(ckpt_dir)) for h in self.learners])
+
+    def load_state(self, ckpt_dir: Path) -> int:
+        return self._learners_get([h.load_state.remote(str(ckpt_dir)) for h in self.learners])[0]
 
     def save_pretrained(self, out_dir: Path) -> None:
-        import ray
+        self._learners_get([h.save_pretrained.remote(str(out_dir)) for h in self.learners])
 
-        ray.get([h.save_pretrained.remote(str(out_dir)) for h in self.learners])
-
-    def placement(self) -> dict[str, list[str]]:
-        """Ray node id of every actor, rollout workers first, learners in rank order."""
-        import ray
-
-        def node_id(_self: Any) -> str:
-            return ray.get_runtime_context().get_node_id()
-
-        return {
-            "rollout": ray.get([w.__ray_call__.remote(node_id) for w in self.workers]),
-            "learner": ray.get([h.__ray_call__.remote(node_id) for h in self.learners]),
-        }
+    def placement(self) -> dict[str, list[Any]]:
+        """Node and pid of every actor, rollout workers first, learners in rank order."""
+        return self._info
 
     def shutdown(self) -> None:
         import ray
 
         for actor in self.workers + self.learners:
             ray.kill(actor)
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
         if self._owns_ray:
             ray.shutdown()
 
 
 def make_cluster(
-    mode: str,
     worker_kwargs: dict[str, Any],
     learner_kwargs: dict[str, Any],
-    num_workers: int,
-    num_learners: int,
-    ray_address: str = "auto",
+    res: ResourcesConfig,
 ) -> Cluster:
-    if mode == "local":
-        if num_learners != 1:
+    if res.mode == "local":
+        if res.learners != 1:
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
-        return LocalCluster(worker_kwargs, learner_kwargs, num_workers)
-    return RayCluster(worker_kwargs, learner_kwargs, num_workers, num_learners, ray_address)
+        workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
+        return LocalCluster(worker_kwargs, learner_kwargs, workers)
+    return RayCluster(
+        worker_kwargs,
+        learner_kwargs,
+        res.rollout_workers,
+        res.learners,
+        res.ray_address,
+        rollout_cpus=res.rollout_cpus,
+        rollout_gpus=res.rollout_gpus,
+        learner_cpus=res.learner_cpus,
+        learner_gpus=res.learner_gpus,
+        colocate=res.colocate,
+        timeout_s=res.actor_timeout_s,
+        max_restarts=res.max_restarts,
+    )
 
 
 def predict_placement(

@@ -75,6 +75,9 @@ class DataConfig:
     plain_template: str = "{prompt}"
     max_prompt_tokens: int = 256
     demo_size: int = 256
+    # A malformed row fails the run before step 1 ("error", naming file, row and field), or is
+    # left out, counted and written to <output_dir>/rejects.jsonl ("skip").
+    on_bad_row: Literal["error", "skip"] = "error"
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ def _demo_rewards() -> list[RewardFnConfig]:
 @dataclass(frozen=True)
 class RewardConfig:
     functions: list[RewardFnConfig] = field(default_factory=_demo_rewards)
+    timeout_s: float = 30.0  # per call of each function, for the whole batch it scores
+    # A sample whose reward raised, timed out or was NaN/inf: left out of the loss ("mask",
+    # its group's advantages come from the valid samples), scored 0 ("zero"), or fatal.
+    on_error: Literal["mask", "zero", "abort"] = "mask"
+    # The run stops when more than this share of a step's samples have a reward error for
+    # ``error_patience`` steps in a row: a broken reward should not train for hours.
+    max_error_rate: float = 0.1
+    error_patience: int = 3
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,10 @@ class AlgoConfig:
     # SFT steps on answer-*shaped* targets before RL (built-in demo task only): a random-init
     # model first learns to answer with four identical letters, then RL learns which letter.
     sft_warmup_steps: int = 40
+    # Async rollouts: workers generate up to this many policy versions ahead of the learner.
+    # 0 is exactly on-policy (generate, train, sync, in turn); 1 overlaps generation of step
+    # s+1 with training on step s. No sample older than this is ever trained on.
+    max_staleness: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,8 +148,23 @@ class ResourcesConfig:
     mode: Literal["local", "ray"] = "local"
     ray_address: str = "auto"  # for mode=ray: "auto" (inside a cluster) or HOST:PORT
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    rollout_workers: int = 1
+    # "auto": one per unit of the custom resource ``rollout`` when the cluster advertises it,
+    # else one per GPU the learners leave free, else one per node (1 in local mode).
+    rollout_workers: int | Literal["auto"] = 1
     learners: int = 1
+    # Per actor; "auto" is 1 GPU per actor on CUDA and 0 on CPU.
+    rollout_cpus: float = 1.0
+    rollout_gpus: float | Literal["auto"] = "auto"
+    learner_cpus: float = 1.0
+    learner_gpus: float | Literal["auto"] = "auto"
+    # Put rollout worker i and learner rank i in one placement-group bundle (same node, and on
+    # GPUs the same device, half each): for clusters where generation and training share GPUs.
+    colocate: bool = False
+    # A rollout worker or learner rank that does not answer within this many seconds fails the
+    # run with its name, instead of hanging it.
+    actor_timeout_s: float = 600.0
+    # Ray restarts a rollout worker that dies this many times; its lost groups are issued again.
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -147,6 +177,15 @@ class RunConfig:
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "dist_ft"
     plot: bool = True
+    # Run checkpoints (every rank's DeepSpeed state + the run state) every N steps; 0 = off.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    # "none", "auto" (the newest committed checkpoint under output_dir, if any) or a path.
+    resume: str = "none"
+    # Resuming refuses a config whose training semantics differ from the checkpoint's.
+    resume_allow_changes: bool = False
+    # Deterministic kernels and seeds: the same seed gives the same loss trajectory on CPU.
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +215,15 @@ class Config:
                 f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
                 f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}"
             )
+        res = self.resources
+        if res.colocate and res.rollout_workers not in ("auto", res.learners):
+            raise ConfigError(
+                "resources.colocate pairs rollout worker i with learner rank i: set "
+                "resources.rollout_workers equal to resources.learners "
+                f"({res.rollout_workers} != {res.learners})"
+            )
+        if self.algo.max_staleness < 0:
+            raise ConfigError(f"algo.max_staleness must be >= 0, got {self.algo.max_staleness}")
         if self.learner.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"learner.zero_stage must be 0-3, got {self.learner.zero_stage}")
 

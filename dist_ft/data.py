@@ -1,7 +1,8 @@
 """Prompt datasets: loading, validation, templating, and a resumable sampler.
 
-Every row is validated and rendered before step 1, so a bad row fails the run before any compute
-is spent, with an error naming the file, the row and the field.
+Every row is validated and rendered before step 1. With ``on_bad_row="error"`` the first bad row in
+file order fails the run before any compute is spent, with an error naming the file, the row and
+the field; with ``"skip"`` every bad row becomes a :class:`Reject` (see :func:`write_rejects`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -29,6 +31,46 @@ class Prompt:
     index: int  # row index in the source: the stable id used by the sample ledger
     text: str  # rendered (template applied): what the policy sees
     answer: str | None  # reference answer for verifiers, if the dataset has one
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A jsonl line that is not a JSON object. It keeps its place among the rows, so validation
+    reports problems in file order and row indices stay line numbers (0-based)."""
+
+    reason: str
+    raw: str  # the line, invalid UTF-8 replaced by U+FFFD
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A row that ``on_bad_row="skip"`` left out; one line of rejects.jsonl."""
+
+    source: str
+    row: int  # 0-based row index in the source (for jsonl: the line)
+    field: str | None  # None when the line did not decode to a JSON object
+    reason: str
+    raw: str  # the line as text, or the row re-serialised as JSON
+
+    def __str__(self) -> str:
+        field = "" if self.field is None else f"field '{self.field}': "
+        return f"{self.source}: row {self.row}: {field}{self.reason}"
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    prompts: list[Prompt]  # good rows, in source order
+    rejects: list[Reject]  # empty unless on_bad_row="skip"
+
+
+class _BadRow(Exception):
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+Rows = datasets.Dataset | Sequence[dict[str, Any] | BadLine]
 
 
 def demo_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -55,30 +97,35 @@ def demo_format_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     ]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _parse_line(raw: bytes) -> dict[str, Any] | BadLine:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        return BadLine(f"invalid UTF-8 ({e.reason} at byte {e.start})", text)
+    text = line.rstrip("\r\n")
+    if not line.strip():
+        return BadLine("empty line", text)
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadLine(f"invalid JSON ({e.msg} at column {e.colno})", text)
+    if not isinstance(row, dict):
+        return BadLine(f"expected a JSON object, got {type(row).__name__}", text)
+    return row
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any] | BadLine]:
     with path.open("rb") as f:
-        for i, raw in enumerate(f):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DatasetError(f"{path}: row {i}: invalid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                raise DatasetError(f"{path}: row {i}: empty line")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: row {i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}: row {i}: expected a JSON object")
-            rows.append(row)
-    return rows
+        return [_parse_line(raw) for raw in f]
 
 
-def load_rows(
-    source: str, demo_size: int = 256, seed: int = 0
-) -> datasets.Dataset | list[dict[str, Any]]:
-    """Raw rows from ``"demo"``, a .jsonl or .parquet file, or a ``save_to_disk`` folder."""
+def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> Rows:
+    """Raw rows from ``"demo"``, a .jsonl or .parquet file, or a ``save_to_disk`` folder.
+
+    A jsonl line that is not a JSON object comes back as a :class:`BadLine` in its place; it is
+    :func:`prepare_prompts` that raises or skips it, like any other bad row.
+    """
     if source == "demo":
         return demo_rows(demo_size, seed)
     path = Path(source)
@@ -90,8 +137,9 @@ def load_rows(
             raise DatasetError(f"{source}: holds splits {list(loaded)}; point at one split")
         return loaded
     if path.suffix == ".jsonl":
-        # Parsed line by line, not by pyarrow: an error can name its row, and a row of the wrong
-        # type reaches validation instead of failing the whole file's schema inference.
+        # Parsed line by line, not by pyarrow: an error can name its row, one bad line can be
+        # skipped, and a row of the wrong type reaches validation instead of failing the whole
+        # file's schema inference.
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         return datasets.Dataset.from_parquet(str(path))
@@ -99,15 +147,70 @@ def load_rows(
 
 
 def render(tokenizer: Any, prompt: str, template: str, plain_template: str) -> str:
+    """The prompt as the policy sees it. Raises ValueError, KeyError or IndexError when the
+    template cannot render it."""
     if template == "chat":
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as e:  # e.g. a template's raise_exception(...)
+            raise ValueError(e.message or type(e).__name__) from e
     return plain_template.format(prompt=prompt)
 
 
+def _prompt_from_row(
+    index: int,
+    row: dict[str, Any] | BadLine,
+    tokenizer: Any,
+    prompt_field: str,
+    answer_field: str,
+    template: str,
+    plain_template: str,
+    max_prompt_tokens: int,
+) -> Prompt:
+    if isinstance(row, BadLine):
+        raise _BadRow(None, row.reason)
+    if prompt_field not in row or row[prompt_field] is None:
+        raise _BadRow(prompt_field, "missing")
+    text = row[prompt_field]
+    if not isinstance(text, str):
+        raise _BadRow(prompt_field, f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _BadRow(prompt_field, "empty prompt")
+    answer = row.get(answer_field)
+    if answer is not None and not isinstance(answer, str | int | float):
+        raise _BadRow(answer_field, f"expected a string or number, got {type(answer).__name__}")
+    # JSON's "\ud800" escape decodes to a lone surrogate, which the tokenizer cannot encode.
+    for name, value in ((prompt_field, text), (answer_field, answer)):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _BadRow(name, f"lone surrogate at character {e.start}") from None
+    try:
+        rendered = render(tokenizer, text, template, plain_template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise _BadRow(prompt_field, f"template error: {e}") from None
+    n_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if n_tokens > max_prompt_tokens:
+        raise _BadRow(
+            prompt_field,
+            f"{n_tokens} tokens exceeds data.max_prompt_tokens={max_prompt_tokens}",
+        )
+    return Prompt(index, rendered, None if answer is None else str(answer))
+
+
+def _raw_text(row: dict[str, Any] | BadLine) -> str:
+    if isinstance(row, BadLine):
+        return row.raw
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
 def prepare_prompts(
-    rows: datasets.Dataset | list[dict[str, Any]],
+    rows: Rows,
     tokenizer: Any,
     *,
     source: str,
@@ -116,40 +219,52 @@ def prepare_prompts(
     template: str,
     plain_template: str,
     max_prompt_tokens: int,
-) -> list[Prompt]:
-    """Validate and render every row up front; the first bad row raises :class:`DatasetError`."""
-    prompts = []
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> PreparedPrompts:
+    """Validate and render every row up front, in source order.
+
+    ``on_bad_row="error"``: the first bad row raises :class:`DatasetError`. ``"skip"``: bad rows
+    become :class:`Reject` records and the rest become prompts. Either way, no usable row at all
+    raises. ``Prompt.index`` is the row's index in the source, bad rows included.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    prompts: list[Prompt] = []
+    rejects: list[Reject] = []
     for i, row in enumerate(rows):
-        where = f"{source}: row {i}"
-        if prompt_field not in row or row[prompt_field] is None:
-            raise DatasetError(f"{where}: missing field '{prompt_field}'")
-        text = row[prompt_field]
-        if not isinstance(text, str):
-            raise DatasetError(
-                f"{where}: field '{prompt_field}': expected a string, got {type(text).__name__}"
-            )
-        if not text.strip():
-            raise DatasetError(f"{where}: field '{prompt_field}': empty prompt")
-        answer = row.get(answer_field)
-        if answer is not None and not isinstance(answer, str | int | float):
-            raise DatasetError(
-                f"{where}: field '{answer_field}': expected a string or number, "
-                f"got {type(answer).__name__}"
-            )
         try:
-            rendered = render(tokenizer, text, template, plain_template)
-        except (KeyError, IndexError, ValueError) as e:
-            raise DatasetError(f"{where}: field '{prompt_field}': template error: {e}") from None
-        n_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        if n_tokens > max_prompt_tokens:
-            raise DatasetError(
-                f"{where}: field '{prompt_field}': {n_tokens} tokens exceeds "
-                f"data.max_prompt_tokens={max_prompt_tokens}"
+            prompts.append(
+                _prompt_from_row(
+                    i,
+                    row,
+                    tokenizer,
+                    prompt_field,
+                    answer_field,
+                    template,
+                    plain_template,
+                    max_prompt_tokens,
+                )
             )
-        prompts.append(Prompt(i, rendered, None if answer is None else str(answer)))
+        except _BadRow as e:
+            reject = Reject(source, i, e.field, e.reason, _raw_text(row))
+            if on_bad_row == "error":
+                raise DatasetError(str(reject)) from None
+            rejects.append(reject)
     if not prompts:
-        raise DatasetError(f"{source}: no rows")
-    return prompts
+        if not rejects:
+            raise DatasetError(f"{source}: no usable rows (the source is empty)")
+        raise DatasetError(
+            f"{source}: no usable rows ({len(rejects)} rejected; first: {rejects[0]})"
+        )
+    return PreparedPrompts(prompts, rejects)
+
+
+def write_rejects(path: str | Path, rejects: Iterable[Reject]) -> None:
+    """One JSON object per reject (keys: source, row, field, reason, raw). ASCII-escaped, since a
+    lone surrogate in ``raw`` has no UTF-8 encoding."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(asdict(r)) + "\n")
 
 
 def encode_pairs(

@@ -15,6 +15,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from dist_ft.algos.grpo import LossParams, loss_normaliser, policy_loss
 from dist_ft.algos.sft import sft_loss
@@ -102,8 +103,10 @@ class Learner:
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
         trust_remote_code: bool = False,
+        deterministic: bool = False,
     ) -> None:
         init_process_group(rank, world_size, master_addr, master_port or free_port())
+        torch.use_deterministic_algorithms(deterministic)
         torch.manual_seed(seed + rank)
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0  # guards anything written to disk once per group
@@ -170,14 +173,15 @@ class Learner:
         it before splitting, so the update equals a single-process update on the full batch.
         """
         if normaliser is None:
-            normaliser = loss_normaliser(batch.completion_mask, self.loss)
+            normaliser = loss_normaliser(batch.loss_mask, self.loss)
         # Trim the completion padding that every sample in this shard shares: no compute on it.
         used = batch.completion_mask.any(0).nonzero()
         width = int(used.max()) + 1 if len(used) else 1
 
         def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             mb = batch.select(idx)
-            mask = mb.completion_mask[:, :width]
+            # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
+            mask = mb.loss_mask[:, :width]
             logp = completion_logprobs(
                 self.engine,
                 mb.prompt_ids,
@@ -188,7 +192,13 @@ class Learner:
             )
             ref = None if mb.ref_logprobs is None else mb.ref_logprobs[:, :width]
             return policy_loss(
-                logp, mb.logprobs[:, :width], mb.advantages, mask, self.loss, ref, normaliser
+                logp,
+                mb.logprobs[:, :width],
+                mb.advantages * mb.valid,
+                mask,
+                self.loss,
+                ref,
+                normaliser,
             )
 
         metrics = self._accumulate(len(batch), micro_loss)
@@ -232,6 +242,36 @@ class Learner:
         params = [p for p in self.module.parameters() if p.requires_grad or not adapter_only]
         with self._gathered(params):
             return export_state(self.module, adapter_only)
+
+    def save_state(self, ckpt_dir: str | Path) -> None:
+        """This rank's share of a run checkpoint: DeepSpeed's engine state (weights, optimizer,
+        ZeRO partitions) and this process's RNG. Collective: every rank must call it."""
+        ckpt_dir = Path(ckpt_dir)
+        self.engine.save_checkpoint(
+            str(ckpt_dir / "deepspeed"),
+            tag="state",
+            client_state={"version": self.version},
+            save_latest=False,
+            # Under PEFT the frozen base is the model file the run started from: not saved.
+            exclude_frozen_parameters=self.adapter_only,
+        )
+        save_file(
+            {"torch": torch.get_rng_state()}, str(ckpt_dir / f"learner_rng_{self.rank}.safetensors")
+        )
+
+    def load_state(self, ckpt_dir: str | Path) -> int:
+        """Restore :meth:`save_state`; returns the policy version the checkpoint holds."""
+        ckpt_dir = Path(ckpt_dir)
+        _, client = self.engine.load_checkpoint(
+            str(ckpt_dir / "deepspeed"), tag="state", load_module_strict=not self.adapter_only
+        )
+        if client is None:
+            raise RuntimeError(f"{ckpt_dir}: no DeepSpeed state for rank {self.rank}")
+        torch.set_rng_state(
+            load_file(str(ckpt_dir / f"learner_rng_{self.rank}.safetensors"))["torch"]
+        )
+        self.version = int(client["version"])
+        return self.version
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """HF ``save_pretrained`` (safetensors): the adapter alone under PEFT. Rank 0 writes."""

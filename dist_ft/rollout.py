@@ -4,6 +4,7 @@ wraps it as a Ray actor, or calls it in-process in debug mode.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from dist_ft.models import (
     load_policy,
     load_tokenizer,
 )
-from dist_ft.rewards import RewardSet
+from dist_ft.rewards import RewardError, RewardSet
 from dist_ft.sync import fingerprint
 
 
@@ -37,14 +38,16 @@ class RolloutWorker:
         temperature: float,
         top_p: float,
         rewards: list[tuple[str, float, dict[str, Any]]],
+        reward_timeout_s: float,
+        on_reward_error: str,
         scale_rewards: bool,
         need_ref_logprobs: bool,
         seed: int,
         worker_index: int = 0,
         trust_remote_code: bool = False,
+        deterministic: bool = False,
     ) -> None:
-        # Each worker samples its own stream: same seed on every worker would duplicate groups.
-        torch.manual_seed(seed * 1000 + worker_index)
+        torch.use_deterministic_algorithms(deterministic)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_policy(model_path, dtype, peft, self.device, trust_remote_code).eval()
@@ -60,7 +63,8 @@ class RolloutWorker:
         self.temperature = temperature
         self.top_p = top_p
         self.scale_rewards = scale_rewards
-        self.rewards = RewardSet(rewards)
+        self.rewards = RewardSet(rewards, timeout_s=reward_timeout_s)
+        self.on_reward_error = on_reward_error
         self.worker_index = worker_index
         self.version = 0
 
@@ -77,8 +81,15 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def rollout(self, step: int, prompts: list[Prompt]) -> ScoredBatch:
-        """G completions for each of the B prompts, scored, with group-relative advantages."""
+    def rollout(self, step: int, prompts: list[Prompt], seed: int) -> ScoredBatch:
+        """G completions for each of the B prompts, scored, with group-relative advantages.
+
+        Sampling is seeded by ``seed`` alone (the caller derives it from run seed, step and
+        share), so a share issued again after a worker died, or replayed after a resume, draws
+        the same completions on any worker holding the same weights.
+        """
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
         g = self.group_size
         enc = self.tokenizer(
             [p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
@@ -111,8 +122,17 @@ class RolloutWorker:
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompt_texts = [p.text for p in prompts for _ in range(g)]
         answers = [p.answer for p in prompts for _ in range(g)]
-        rewards_NK, total_N = self.rewards.score(prompt_texts, texts, answers)
-        adv_BG = group_advantages(total_N.view(-1, g), scale=self.scale_rewards)
+        scores = self.rewards.score(prompt_texts, texts, answers)
+        errors_N = scores.errors_NK.any(1)
+        if errors_N.any() and self.on_reward_error == "abort":
+            raise RewardError(f"step {step}: " + "; ".join(scores.messages.values()))
+        # "zero" scores a failed function 0; "mask" leaves the sample out of its group's
+        # statistics and of the loss. Either way no NaN reaches the advantages.
+        total_N = scores.total(self.rewards.weights, fill=0.0)
+        valid_N = ~errors_N if self.on_reward_error == "mask" else torch.ones_like(errors_N)
+        adv_BG = group_advantages(
+            total_N.view(-1, g), scale=self.scale_rewards, valid_BG=valid_N.view(-1, g)
+        )
 
         n = len(prompts) * g
         sample_ids = torch.tensor(
@@ -125,12 +145,15 @@ class RolloutWorker:
             completion_mask=completion_mask.to("cpu", torch.bool),
             logprobs=logprobs.float().cpu(),
             ref_logprobs=None if ref_logprobs is None else ref_logprobs.float().cpu(),
-            rewards=rewards_NK,
+            rewards=scores.rewards_NK,
             reward_total=total_N,
+            reward_errors=scores.errors_NK,
+            valid=valid_N,
             advantages=adv_BG.reshape(n).float(),
             sample_ids=sample_ids,
             versions=torch.full((n,), self.version, dtype=torch.int32),
             reward_names=list(self.rewards.names),
+            worker_stats={self.worker_index: (n, time.perf_counter() - t0)},
         )
 
     def _completion(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

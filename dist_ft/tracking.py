@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dist_ft.ledger import truncate_jsonl
+
 
 class Tracker:
     def __init__(
@@ -22,11 +24,20 @@ class Tracker:
         wandb_project: str,
         config: dict[str, Any],
         plot: bool = True,
+        resume_step: int | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """``resume_step``: continue a run whose checkpoint holds this step; metrics logged
+        after it (by the process that died) are dropped, earlier ones are kept and reloaded.
+        ``run_id``: the tracking run to continue (wandb id)."""
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
-        self._file = self.metrics_path.open("a")
         self.history: list[dict[str, float]] = []
+        if resume_step is not None:
+            truncate_jsonl(self.metrics_path, resume_step)
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+            self.history = [json.loads(line) for line in lines]
+        self._file = self.metrics_path.open("a" if resume_step is not None else "w")
         self.plot = plot
         self._wandb = None
         if wandb_mode != "disabled":
@@ -40,7 +51,10 @@ class Tracker:
                 dir=str(output_dir),
                 config=config,
                 reinit="finish_previous",
+                id=run_id,
+                resume="allow" if run_id else None,
             )
+        self.run_id = self._wandb.id if self._wandb is not None else None
         self._progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"),
             BarColumn(),
@@ -48,7 +62,8 @@ class Tracker:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        self._task = self._progress.add_task("train", total=total_steps, info="")
+        done = resume_step or 0
+        self._task = self._progress.add_task("train", total=total_steps, completed=done, info="")
         self._progress.start()
         self._t0 = time.perf_counter()
 

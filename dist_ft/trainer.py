@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import time
@@ -11,9 +12,11 @@ from typing import Any
 import torch
 import yaml
 
+from dist_ft import checkpoint
 from dist_ft.algos.grpo import LossParams, loss_normaliser
-from dist_ft.cluster import make_cluster
-from dist_ft.config import Config, config_to_dict
+from dist_ft.batch import ScoredBatch
+from dist_ft.cluster import Cluster, PendingRollout, make_cluster
+from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import (
     PromptSampler,
     demo_format_rows,
@@ -21,8 +24,11 @@ from dist_ft.data import (
     load_rows,
     prepare_prompts,
     render,
+    write_rejects,
 )
+from dist_ft.ledger import Ledger
 from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.rewards import RewardError
 from dist_ft.tracking import Tracker
 
 
@@ -44,6 +50,7 @@ def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict
         "device": device,
         "seed": cfg.run.seed,
         "trust_remote_code": cfg.model.trust_remote_code,
+        "deterministic": cfg.run.deterministic,
     }
     worker = {
         **common,
@@ -52,6 +59,8 @@ def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict
         "temperature": cfg.rollout.temperature,
         "top_p": cfg.rollout.top_p,
         "rewards": [(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
+        "reward_timeout_s": cfg.reward.timeout_s,
+        "on_reward_error": cfg.reward.on_error,
         "scale_rewards": cfg.algo.scale_rewards,
         "need_ref_logprobs": cfg.algo.beta > 0,
     }
@@ -87,12 +96,14 @@ def train(cfg: Config) -> dict[str, Any]:
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
+    torch.use_deterministic_algorithms(cfg.run.deterministic)
+    a = cfg.algo
 
     # ---- data: validate and render every row now, so a bad row costs no compute
     model_path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     d = cfg.data
-    prompts = prepare_prompts(
+    prepared = prepare_prompts(
         load_rows(d.source, d.demo_size, cfg.run.seed),
         tokenizer,
         source=d.source,
@@ -101,15 +112,35 @@ def train(cfg: Config) -> dict[str, Any]:
         template=d.template,
         plain_template=d.plain_template,
         max_prompt_tokens=d.max_prompt_tokens,
+        on_bad_row=d.on_bad_row,
     )
+    prompts = prepared.prompts
+    if prepared.rejects:
+        write_rejects(out / "rejects.jsonl", prepared.rejects)
+        print(
+            f"data: skipped {len(prepared.rejects)} malformed rows of {d.source} "
+            f"(data.on_bad_row=skip), written to {out / 'rejects.jsonl'}"
+        )
     sampler = PromptSampler(len(prompts), cfg.run.seed)
+    ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size)
+
+    # ---- resume: refuse a checkpoint of another recipe before any compute is spent
+    ckpt = checkpoint.find_resume(out, cfg.run.resume)
+    state: dict[str, Any] = {}
+    if ckpt is not None:
+        state, run_tensors = checkpoint.load_run_state(ckpt)
+        changed = checkpoint.semantic_changes(state["config"], config_to_dict(cfg))
+        if changed and not cfg.run.resume_allow_changes:
+            raise ConfigError(
+                f"{ckpt} was trained with other values of {changed}; resuming would change "
+                "training semantics (set run.resume_allow_changes=true to accept)"
+            )
+    else:
+        ledger.path.write_text("")
 
     # ---- placement: the only line that differs between debug mode and a cluster
     worker_kwargs, learner_kwargs = component_kwargs(cfg, model_path)
-    res = cfg.resources
-    cluster = make_cluster(
-        res.mode, worker_kwargs, learner_kwargs, res.rollout_workers, res.learners, res.ray_address
-    )
+    cluster = make_cluster(worker_kwargs, learner_kwargs, cfg.resources)
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
     params = loss_params(cfg)
     tracker = Tracker(
@@ -120,42 +151,86 @@ def train(cfg: Config) -> dict[str, Any]:
         wandb_project=cfg.run.wandb_project,
         config=config_to_dict(cfg),
         plot=cfg.run.plot,
+        resume_step=state.get("step"),
+        run_id=state.get("run_id"),
     )
+    pending: collections.deque[PendingRollout] = collections.deque()
     try:
-        # ---- format warm-up (demo only): SFT on answer-shaped targets, not on the answers
-        warm = demo_format_rows(cfg.algo.sft_warmup_steps * cfg.samples_per_step, cfg.run.seed)
-        for i in range(0, len(warm), cfg.samples_per_step):
-            rows = warm[i : i + cfg.samples_per_step]
-            texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
-            cluster.sft_step(*encode_pairs(tokenizer, texts, [r["completion"] for r in rows]))
+        if ckpt is not None:
+            # ---- resume: learner state, data cursor, ledger, RNG, rollouts already generated
+            cluster.load_state(ckpt)
+            sampler.load_state_dict(state["sampler"])
+            ledger.load_state_dict(state["ledger"], state["step"])
+            restore_rng(state, run_tensors)
+            pending.extend(
+                PendingRollout(
+                    step,
+                    [],
+                    [],
+                    [],
+                    [
+                        ScoredBatch.from_tensors(
+                            run_tensors, f"pending{step}.", state["reward_names"]
+                        )
+                    ],
+                )
+                for step in state["pending_steps"]
+            )
+        else:
+            # ---- format warm-up (demo only): SFT on answer-shaped targets, not on the answers
+            warm = demo_format_rows(a.sft_warmup_steps * cfg.samples_per_step, cfg.run.seed)
+            for i in range(0, len(warm), cfg.samples_per_step):
+                rows = warm[i : i + cfg.samples_per_step]
+                texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
+                cluster.sft_step(*encode_pairs(tokenizer, texts, [r["completion"] for r in rows]))
 
         # ---- first sync: the workers' adapter init is random; start them from the learner's
-        cluster.sync_weights()
-        for step in range(1, cfg.run.steps + 1):
-            # ---- generate + score: G completions per prompt, rewards, group advantages
+        version = cluster.sync_weights().version
+        start = state.get("step", 0) + 1
+        error_streak = state.get("error_streak", 0)
+        next_issue = start + len(pending)
+        for step in range(start, cfg.run.steps + 1):
+            # ---- generate + score: G completions per prompt, rewards, group advantages.
+            # Async: keep up to max_staleness later steps in flight, generating while we train.
+            while next_issue <= min(step + a.max_staleness, cfg.run.steps):
+                chosen = [prompts[i] for i in sampler.next(a.prompts_per_step)]
+                ledger.issue(next_issue, [p.index for p in chosen])
+                pending.append(cluster.submit_rollout(next_issue, chosen))
+                next_issue += 1
             t0 = time.perf_counter()
-            batch = cluster.rollout(
-                step, [prompts[i] for i in sampler.next(cfg.algo.prompts_per_step)]
-            )
+            batch = cluster.collect(pending.popleft())
+            # at-least-once delivery and the staleness bound are enforced here, per sample id
+            batch, ledger_stats = ledger.admit(batch, version, a.max_staleness)
             t_rollout = time.perf_counter() - t0
 
             # ---- train: one optimizer step; the normaliser spans the whole step's batch
             t1 = time.perf_counter()
-            metrics = cluster.train_step(batch, loss_normaliser(batch.completion_mask, params))
+            metrics = cluster.train_step(batch, loss_normaliser(batch.loss_mask, params))
+            ledger.record(step, batch, version)
             t_train = time.perf_counter() - t1
 
             # ---- sync: only what changed goes back to the workers, as version v+1
             sync = cluster.sync_weights()
+            version = sync.version
 
             # ---- log
             metrics.update(
                 {
-                    f"reward/{name}": float(batch.rewards[:, k].mean())
+                    f"reward/{name}": float(batch.rewards[:, k].nanmean())
                     for k, name in enumerate(batch.reward_names)
                 },
                 **{
-                    "reward/mean": float(batch.reward_total.mean()),
-                    "reward/std": float(batch.reward_total.std()),
+                    f"reward/errors/{name}": float(batch.reward_errors[:, k].sum())
+                    for k, name in enumerate(batch.reward_names)
+                },
+                **{
+                    f"rollout/worker{w}_samples_per_s": n / sec
+                    for w, (n, sec) in batch.worker_stats.items()
+                },
+                **ledger_stats,
+                **{
+                    "reward/mean": float(batch.reward_total[batch.valid].mean()),
+                    "reward/std": float(batch.reward_total[batch.valid].std()),
                     "completion_tokens": batch.num_tokens / len(batch),
                     "payload_bytes_per_sample": batch.nbytes / len(batch),
                     "sync_bytes": sync.nbytes,
@@ -164,10 +239,28 @@ def train(cfg: Config) -> dict[str, Any]:
                     "train_seconds": t_train,
                     "samples_per_s": len(batch) / (t_rollout + t_train + sync.seconds),
                     "learner_tokens_per_s": metrics["tokens"] / t_train,
-                    "version": sync.version,
+                    "version": version,
                 },
             )
             tracker.log(step, metrics)
+
+            # ---- a reward that keeps failing stops the run rather than quietly shrink batches
+            error_rate = float(batch.reward_errors.any(1).float().mean())
+            error_streak = error_streak + 1 if error_rate > cfg.reward.max_error_rate else 0
+            if error_streak >= cfg.reward.error_patience:
+                failing = [
+                    n for k, n in enumerate(batch.reward_names) if batch.reward_errors[:, k].any()
+                ]
+                raise RewardError(
+                    f"reward functions {failing} failed on {error_rate:.0%} of step {step}'s "
+                    f"samples, above reward.max_error_rate={cfg.reward.max_error_rate} for "
+                    f"{error_streak} steps in a row (reward.error_patience)"
+                )
+
+            # ---- checkpoint: learner state and run state, atomically
+            every = cfg.run.checkpoint_every
+            if every and (step % every == 0 or step == cfg.run.steps):
+                save_checkpoint(cfg, cluster, step, sampler, ledger, tracker, pending, error_streak)
 
         # ---- save: the adapter alone under PEFT (HF save_pretrained, safetensors)
         final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
@@ -183,4 +276,47 @@ def train(cfg: Config) -> dict[str, Any]:
         "metrics": str(tracker.metrics_path),
         "plot": str(plot) if plot else None,
         "final": str(final_dir),
+        "lost_samples": len(ledger.lost(cfg.run.steps)),
     }
+
+
+def save_checkpoint(
+    cfg: Config,
+    cluster: Cluster,
+    step: int,
+    sampler: PromptSampler,
+    ledger: Ledger,
+    tracker: Tracker,
+    pending: collections.deque[PendingRollout],
+    error_streak: int,
+) -> None:
+    """Everything a resumed run needs to continue as if never stopped. Rollouts already in
+    flight (async mode) are collected and stored: they were generated by older weights, which a
+    resumed run could not reproduce."""
+    tmp = checkpoint.begin(checkpoint.root(cfg.run.output_dir), step)
+    cluster.save_state(tmp)
+    batches = [cluster.collect(p) for p in pending]
+    for p, b in zip(pending, batches):
+        p.results = [b]  # collected: keep the batch, not the reference
+    tensors = {"torch_rng": torch.get_rng_state()}
+    for p, b in zip(pending, batches):
+        tensors.update(b.to_tensors(f"pending{p.step}."))
+    state = {
+        "step": step,
+        "sampler": sampler.state_dict(),
+        "ledger": ledger.state_dict(),
+        "python_rng": random.getstate(),
+        "config": config_to_dict(cfg),
+        "run_id": tracker.run_id,
+        "pending_steps": [p.step for p in pending],
+        "error_streak": error_streak,
+        "reward_names": batches[0].reward_names if batches else [],
+    }
+    checkpoint.save_run_state(tmp, state, tensors)
+    checkpoint.commit(tmp, cfg.run.keep_checkpoints)
+
+
+def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(tensors["torch_rng"])

@@ -13,7 +13,7 @@ from dist_ft.sync import fingerprint
 def scored_batch(worker_kwargs, prompts, n_prompts=4):
     """A real rollout, with advantages set to fixed +-1 so every step has a gradient."""
     worker = RolloutWorker(**worker_kwargs)
-    batch = worker.rollout(1, prompts[:n_prompts])
+    batch = worker.rollout(1, prompts[:n_prompts], seed=0)
     batch.advantages = torch.tensor([1.0, -1.0]).repeat(len(batch) // 2)
     return batch
 
@@ -90,7 +90,7 @@ def test_weight_sync_fingerprints_match(tiny_path, demo_prompts, method):
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", f"peft.method={method}")
     cluster = LocalCluster(wk, lk, num_workers=2)
     first = cluster.sync_weights()
-    batch = cluster.rollout(1, demo_prompts[:4])
+    batch = cluster.collect(cluster.submit_rollout(1, demo_prompts[:4]))
     batch.advantages = torch.tensor([1.0, -1.0]).repeat(len(batch) // 2)
     cluster.train_step(batch, float(len(batch)))
     second = cluster.sync_weights()

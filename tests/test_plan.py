@@ -37,7 +37,7 @@ def test_rollout_workers_go_where_the_rollout_resource_is():
 
 def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "algo.beta=0.1")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:2])
+    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:2], seed=0)
     bound = ScoredBatch.bytes_per_sample(
         batch.prompt_ids.shape[1], batch.completion_ids.shape[1], len(batch.reward_names), ref=True
     )

@@ -143,7 +143,7 @@ def test_multi_node_grpo(two_node_cluster, tmp_path, stage, method):
     assert set(nodes) == {HEAD_IP, NODE_IP}
     placement = json.loads((out / "placement.json").read_text())
     # both rollout workers on the node that advertises `rollout`, two learner ranks
-    assert placement["rollout"] == [nodes[NODE_IP]] * 2
+    assert [a["node_id"] for a in placement["rollout"]] == [nodes[NODE_IP]] * 2
     assert len(placement["learner"]) == 2
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -167,7 +167,7 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts):
     import ray
 
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4])
+    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
     batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
     norm = loss_normaliser(batch.completion_mask, lk["loss"])
 
@@ -197,7 +197,7 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts):
 
 def test_balanced_shards_split_evenly_by_tokens(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "rollout.max_new_tokens=8")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4])
+    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
     lengths = torch.arange(len(batch)) % 8 + 1
     batch.completion_mask = torch.arange(8).expand(len(batch), 8) < lengths[:, None]
     shards = balanced_shards(batch, 2)

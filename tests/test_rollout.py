@@ -12,7 +12,7 @@ from dist_ft.rollout import RolloutWorker
 def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
     cfg, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=6")
     worker = RolloutWorker(**wk)
-    batch = worker.rollout(7, demo_prompts[:3])
+    batch = worker.rollout(7, demo_prompts[:3], seed=0)
     n = 3 * 4
     assert len(batch) == n
     assert batch.completion_ids.shape == batch.logprobs.shape == (n, 6)
@@ -39,7 +39,7 @@ def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
     learner = Learner(**lk)
     worker = RolloutWorker(**wk)
     worker.set_weights(0, learner.export_weights())
-    batch = worker.rollout(1, demo_prompts[:4])
+    batch = worker.rollout(1, demo_prompts[:4], seed=0)
     metrics = learner.step(batch)
     assert abs(metrics["ratio"] - 1.0) < 1e-5
 
@@ -53,7 +53,7 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
         for name, p in worker.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    batch = worker.rollout(1, demo_prompts[:2])
+    batch = worker.rollout(1, demo_prompts[:2], seed=0)
     base = load_policy(
         tiny_path, "float32", PeftConfig(method=PeftMethod.NONE), torch.device("cpu")
     ).eval()

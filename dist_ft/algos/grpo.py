@@ -73,7 +73,8 @@ def loss_normaliser(mask_NT: torch.Tensor, params: LossParams) -> float:
     to :func:`policy_loss` for every micro-batch, so that gradient accumulation and data
     parallelism give exactly the gradient of the full-batch loss.
     """
-    n = mask_NT.shape[0]
+    # sequences in the loss (a left-out one has no tokens)
+    n = max(1, int((mask_NT.sum(-1) > 0).sum()))
     if params.loss_type is LossType.DAPO:
         return float(mask_NT.sum().clamp(min=1))
     if params.loss_type is LossType.DR_GRPO:

@@ -1,10 +1,20 @@
-"""Reward functions: built-in verifiers, ``module:function`` user rewards, weighted sums."""
+"""Reward functions: built-in verifiers, ``module:function`` user rewards, extra named scorers.
+
+Shapes: N = scored samples (prompts x group), K = reward functions, in spec order.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import importlib
+import inspect
 import math
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -13,9 +23,11 @@ from dist_ft.rewards import rules
 
 
 class RewardFn(Protocol):
+    """A batch scorer; ``async def`` scorers are awaited (and cancelled on timeout)."""
+
     def __call__(
         self, prompts: list[str], completions: list[str], answers: list[str | None], **kw: Any
-    ) -> list[float]: ...
+    ) -> Sequence[float] | Awaitable[Sequence[float]]: ...
 
 
 BUILTIN: dict[str, Callable[..., list[float]]] = {
@@ -23,20 +35,28 @@ BUILTIN: dict[str, Callable[..., list[float]]] = {
     "char_match": rules.char_match,
     "format_regex": rules.format_regex,
     "length_penalty": rules.length_penalty,
+    "math_answer": rules.math_answer,
 }
+
+# How long a timed-out coroutine gets to run its cancellation handlers before it is abandoned.
+_CANCEL_GRACE_S = 1.0
 
 
 class RewardError(RuntimeError):
-    """A reward function failed; the message names it."""
+    """A reward function cannot be used (unknown, unloadable, none configured); names it."""
 
 
-def resolve(name: str) -> Callable[..., list[float]]:
-    """A built-in verifier by name, or a user function given as ``package.module:function``."""
+def resolve(name: str, extra: Mapping[str, Callable[..., Any]] | None = None) -> Callable[..., Any]:
+    """A scorer from ``extra`` (e.g. ``{"judge": ...}``), a built-in verifier by name, or a user
+    function given as ``package.module:function``; in that order."""
+    if extra and name in extra:
+        return extra[name]
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
+        known = sorted(BUILTIN) + sorted(extra or {})
         raise RewardError(
-            f"unknown reward '{name}': use one of {sorted(BUILTIN)} or 'package.module:function'"
+            f"unknown reward '{name}': use one of {known} or 'package.module:function'"
         )
     module_name, fn_name = name.split(":", 1)
     try:
@@ -48,33 +68,167 @@ def resolve(name: str) -> Callable[..., list[float]]:
     return fn
 
 
-class RewardSet:
-    """A weighted sum of reward functions; each function's raw score is kept for logging."""
+@dataclass
+class RewardScores:
+    """Per-function scores of one batch. A failed entry is NaN in ``rewards_NK`` and True in
+    ``errors_NK``; what to do with it (drop the sample, score it 0, stop the run) is the caller's
+    policy."""
 
-    def __init__(self, specs: list[tuple[str, float, dict[str, Any]]]) -> None:
+    rewards_NK: torch.Tensor  # float32 [N, K], NaN where errors_NK
+    errors_NK: torch.Tensor  # bool [N, K], True where function k failed for sample n
+    messages: dict[str, str]  # reward name -> its first error message, failing functions only
+
+    def total(self, weights_K: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+        """Weighted sum, float32 [N]. NaN in every row with a failed entry (even at weight 0),
+        unless ``fill`` replaces failed entries first."""
+        rewards_NK = self.rewards_NK
+        if fill is not None:
+            rewards_NK = rewards_NK.masked_fill(self.errors_NK, fill)
+        return rewards_NK @ weights_K.to(rewards_NK.dtype)
+
+
+class _Timeout(Exception):
+    pass
+
+
+async def _await_until(awaitable: Awaitable[Any], timeout_s: float) -> Any:
+    # asyncio.wait, not wait_for: a TimeoutError the function raises itself stays its own error.
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout_s))
+    if not done:
+        task.cancel()
+        with contextlib.suppress(BaseException):  # errors from its own cleanup don't matter now
+            await task
+        raise _Timeout
+    return task.result()
+
+
+class _Call:
+    """One reward function call on its own daemon thread, with a deadline.
+
+    A Python thread cannot be killed: a sync function that hangs is abandoned and runs on in the
+    background (daemon, so it never blocks interpreter exit, which a ThreadPoolExecutor worker
+    would). Every call gets a fresh thread, so the next call is never queued behind a hung one.
+    A coroutine runs in a private event loop on that thread and is cancelled at the deadline.
+    """
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout_s: float):
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.awaiting = threading.Event()
+        self.deadline = time.monotonic() + timeout_s
+        threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            out = fn(*args, **kwargs)
+            if inspect.isawaitable(out):
+                self.awaiting.set()
+                out = asyncio.run(_await_until(out, self.deadline - time.monotonic()))
+            if isinstance(out, Iterable):  # a generator runs here, under the deadline
+                out = list(out)
+            self.future.set_result(out)
+        except BaseException as e:  # a user function may raise anything, even SystemExit
+            self.future.set_exception(e)
+
+    def outcome(self) -> tuple[Any, BaseException | None]:
+        """What the function returned or raised; ``_Timeout`` past the deadline."""
+        wait_s = max(0.0, self.deadline - time.monotonic())
+        done, _ = concurrent.futures.wait([self.future], timeout=wait_s)
+        if not done and self.awaiting.is_set():  # cancelled at the deadline; let it clean up
+            done, _ = concurrent.futures.wait([self.future], timeout=_CANCEL_GRACE_S)
+        if not done:
+            raise _Timeout
+        error = self.future.exception()
+        if isinstance(error, _Timeout):  # the coroutine was cancelled at the deadline
+            raise _Timeout
+        return (None, error) if error is not None else (self.future.result(), None)
+
+
+def _check_values(name: str, out: Any, n: int) -> tuple[list[float], list[bool], str | None]:
+    """Scores [n] (NaN where invalid), failed flags [n], and the first problem's message."""
+    values = out if isinstance(out, list) else None
+    if values is None or len(values) != n:
+        got = f"{len(values)} scores" if values is not None else f"a {type(out).__name__}"
+        return [math.nan] * n, [True] * n, f"reward '{name}' returned {got} for {n} samples"
+    scores, failed, bad = [], [], []
+    for i, v in enumerate(values):
+        x = math.nan
+        # float() would parse "1.0"; a string is a bug in the reward, not a score.
+        if not isinstance(v, str | bytes) and v is not None:
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                x = float(v)
+        if math.isfinite(x):
+            scores.append(x)
+            failed.append(False)
+        else:
+            scores.append(math.nan)
+            failed.append(True)
+            bad.append((i, v))
+    if not bad:
+        return scores, failed, None
+    (i, v), more = bad[0], len(bad) - 1
+    message = f"reward '{name}' returned {repr(v)[:50]} for sample {i}"
+    return scores, failed, message + (f" (and {more} more)" if more else "")
+
+
+class RewardSet:
+    """Reward functions scored side by side, each call under a timeout.
+
+    ``specs`` are ``(name, weight, kwargs)``; a name is looked up by ``resolve`` (``extra`` first).
+    ``names`` [K] and ``weights`` (float32 [K]) follow spec order.
+    """
+
+    def __init__(
+        self,
+        specs: list[tuple[str, float, dict[str, Any]]],
+        timeout_s: float = 30.0,
+        extra: Mapping[str, Callable[..., Any]] | None = None,
+    ) -> None:
         if not specs:
             raise RewardError("no reward functions configured (reward.functions is empty)")
+        if not timeout_s > 0:
+            raise RewardError(f"reward timeout must be positive, got {timeout_s} s")
+        self.timeout_s = timeout_s
         self.names = [name for name, _, _ in specs]
-        self.weights = torch.tensor([w for _, w, _ in specs], dtype=torch.float32)
-        self._fns = [(resolve(name), kwargs) for name, _, kwargs in specs]
+        self.weights = torch.tensor([w for _, w, _ in specs], dtype=torch.float32)  # [K]
+        self._fns = [(resolve(name, extra), dict(kwargs)) for name, _, kwargs in specs]
 
     def score(
         self, prompts: list[str], completions: list[str], answers: list[str | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns per-function rewards [N, K] and their weighted sum [N]."""
-        columns = []
-        for name, (fn, kwargs) in zip(self.names, self._fns):
+    ) -> RewardScores:
+        """Scores N samples with all K functions at once, each under ``timeout_s``.
+
+        Never raises for a failing function: one that raises, times out or returns the wrong
+        number of scores fails its whole column; a NaN, inf, None or non-number fails only its
+        sample. Failures are NaN in ``rewards_NK``, True in ``errors_NK``, named in ``messages``.
+        """
+        n, k = len(completions), len(self.names)
+        if len(prompts) != n or len(answers) != n:
+            raise ValueError(
+                f"{len(prompts)} prompts, {n} completions, {len(answers)} answers: must be equal"
+            )
+        rewards_NK = torch.full((n, k), math.nan, dtype=torch.float32)
+        errors_NK = torch.ones((n, k), dtype=torch.bool)
+        messages: dict[str, str] = {}
+        if n == 0:
+            return RewardScores(rewards_NK, errors_NK, messages)
+        # Each call gets its own copies: an abandoned call must not see the caller's lists change.
+        calls = [
+            _Call(fn, (list(prompts), list(completions), list(answers)), kwargs, self.timeout_s)
+            for fn, kwargs in self._fns
+        ]
+        for j, (name, call) in enumerate(zip(self.names, calls)):
             try:
-                values = list(fn(prompts, completions, answers, **kwargs))
-            except Exception as e:  # a user function may raise anything; name it, keep cause
-                raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e}") from e
-            if len(values) != len(completions):
-                raise RewardError(
-                    f"reward '{name}' returned {len(values)} scores for {len(completions)} samples"
-                )
-            bad = [v for v in values if not isinstance(v, int | float) or not math.isfinite(v)]
-            if bad:
-                raise RewardError(f"reward '{name}' returned non-finite or non-numeric {bad[:3]}")
-            columns.append(torch.tensor(values, dtype=torch.float32))
-        rewards_NK = torch.stack(columns, dim=1)
-        return rewards_NK, rewards_NK @ self.weights
+                out, error = call.outcome()
+            except _Timeout:
+                message = f"reward '{name}' timed out after {self.timeout_s} s"
+            else:
+                if error is not None:
+                    message = f"reward '{name}' raised {type(error).__name__}: {error}"
+                else:
+                    scores, failed, message = _check_values(name, out, n)
+                    rewards_NK[:, j] = torch.tensor(scores, dtype=torch.float32)
+                    errors_NK[:, j] = torch.tensor(failed, dtype=torch.bool)
+            if message is not None:
+                messages.setdefault(name, message)
+        return RewardScores(rewards_NK, errors_NK, messages)

@@ -1,0 +1,168 @@
+"""Atomic run checkpoints: every rank's DeepSpeed state plus the run state, committed or absent.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step-00000004/            committed: renamed into place after COMMIT was written
+        deepspeed/...         each learner rank's engine state (DeepSpeed's own format)
+        learner_rng_0.safetensors
+        run_state.json        step, sampler cursor, ledger, version, config, tracking run id
+        run_tensors.safetensors   driver RNG and the in-flight rollouts of async mode
+        COMMIT                sha256 of every file above, written last
+    .partial-step-00000006/   a write that never finished: never chosen, named in a warning
+
+A write goes to ``.partial-step-N``; each file is fsynced, COMMIT is written and fsynced, and
+only then is the directory renamed to ``step-N`` (atomic on one filesystem). Older checkpoints
+are pruned after that rename, so a crash at any point leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMMIT = "COMMIT"
+PARTIAL_PREFIX = ".partial-"
+
+# Keys that change where or how long a run goes, not what it learns: they may differ on resume.
+NON_SEMANTIC = ("resources.", "run.steps", "run.name", "run.output_dir", "run.wandb", "run.plot")
+NON_SEMANTIC += ("run.checkpoint_every", "run.keep_checkpoints", "run.resume")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (corrupt, or from a different recipe)."""
+
+
+def root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def begin(ckpt_root: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step``."""
+    tmp = ckpt_root / f"{PARTIAL_PREFIX}step-{step:08d}"
+    if tmp.exists():  # left by a run that died mid-write; it was never committed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, keep: int) -> Path:
+    """Fsync every file, write COMMIT (sha256 of each) last, rename into place, prune."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    sums = {}
+    for p in files:
+        _fsync(p)
+        sums[str(p.relative_to(tmp))] = _sha256(p)
+    manifest = tmp / COMMIT
+    manifest.write_text(json.dumps({"files": sums}, indent=1))
+    _fsync(manifest)
+    for d in sorted({p.parent for p in files} | {tmp}):
+        _fsync(d)
+    final = tmp.parent / tmp.name.removeprefix(PARTIAL_PREFIX)
+    if final.exists():  # the same step committed by an earlier attempt of this run
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(tmp.parent)
+    prune(tmp.parent, keep)
+    return final
+
+
+def committed(ckpt_root: Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if (p / COMMIT).is_file())
+
+
+def prune(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` committed checkpoints, and stale partial writes."""
+    for old in committed(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    for partial in ckpt_root.glob(f"{PARTIAL_PREFIX}*"):
+        shutil.rmtree(partial)
+
+
+def verify(path: Path) -> None:
+    """Every file listed in COMMIT exists with its recorded sha256."""
+    manifest = json.loads((path / COMMIT).read_text())
+    for rel, digest in manifest["files"].items():
+        f = path / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise CheckpointError(f"{path}: {rel} is missing or does not match COMMIT")
+
+
+def find_resume(output_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint that ``run.resume`` names: None for "none"; for "auto" the newest
+    committed checkpoint that verifies (partial and corrupt ones are named in a warning)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / COMMIT).is_file():
+            raise CheckpointError(f"run.resume={resume}: not a committed checkpoint (no COMMIT)")
+        verify(path)
+        return path
+    ckpt_root = root(output_dir)
+    partial = sorted(p.name for p in ckpt_root.glob(f"{PARTIAL_PREFIX}*"))
+    if partial:
+        warnings.warn(
+            f"ignoring unfinished checkpoint writes in {ckpt_root}: {partial}", stacklevel=2
+        )
+    for path in reversed(committed(ckpt_root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def semantic_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ and that change what a run learns."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    return sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(NON_SEMANTIC)
+    )
+
+
+def save_run_state(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    (path / "run_state.json").write_text(json.dumps(state))
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path / "run_tensors.safetensors")
+    )
+
+
+def load_run_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    state = json.loads((path / "run_state.json").read_text())
+    return state, load_file(str(path / "run_tensors.safetensors"))
