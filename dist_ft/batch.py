@@ -35,6 +35,8 @@ class ScoredBatch:
     ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
     # worker index -> (samples, seconds generating and scoring them): per-worker samples/s.
     worker_stats: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    # Counts to log, summed over workers (e.g. judge requests and cache hits).
+    counters: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
@@ -89,7 +91,10 @@ class ScoredBatch:
         index = torch.as_tensor(index, dtype=torch.long)
         picked = {k: v[index] for k, v in self._tensors().items()}
         return ScoredBatch(
-            reward_names=list(self.reward_names), worker_stats=dict(self.worker_stats), **picked
+            reward_names=list(self.reward_names),
+            worker_stats=dict(self.worker_stats),
+            counters=dict(self.counters),
+            **picked,
         )
 
     @staticmethod
@@ -123,7 +128,13 @@ class ScoredBatch:
             for k, (n, sec) in b.worker_stats.items():
                 n0, sec0 = stats.get(k, (0, 0.0))
                 stats[k] = (n0 + n, sec0 + sec)
-        return ScoredBatch(reward_names=list(names), worker_stats=stats, **fields)
+        counters: dict[str, float] = {}
+        for b in batches:
+            for k, v in b.counters.items():
+                counters[k] = counters.get(k, 0.0) + v
+        return ScoredBatch(
+            reward_names=list(names), worker_stats=stats, counters=counters, **fields
+        )
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat ``{prefix + field: tensor}``, e.g. for a safetensors file (checkpoints)."""

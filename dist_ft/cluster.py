@@ -6,6 +6,7 @@ Every cluster offers the same four named calls to the training loop: ``rollout``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -84,13 +85,18 @@ class LocalCluster:
         worker_kwargs: dict[str, Any],
         learner_kwargs: dict[str, Any],
         num_workers: int = 1,
+        judge_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
+        from dist_ft.rewards.judge import JudgeWorker
         from dist_ft.rollout import RolloutWorker
 
         self.seed = worker_kwargs["seed"]
         self.learner = Learner(**learner_kwargs)
-        self.workers = [RolloutWorker(**worker_kwargs, worker_index=i) for i in range(num_workers)]
+        judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
+        self.workers = [
+            RolloutWorker(**worker_kwargs, worker_index=i, judge=judge) for i in range(num_workers)
+        ]
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
         # Computed now: with max_staleness > 0 the loop submits before it trains, so debug mode
@@ -131,10 +137,9 @@ class LocalCluster:
         return {"rollout": [local] * len(self.workers), "learner": [local]}
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
+        # process (tests, notebooks) reuses it.
+        return None
 
 
 def balanced_shards(batch: ScoredBatch, parts: int) -> list[ScoredBatch]:
@@ -226,6 +231,22 @@ def resolve_rollout_workers(
     return max(1, len(nodes))
 
 
+class RemoteJudge:
+    """What a rollout worker holds on Ray instead of a ``JudgeWorker``: the judge actor's
+    handle, called the same way."""
+
+    def __init__(self, handle: Any, timeout_s: float) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+
+    def score_with_stats(
+        self, prompts: list[str], completions: list[str], group_size: int
+    ) -> tuple[list[float], dict[str, int]]:
+        import ray
+
+        ref = self.handle.score_with_stats.remote(prompts, completions, group_size)
+        return ray.get(ref, timeout=self.timeout_s)
+
+
 class ActorTimeoutError(TimeoutError):
     """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
 
@@ -259,6 +280,8 @@ class RayCluster:
         colocate: bool = False,
         timeout_s: float = 600.0,
         max_restarts: int = 3,
+        judge_kwargs: dict[str, Any] | None = None,
+        judge_actors: int = 1,
     ) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -300,6 +323,34 @@ class RayCluster:
                 }
             return {}
 
+        # Judges first, each on the node of one of the rollout workers it will serve (soft:
+        # anywhere if that node is full); the workers then find them by handle.
+        self.judges: list[Any] = []
+        if judge_kwargs:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from dist_ft.rewards.judge import JudgeWorker
+
+            rollout_nodes = [n["NodeID"] for n in nodes if n["Resources"].get("rollout")]
+            rollout_nodes = rollout_nodes or [n["NodeID"] for n in nodes]
+            self.judges = [
+                ray.remote(JudgeWorker)
+                .options(
+                    num_cpus=rollout_cpus,
+                    num_gpus=r_gpus,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        rollout_nodes[j % len(rollout_nodes)], soft=True
+                    ),
+                )
+                .remote(**judge_kwargs)
+                for j in range(judge_actors)
+            ]
+
+        def judge_for(i: int) -> Any:
+            return (
+                RemoteJudge(self.judges[i % len(self.judges)], timeout_s) if self.judges else None
+            )
+
         self.workers = [
             ray.remote(RolloutWorker)
             .options(
@@ -309,7 +360,7 @@ class RayCluster:
                 max_task_retries=0,  # a lost share is issued again by collect(), not by Ray
                 **where(i, True),
             )
-            .remote(**worker_kwargs, worker_index=i)
+            .remote(**worker_kwargs, worker_index=i, judge=judge_for(i))
             for i in range(n_workers)
         ]
         self.learners = [
@@ -325,6 +376,7 @@ class RayCluster:
             "learner": self._get(
                 [h.__ray_call__.remote(actor_info) for h in self.learners], "learner ranks"
             ),
+            "judge": self._get([j.__ray_call__.remote(actor_info) for j in self.judges], "judges"),
         }
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
         self._learners_get(
@@ -388,8 +440,13 @@ class RayCluster:
         self._worker_version[k] = self._update.version
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
+        from ray.exceptions import RayActorError
+
         shares = split_prompts(prompts, len(self.workers))
         seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
+        for k in range(len(shares)):
+            with contextlib.suppress(RayActorError):  # if still down, collect() reissues
+                self._load_current(k)  # a worker Ray restarted holds its initial weights
         versions = [self._update.version if self._update else 0] * len(shares)
         refs = [w.rollout.remote(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
         return PendingRollout(step, shares, seeds, versions, refs)
@@ -492,7 +549,7 @@ class RayCluster:
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.workers + self.learners:
+        for actor in self.workers + self.learners + self.judges:
             ray.kill(actor)
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group
@@ -506,12 +563,14 @@ def make_cluster(
     worker_kwargs: dict[str, Any],
     learner_kwargs: dict[str, Any],
     res: ResourcesConfig,
+    judge_kwargs: dict[str, Any] | None = None,
+    judge_actors: int = 1,
 ) -> Cluster:
     if res.mode == "local":
         if res.learners != 1:
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
         workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
-        return LocalCluster(worker_kwargs, learner_kwargs, workers)
+        return LocalCluster(worker_kwargs, learner_kwargs, workers, judge_kwargs)
     return RayCluster(
         worker_kwargs,
         learner_kwargs,
@@ -525,6 +584,8 @@ def make_cluster(
         colocate=res.colocate,
         timeout_s=res.actor_timeout_s,
         max_restarts=res.max_restarts,
+        judge_kwargs=judge_kwargs,
+        judge_actors=judge_actors,
     )
 
 

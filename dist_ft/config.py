@@ -102,9 +102,31 @@ def _demo_rewards() -> list[RewardFnConfig]:
     return [RewardFnConfig("char_match", 1.0), RewardFnConfig("exact_match", 0.0)]
 
 
+def _judge_model() -> ModelConfig:
+    return ModelConfig(tiny=TinyModelConfig(seed=1))  # a tiny judge unlike the tiny policy
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The RLAIF judge, used when a reward function is named ``judge``. It scores with a local
+    HF causal LM guided by a constitution; on Ray it runs as its own actor(s), next to the
+    rollout workers."""
+
+    model: ModelConfig = field(default_factory=_judge_model)
+    constitution: str = "configs/constitutions/default.yaml"  # .yaml or .md list of principles
+    # pointwise: expected rating from the judge's next-token probabilities over ``ratings``;
+    # group: the judge sees the G completions of a prompt together; score = P(best).
+    mode: Literal["pointwise", "group"] = "pointwise"
+    ratings: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])
+    template: str = ""  # "" = the built-in template of the mode
+    batch_size: int = 16
+    actors: int = 1  # Ray mode: judge actors, each placed on a rollout worker's node
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     functions: list[RewardFnConfig] = field(default_factory=_demo_rewards)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     timeout_s: float = 30.0  # per call of each function, for the whole batch it scores
     # A sample whose reward raised, timed out or was NaN/inf: left out of the loss ("mask",
     # its group's advantages come from the valid samples), scored 0 ("zero"), or fatal.

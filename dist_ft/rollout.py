@@ -46,7 +46,10 @@ class RolloutWorker:
         worker_index: int = 0,
         trust_remote_code: bool = False,
         deterministic: bool = False,
+        judge: Any = None,
     ) -> None:
+        """``judge``: an RLAIF judge (``JudgeWorker``, or a handle to one on Ray) that the
+        reward function named ``judge`` calls through ``score_with_stats``."""
         torch.use_deterministic_algorithms(deterministic)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
@@ -63,7 +66,10 @@ class RolloutWorker:
         self.temperature = temperature
         self.top_p = top_p
         self.scale_rewards = scale_rewards
-        self.rewards = RewardSet(rewards, timeout_s=reward_timeout_s)
+        self.judge = judge
+        self._counters: dict[str, float] = {}
+        extra = {"judge": self._judge_reward} if judge is not None else None
+        self.rewards = RewardSet(rewards, timeout_s=reward_timeout_s, extra=extra)
         self.on_reward_error = on_reward_error
         self.worker_index = worker_index
         self.version = 0
@@ -122,6 +128,7 @@ class RolloutWorker:
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompt_texts = [p.text for p in prompts for _ in range(g)]
         answers = [p.answer for p in prompts for _ in range(g)]
+        self._counters = {}
         scores = self.rewards.score(prompt_texts, texts, answers)
         errors_N = scores.errors_NK.any(1)
         if errors_N.any() and self.on_reward_error == "abort":
@@ -154,7 +161,15 @@ class RolloutWorker:
             versions=torch.full((n,), self.version, dtype=torch.int32),
             reward_names=list(self.rewards.names),
             worker_stats={self.worker_index: (n, time.perf_counter() - t0)},
+            counters=self._counters,
         )
+
+    def _judge_reward(
+        self, prompts: list[str], completions: list[str], answers: list[str | None]
+    ) -> list[float]:
+        scores, stats = self.judge.score_with_stats(prompts, completions, self.group_size)
+        self._counters = {f"judge/{k}": float(v) for k, v in stats.items()}
+        return scores
 
     def _completion(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to ``max_new_tokens`` and mask everything after the first EOS. [N, T] each."""

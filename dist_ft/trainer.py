@@ -40,6 +40,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def judge_kwargs(cfg: Config) -> dict[str, Any] | None:
+    """JudgeWorker arguments when a reward function is the RLAIF judge, else None."""
+    if not any(f.name == "judge" for f in cfg.reward.functions):
+        return None
+    j = cfg.reward.judge
+    return {
+        "model_path": resolve_model_path(j.model.path, j.model.tiny),
+        "constitution": j.constitution,
+        "mode": j.mode,
+        "ratings": j.ratings,
+        "template": j.template or None,
+        "device": resolve_device(cfg.resources.device),
+        "dtype": j.model.dtype,
+        "batch_size": j.batch_size,
+        "trust_remote_code": j.model.trust_remote_code,
+    }
+
+
 def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Plain constructor arguments for RolloutWorker and Learner: the config tree stops here."""
     device = resolve_device(cfg.resources.device)
@@ -140,7 +158,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- placement: the only line that differs between debug mode and a cluster
     worker_kwargs, learner_kwargs = component_kwargs(cfg, model_path)
-    cluster = make_cluster(worker_kwargs, learner_kwargs, cfg.resources)
+    cluster = make_cluster(
+        worker_kwargs, learner_kwargs, cfg.resources, judge_kwargs(cfg), cfg.reward.judge.actors
+    )
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
     params = loss_params(cfg)
     tracker = Tracker(
@@ -228,6 +248,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     for w, (n, sec) in batch.worker_stats.items()
                 },
                 **ledger_stats,
+                **batch.counters,
                 **{
                     "reward/mean": float(batch.reward_total[batch.valid].mean()),
                     "reward/std": float(batch.reward_total[batch.valid].std()),

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dist_ft.rewards import rules
+from dist_ft.rewards import rules, sandbox
 
 
 class RewardFn(Protocol):
@@ -36,6 +36,7 @@ BUILTIN: dict[str, Callable[..., list[float]]] = {
     "format_regex": rules.format_regex,
     "length_penalty": rules.length_penalty,
     "math_answer": rules.math_answer,
+    "code_tests": sandbox.code_tests,  # model-written Python run against tests, sandboxed
 }
 
 # How long a timed-out coroutine gets to run its cancellation handlers before it is abandoned.

@@ -274,6 +274,13 @@ class JudgeWorker:
             scores_N = probs_QK.reshape(-1)  # [B, G] -> [B x G], prompt-major like the input
         return scores_N.tolist()
 
+    def score_with_stats(
+        self, prompts: list[str], completions: list[str], group_size: int
+    ) -> tuple[list[float], dict[str, int]]:
+        """:meth:`score` and the counts of that call, in one (remote) call: a judge actor
+        shared by several rollout workers serves one call at a time."""
+        return self.score(prompts, completions, group_size), self.stats(last_call=True)
+
     def render(self, prompt: str, completions: list[str]) -> str:
         """The judge's input for one query (one completion in pointwise mode, the group in group
         mode). When the query would pass ``max_length`` tokens, the prompt keeps its end (the

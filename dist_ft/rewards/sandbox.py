@@ -1,0 +1,301 @@
+"""Run model-written Python against test snippets in a locked-down child process.
+
+Model code can loop forever, eat memory, fork, fill the disk or phone home, and a reward has to
+survive all of it, so the code never runs in our interpreter. Layers, outermost first:
+- its own network, pid and /proc namespaces (``unshare``) where the kernel allows them; otherwise
+  sockets are disabled inside the interpreter, which stops only casual use (``network_isolation``);
+- a fresh session, SIGKILLed as a whole at the wall-clock timeout;
+- rlimits on CPU seconds, address space, file size, process count and core dumps;
+- uid ``nobody`` when we are root, because root ignores RLIMIT_NPROC and can read every secret;
+- an empty private cwd/HOME and a fixed environment, so the parent's API keys never reach the code.
+The child is ``python -I -S``: standard library only, nothing from the venv or user site.
+Without namespaces, a child that calls setsid() outlives the timeout, and a non-root child
+(same uid as us) can read our /proc/PID/environ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+NOBODY = 65534
+_TAIL_BYTES = 64 * 1024  # only this much of the child's stdout/stderr is ever read back
+_PY_FENCES = ("", "py", "python", "python3")
+
+# Runs as `python -I -S -c`: reads its job, locks itself down, then runs code and tests. Every
+# name it needs after the user code starts is bound beforehand, so code that patches builtins
+# or modules (say `builtins.exec = ...`) cannot turn failed tests into passes.
+_HARNESS = r"""
+def main():
+    import json, os, resource, signal, sys
+    with open(".payload") as f:
+        job = json.load(f)
+    os.remove(".payload")
+    for name, (soft, hard) in job["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
+    if job["uid"] is not None:
+        # /root is often 0700: keep the stdlib importable after the drop via fds opened as root
+        fds = {d: f"/proc/self/fd/{os.open(d, os.O_RDONLY)}" for d in sys.path if os.path.isdir(d)}
+        def moved(path):
+            return next((fd + path[len(d):] for d, fd in fds.items() if path.startswith(d)), path)
+        sys.path[:] = fds.values()
+        for mod in list(sys.modules.values()):
+            if isinstance(getattr(mod, "__path__", None), list):
+                mod.__path__[:] = map(moved, mod.__path__)
+        os.setgroups([])
+        os.setgid(job["uid"])
+        os.setuid(job["uid"])
+    if job["block_sockets"]:
+        import _socket, socket
+        def refuse(*args, **kwargs):
+            raise PermissionError("network access is disabled in the sandbox")
+        class Refused(socket.socket):  # a class still, so library code can subclass it
+            __init__ = refuse
+        socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = Refused
+        socket.socketpair = socket.fromfd = _socket.socketpair = refuse
+    marker = job.pop("marker")
+    write, exit_, getpid, MemErr = os.write, os._exit, os.getpid, MemoryError
+    run, comp = exec, compile
+    me, ns, errors = getpid(), {"__name__": "__main__"}, []
+    sources = [("code", job["code"])] + [(f"test {i}", t) for i, t in enumerate(job["tests"])]
+    for label, src in sources:
+        try:
+            run(comp(src, label, "exec"), ns)
+            errors.append(None)
+        except BaseException as e:
+            name = e.__class__.__name__
+            errors.append("memory" if isinstance(e, MemErr) else f"{label}: {name}: {e}")
+        if getpid() != me:  # a fork made by the user code must not report results
+            exit_(0)
+    first = next((e for e in errors if e is not None), "")
+    bits = "".join(["1" if e is None else "0" for e in errors[1:]])
+    line = "\n" + marker + bits + "\t" + first.replace("\n", " ")[:500] + "\n"
+    write(1, line.encode(errors="replace"))
+    exit_(0)
+main()
+"""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """One run's verdict; ``error`` says why it failed, for logs, not for the reward."""
+
+    passed: list[bool]  # one per test
+    reward: float  # share of tests passed
+    timed_out: bool
+    error: str | None  # first failure, "timeout", "memory", "cpu" or a stderr tail
+
+
+@functools.cache
+def _netns_prefix() -> tuple[str, ...] | None:
+    """The ``unshare`` command that gives the child its own network, pids and /proc, if allowed.
+
+    A fresh network namespace has only a downed loopback, so even 127.0.0.1 is unreachable; the
+    pid namespace makes the whole tree die with its init; the private /proc hides our processes
+    (and their environments). Non-root needs a user namespace to create the others.
+    """
+    exe = shutil.which("unshare")
+    if exe is None:
+        return None
+    user = () if os.geteuid() == 0 else ("--map-root-user",)
+    cmd = (exe, *user, "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
+    try:
+        probe = subprocess.run([*cmd, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cmd if probe.returncode == 0 else None
+
+
+def network_isolation() -> str:
+    """ "netns" (kernel network namespace) or "blocked-sockets" (in-interpreter, best effort)."""
+    return "netns" if _netns_prefix() else "blocked-sockets"
+
+
+def _processes_of(uid: int) -> int:
+    """How many processes ``uid`` owns now: RLIMIT_NPROC counts them all, not just ours."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):  # it may exit while we look
+                n += os.stat(f"/proc/{pid}").st_uid == uid
+    return n
+
+
+def _kill_all(proc: subprocess.Popen, timed_out: bool) -> float:
+    """SIGKILL everything the run started, reap the leader, and return the CPU seconds used.
+
+    On a timeout the harness (the pid namespace's init: the namespace dies with it) goes first,
+    so ``unshare`` reaps it; killed after ``unshare`` it would be a zombie for a container init
+    that may never reap. The group is signalled before its leader is reaped, so its id cannot
+    have been recycled for an innocent process.
+    """
+    if timed_out:
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                pidfd = os.pidfd_open(kid)  # pins the pid, so the parent check below holds
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{kid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        _wait_unreaped(proc.pid, 1.0)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    # wait4's usage includes descendants reaped below the leader, i.e. the harness's.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _wait_unreaped(pid: int, seconds: float) -> bool:
+    """True once ``pid`` has exited (left unreaped); polls every 10 ms, up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def run_python(
+    code: str,
+    tests: list[str],
+    *,
+    timeout_s: float = 5.0,
+    cpu_s: int = 5,
+    memory_mb: int = 512,
+    file_mb: int = 16,
+    max_procs: int = 32,
+) -> SandboxResult:
+    """Run ``code`` then each test snippet in one sandboxed child; a test passes if it raises
+    nothing. ``max_procs`` counts threads too (Linux counts tasks), on top of what the sandbox
+    uid already runs, and sandboxes running at once share it."""
+    prefix = _netns_prefix()
+    uid = NOBODY if os.geteuid() == 0 else None
+    # A random marker on the result line, so printed output cannot pass as a result.
+    marker = secrets.token_hex(16)
+    nproc = _processes_of(os.getuid() if uid is None else uid) + max_procs
+    rlimits = {
+        "RLIMIT_CPU": (cpu_s, cpu_s),  # SIGKILL at the hard limit; pid 1 would ignore SIGXCPU
+        "RLIMIT_AS": (memory_mb << 20,) * 2,
+        "RLIMIT_FSIZE": (file_mb << 20,) * 2,  # caps files and the stdout/stderr files too
+        "RLIMIT_NPROC": (nproc, nproc),
+        "RLIMIT_CORE": (0, 0),
+    }
+    job = {"code": code, "tests": tests, "marker": marker, "uid": uid, "rlimits": rlimits}
+    job["block_sockets"] = prefix is None
+    with (
+        tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp,
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+    ):
+        fd = os.open(os.path.join(tmp, ".payload"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(job, f)
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+        proc = subprocess.Popen(
+            [*(prefix or ()), sys.executable, "-I", "-S", "-c", _HARNESS],
+            cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            start_new_session=True,
+        )  # fmt: skip
+        timed_out = not _wait_unreaped(proc.pid, timeout_s)
+        cpu_used_s = _kill_all(proc, timed_out)
+        tails = []
+        for f in (out, err):
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES))
+            tails.append(f.read())
+    at = tails[0].rfind(b"\n" + marker.encode())
+    line = tails[0][at + 1 + len(marker) :].split(b"\n", 1)[0].decode(errors="replace")
+    bits, _, reason = line.partition("\t")
+    if at >= 0 and len(bits) == len(tests) and not timed_out:
+        passed = [b == "1" for b in bits]
+        error = reason or None
+    else:
+        passed = [False] * len(tests)
+        if timed_out:
+            error = "timeout"
+        elif cpu_used_s >= cpu_s - 0.1:  # RLIMIT_CPU's kill; `unshare` hides which signal
+            error = "cpu"
+        else:
+            stderr = tails[1][-300:].decode(errors="replace").strip()
+            error = f"exit {proc.returncode}: {stderr}"
+    reward = sum(passed) / len(tests) if tests else 0.0
+    return SandboxResult(passed=passed, reward=reward, timed_out=timed_out, error=error)
+
+
+def extract_code(completion: str) -> str:
+    """The last ```python (or unlabelled) fenced block, else the whole completion.
+
+    The last one, because models tend to sketch or show usage first and give the answer last.
+    A block left open (generation stopped at the fence) still counts.
+    """
+    blocks, lang, lines = [], None, []
+    for line in completion.splitlines():
+        fence = line.strip()
+        if lang is None and fence.startswith("```"):
+            lang, lines = fence[3:].strip().lower(), []
+        elif lang is not None and fence == "```":
+            if lang in _PY_FENCES:
+                blocks.append("\n".join(lines))
+            lang = None
+        elif lang is not None:
+            lines.append(line)
+    if lang in _PY_FENCES:
+        blocks.append("\n".join(lines))
+    return blocks[-1] if blocks else completion
+
+
+def code_tests(
+    prompts: list[str],
+    completions: list[str],
+    answers: list[str | None],
+    *,
+    timeout_s: float = 5.0,
+    **limits: int,
+) -> list[float]:
+    """Share of each answer's tests (a JSON list of snippets) that the completion's code passes.
+
+    A timeout or crash is a legitimate 0.0; a malformed answer is a data bug and raises.
+    """
+    suites = []
+    for i, answer in enumerate(answers):
+        try:
+            tests = json.loads(answer) if answer is not None else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"sample {i}: answer is not JSON ({e})") from None
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+            raise ValueError(f"sample {i}: answer must be a non-empty JSON list of test snippets")
+        suites.append(tests)
+    # Threads only wait: each sandbox is its own process, so one per core keeps them all busy.
+    workers = max(1, min(len(completions), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        runs = pool.map(
+            lambda c, t: run_python(extract_code(c), t, timeout_s=timeout_s, **limits),
+            completions,
+            suites,
+        )
+        return [r.reward for r in runs]
