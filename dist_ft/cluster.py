@@ -92,6 +92,7 @@ class LocalCluster:
         from dist_ft.rollout import RolloutWorker
 
         self.seed = worker_kwargs["seed"]
+        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
         self.learner = Learner(**learner_kwargs)
         judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
         self.workers = [
@@ -118,7 +119,9 @@ class LocalCluster:
 
     def sync_weights(self) -> SyncStats:
         t0 = time.perf_counter()
-        update = make_update(self.learner.version, self.learner.export_weights())
+        update = make_update(
+            self.learner.version, self.learner.export_weights(), self.rollout_dtype
+        )
         prints = [w.set_weights(update.version, update.tensors) for w in self.workers]
         check_fingerprints(update, prints)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
@@ -290,10 +293,12 @@ class RayCluster:
 
         self.timeout_s = timeout_s
         self.seed = worker_kwargs["seed"]
+        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
         gpu = learner_kwargs["device"] == "cuda"
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            init_ray(address, (num_workers if isinstance(num_workers, int) else 1) + num_learners)
+            workers = num_workers if isinstance(num_workers, int) else 1
+            init_ray(address, workers + num_learners + (judge_actors if judge_kwargs else 0))
         nodes = [n for n in ray.nodes() if n["Alive"]]
         n_workers = num_learners if colocate else None
         n_workers = n_workers or resolve_rollout_workers(num_workers, nodes, num_learners, gpu)
@@ -369,14 +374,21 @@ class RayCluster:
             .remote()
             for r in range(num_learners)
         ]
+        unplaced = (
+            "(not placed: does the cluster have the resources they ask for? see dist-ft plan)"
+        )
         self._info = {
             "rollout": self._get(
-                [w.__ray_call__.remote(actor_info) for w in self.workers], "rollout workers"
+                [w.__ray_call__.remote(actor_info) for w in self.workers],
+                f"rollout workers {unplaced}",
             ),
             "learner": self._get(
-                [h.__ray_call__.remote(actor_info) for h in self.learners], "learner ranks"
+                [h.__ray_call__.remote(actor_info) for h in self.learners],
+                f"learner ranks {unplaced}",
             ),
-            "judge": self._get([j.__ray_call__.remote(actor_info) for j in self.judges], "judges"),
+            "judge": self._get(
+                [j.__ray_call__.remote(actor_info) for j in self.judges], f"judges {unplaced}"
+            ),
         }
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
         self._learners_get(
@@ -520,7 +532,7 @@ class RayCluster:
         t0 = time.perf_counter()
         # Every rank takes part (ZeRO-3 gathers are collective); rank 0's copy is published.
         version, tensors = self._learners_get([h.export_weights.remote() for h in self.learners])[0]
-        self._update = make_update(version, tensors)
+        self._update = make_update(version, tensors, self.rollout_dtype)
         self._update_ref = ray.put(self._update.tensors)  # once; every worker reads it
         refs = [w.set_weights.remote(version, self._update_ref) for w in self.workers]
         prints = []

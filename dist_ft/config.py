@@ -86,6 +86,9 @@ class RolloutConfig:
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
+    # Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
+    # (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)

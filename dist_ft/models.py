@@ -105,7 +105,7 @@ def sync_bytes(config: Any, peft: PeftConfig, dtype: str) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     size = torch.finfo(DTYPES[dtype]).bits // 8
-    full = sum(t.numel() for t in model.state_dict().values()) * size
+    full = sum(p.numel() for p in model.parameters()) * size  # a tied tensor counts once
     adapted = get_peft_model(model, lora_config(peft))
     adapter = sum(p.numel() for p in adapted.parameters() if p.requires_grad) * size
     return {"full": full, "adapter": adapter}
@@ -127,7 +127,22 @@ def export_state(model: nn.Module, adapter_only: bool) -> dict[str, torch.Tensor
     else:
         base = model.get_base_model() if is_adapter(model) else model
         state = base.state_dict()
+        tied = tied_aliases(state)
+        state = {k: v for k, v in state.items() if k not in tied}
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def tied_aliases(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names in a state dict that share storage with an earlier name (tied embeddings): a full
+    sync sends the tensor once; loading it updates both names."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    aliases = set()
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases
 
 
 def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_only: bool) -> None:
@@ -140,7 +155,13 @@ def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_onl
             raise KeyError(f"adapter sync has unknown tensors: {result.unexpected_keys[:5]}")
         return
     base = model.get_base_model() if is_adapter(model) else model
-    base.load_state_dict(tensors, strict=True)
+    result = base.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - tied_aliases(base.state_dict())
+    if missing or result.unexpected_keys:
+        raise KeyError(
+            f"weight sync does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def completion_logprobs(

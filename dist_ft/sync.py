@@ -34,7 +34,13 @@ class WeightUpdate:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def make_update(version: int, tensors: dict[str, torch.Tensor]) -> WeightUpdate:
+def make_update(
+    version: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> WeightUpdate:
+    """Version ``version`` of the weights, cast to the rollout ``dtype`` (once, at the sender:
+    fewer bytes on the wire, and the fingerprint is of what the workers will hold)."""
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return WeightUpdate(version, tensors, fingerprint(tensors))
 
 

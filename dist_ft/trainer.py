@@ -72,6 +72,7 @@ def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict
     }
     worker = {
         **common,
+        "dtype": cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype,
         "group_size": cfg.rollout.group_size,
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "temperature": cfg.rollout.temperature,
