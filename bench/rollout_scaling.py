@@ -25,11 +25,11 @@ def samples_per_second(num_actors: int, steps: int, prompts: list[Prompt], kwarg
     worker = ray.remote(num_cpus=1)(RolloutWorker)
     actors = [worker.remote(**kwargs, worker_index=i) for i in range(num_actors)]
     share = len(prompts) // num_actors
-    ray.get([a.rollout.remote(0, prompts[:share]) for a in actors])  # warm-up
+    ray.get([a.rollout.remote(0, prompts[:share], 0) for a in actors])  # warm-up
     t0 = time.perf_counter()
     batches = ray.get(
         [
-            a.rollout.remote(step, prompts[i * share : (i + 1) * share])
+            a.rollout.remote(step, prompts[i * share : (i + 1) * share], step)
             for step in range(1, steps + 1)
             for i, a in enumerate(actors)
         ]
@@ -48,7 +48,7 @@ def main() -> None:
     cfg = load_config(None, ["run.wandb=disabled", "rollout.max_new_tokens=32"])
     worker_kwargs, _ = component_kwargs(cfg, resolve_model_path("tiny", cfg.model.tiny))
     prompts = [Prompt(i, r["prompt"], r["answer"]) for i, r in enumerate(demo_rows(args.prompts))]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         one = samples_per_second(1, args.steps, prompts, worker_kwargs)
         two = samples_per_second(2, args.steps, prompts, worker_kwargs)

@@ -146,3 +146,14 @@ class ScoredBatch:
     ) -> ScoredBatch:
         picked = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         return ScoredBatch(reward_names=reward_names, **picked)
+
+
+def balanced_shards(batch: ScoredBatch, parts: int) -> list[ScoredBatch]:
+    """Equal sample counts per rank (DeepSpeed's batch size is per rank), balanced by tokens:
+    samples sorted by length are dealt out in snake order (0, 1, ..., p-1, p-1, ..., 0)."""
+    order = torch.argsort(batch.completion_mask.sum(-1), descending=True, stable=True).tolist()
+    shards: list[list[int]] = [[] for _ in range(parts)]
+    for i, idx in enumerate(order):
+        lap, pos = divmod(i, parts)
+        shards[pos if lap % 2 == 0 else parts - 1 - pos].append(idx)
+    return [batch.select(sorted(s)) for s in shards]

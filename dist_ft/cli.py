@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from dist_ft.checkpoint import CheckpointError
-from dist_ft.config import Config, ConfigError, config_to_dict, load_config
+from dist_ft.config import ConfigError, config_to_dict, load_config
 from dist_ft.data import DatasetError
 from dist_ft.rewards import RewardError
 
@@ -30,57 +30,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def describe_plan(cfg: Config) -> str:
-    """Placement (against the running cluster in Ray mode), derived batch sizes, and the bytes
-    a step moves, computed without loading weights or training."""
-    from transformers import AutoConfig
-
-    from dist_ft.batch import ScoredBatch
-    from dist_ft.cluster import init_ray, predict_placement
-    from dist_ft.models import resolve_model_path, sync_bytes
-
-    res = cfg.resources
-    lines = [f"mode: {res.mode}"]
-    if res.mode == "ray":
-        import ray
-
-        init_ray(res.ray_address, res.rollout_workers + res.learners)
-        try:
-            nodes = [n for n in ray.nodes() if n["Alive"]]
-        finally:
-            ray.shutdown()
-        lines += [f"  node {n['NodeManagerAddress']}: {n['Resources']}" for n in nodes]
-        gpu = res.device == "cuda"
-        placed = predict_placement(nodes, res.rollout_workers, res.learners, gpu)
-        lines += [f"  {actor:18} -> {node}" for actor, node in placed]
-    else:
-        lines.append(f"  {res.rollout_workers} rollout worker(s) and 1 learner in this process")
-    b, g = cfg.algo.prompts_per_step, cfg.rollout.group_size
-    lines += [
-        f"batch: {b} prompts x {g} completions = {cfg.samples_per_step} samples per step; "
-        f"{cfg.samples_per_step // res.learners} per learner rank, micro-batch "
-        f"{cfg.micro_batch_size} x {cfg.learner.micro_batches} accumulation step(s)",
-    ]
-    per_sample = ScoredBatch.bytes_per_sample(
-        cfg.data.max_prompt_tokens,
-        cfg.rollout.max_new_tokens,
-        len(cfg.reward.functions),
-        ref=cfg.algo.beta > 0,
-    )
-    path = resolve_model_path(cfg.model.path, cfg.model.tiny)
-    sizes = sync_bytes(AutoConfig.from_pretrained(path), cfg.peft, cfg.model.dtype)
-    adapter = cfg.peft.method.value != "none"
-    sync = sizes["adapter"] if adapter else sizes["full"]
-    lines += [
-        f"rollout -> learner: <= {per_sample:,} bytes per sample (prompts padded to "
-        f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}), <= "
-        f"{per_sample * cfg.samples_per_step:,} bytes per step",
-        f"learner -> rollout: {sync:,} bytes per sync "
-        f"({'adapter only' if adapter else 'full weights'}; full model {sizes['full']:,})",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -89,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         if args.command == "plan":
+            from dist_ft.plan import describe_plan
+
             print(describe_plan(cfg))
             return 0
         from dist_ft.trainer import train  # heavy imports only when training

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import torch
 
-from dist_ft.batch import ScoredBatch
+from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.config import ResourcesConfig
 from dist_ft.data import Prompt
+from dist_ft.plan import resolve_rollout_workers
 from dist_ft.sync import check_fingerprints, make_update
 
 
@@ -57,6 +58,10 @@ class Cluster(Protocol):
     def save_state(self, ckpt_dir: Path) -> None: ...
 
     def load_state(self, ckpt_dir: Path) -> int: ...
+
+    def rng_states(self) -> list[torch.Tensor]: ...
+
+    def load_rng_states(self, states: list[torch.Tensor]) -> None: ...
 
     def save_pretrained(self, out_dir: Path) -> None: ...
 
@@ -132,6 +137,12 @@ class LocalCluster:
     def load_state(self, ckpt_dir: Path) -> int:
         return self.learner.load_state(ckpt_dir)
 
+    def rng_states(self) -> list[torch.Tensor]:
+        return []  # the workers sample from this process's RNG, which the driver saves
+
+    def load_rng_states(self, states: list[torch.Tensor]) -> None:
+        return None
+
     def save_pretrained(self, out_dir: Path) -> None:
         self.learner.save_pretrained(out_dir)
 
@@ -143,17 +154,6 @@ class LocalCluster:
         # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
         # process (tests, notebooks) reuses it.
         return None
-
-
-def balanced_shards(batch: ScoredBatch, parts: int) -> list[ScoredBatch]:
-    """Equal sample counts per rank (DeepSpeed's batch size is per rank), balanced by tokens:
-    samples sorted by length are dealt out in snake order (0, 1, ..., p-1, p-1, ..., 0)."""
-    order = torch.argsort(batch.completion_mask.sum(-1), descending=True, stable=True).tolist()
-    shards: list[list[int]] = [[] for _ in range(parts)]
-    for i, idx in enumerate(order):
-        lap, pos = divmod(i, parts)
-        shards[pos if lap % 2 == 0 else parts - 1 - pos].append(idx)
-    return [batch.select(sorted(s)) for s in shards]
 
 
 class LearnerHost:
@@ -213,25 +213,6 @@ def init_ray(address: str, num_actors: int) -> None:
         )
     else:
         ray.init(address=address)
-
-
-def resolve_rollout_workers(
-    setting: int | str, nodes: list[dict[str, Any]], learners: int, gpu: bool
-) -> int:
-    """``resources.rollout_workers``, with ``"auto"`` resolved from the live nodes: one per unit
-    of the ``rollout`` resource if any node advertises it, else one per GPU the learners leave
-    free, else one per node."""
-    if setting != "auto":
-        return int(setting)
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n["Resources"].items():
-            totals[k] = totals.get(k, 0.0) + v
-    if totals.get("rollout"):
-        return int(totals["rollout"])
-    if gpu:
-        return max(1, int(totals.get("GPU", 0)) - learners)
-    return max(1, len(nodes))
 
 
 class RemoteJudge:
@@ -551,6 +532,23 @@ class RayCluster:
     def load_state(self, ckpt_dir: Path) -> int:
         return self._learners_get([h.load_state.remote(str(ckpt_dir)) for h in self.learners])[0]
 
+    def rng_states(self) -> list[torch.Tensor]:
+        """Each rollout worker's sampling RNG (its process's torch generator)."""
+        refs = [w.__ray_call__.remote(lambda _self: torch.get_rng_state()) for w in self.workers]
+        return self._get(refs, "rollout workers")
+
+    def load_rng_states(self, states: list[torch.Tensor]) -> None:
+        if len(states) != len(self.workers):  # another worker count: streams can't carry over
+            warnings.warn(
+                f"checkpoint has {len(states)} worker RNG states, not restored", stacklevel=2
+            )
+            return
+        refs = [
+            w.__ray_call__.remote(lambda _self, s: torch.set_rng_state(s), state)
+            for w, state in zip(self.workers, states)
+        ]
+        self._get(refs, "rollout workers")
+
     def save_pretrained(self, out_dir: Path) -> None:
         self._learners_get([h.save_pretrained.remote(str(out_dir)) for h in self.learners])
 
@@ -599,49 +597,3 @@ def make_cluster(
         judge_kwargs=judge_kwargs,
         judge_actors=judge_actors,
     )
-
-
-def predict_placement(
-    nodes: list[dict[str, Any]], num_workers: int, num_learners: int, gpu: bool
-) -> list[tuple[str, str]]:
-    """Where Ray would put each actor, as (actor, node address), from ``ray.nodes()`` entries.
-
-    Mirrors RayCluster's requests: a rollout worker needs 1 CPU (+1 GPU) and 1 ``rollout`` when
-    any node has that resource, spread across nodes; a learner needs 1 CPU (+1 GPU). A
-    prediction for the plan, not a reservation.
-    """
-    free = [dict(n["Resources"]) for n in nodes]
-    need_rollout = any(r.get("rollout") for r in free)
-
-    def take(i: int, rollout: bool) -> bool:
-        asks = {
-            "CPU": 1.0,
-            **({"GPU": 1.0} if gpu else {}),
-            **({"rollout": 1.0} if rollout else {}),
-        }
-        if any(free[i].get(k, 0.0) < v for k, v in asks.items()):
-            return False
-        for k, v in asks.items():
-            free[i][k] -= v
-        return True
-
-    out: list[tuple[str, str]] = []
-    for w in range(num_workers):  # SPREAD: start each search one node further on
-        picked = next(
-            (i for k in range(len(nodes)) if take(i := (w + k) % len(nodes), need_rollout)), None
-        )
-        out.append(
-            (
-                f"rollout[{w}]",
-                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
-            )
-        )
-    for r in range(num_learners):
-        picked = next((i for i in range(len(nodes)) if take(i, False)), None)
-        out.append(
-            (
-                f"learner[rank {r}]",
-                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
-            )
-        )
-    return out

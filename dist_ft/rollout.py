@@ -51,6 +51,9 @@ class RolloutWorker:
         """``judge``: an RLAIF judge (``JudgeWorker``, or a handle to one on Ray) that the
         reward function named ``judge`` calls through ``score_with_stats``."""
         torch.use_deterministic_algorithms(deterministic)
+        self.deterministic = deterministic
+        # Each worker samples its own stream: one seed on every worker would duplicate groups.
+        torch.manual_seed(seed * 1000 + worker_index)
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_policy(model_path, dtype, peft, self.device, trust_remote_code).eval()
@@ -90,12 +93,14 @@ class RolloutWorker:
     def rollout(self, step: int, prompts: list[Prompt], seed: int) -> ScoredBatch:
         """G completions for each of the B prompts, scored, with group-relative advantages.
 
-        Sampling is seeded by ``seed`` alone (the caller derives it from run seed, step and
-        share), so a share issued again after a worker died, or replayed after a resume, draws
-        the same completions on any worker holding the same weights.
+        In deterministic mode sampling is seeded by ``seed`` alone (the caller derives it from
+        run seed, step and share), so a share issued again after a worker died draws the same
+        completions on any worker holding the same weights. Otherwise the worker's own stream
+        continues (checkpoints save it).
         """
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
+        if self.deterministic:
+            torch.manual_seed(seed)
         g = self.group_size
         enc = self.tokenizer(
             [p.text for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False

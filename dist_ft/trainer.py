@@ -154,6 +154,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"{ckpt} was trained with other values of {changed}; resuming would change "
                 "training semantics (set run.resume_allow_changes=true to accept)"
             )
+        ranks = state["config"]["resources"]["learners"]
+        if ranks != cfg.resources.learners:  # ZeRO optimizer state is partitioned per rank
+            raise ConfigError(
+                f"{ckpt} holds the state of {ranks} learner ranks; resume with "
+                f"resources.learners={ranks}"
+            )
     else:
         ledger.path.write_text("")
 
@@ -183,6 +189,11 @@ def train(cfg: Config) -> dict[str, Any]:
             sampler.load_state_dict(state["sampler"])
             ledger.load_state_dict(state["ledger"], state["step"])
             restore_rng(state, run_tensors)
+            workers = sorted(
+                (k for k in run_tensors if k.startswith("worker_rng.")),
+                key=lambda k: int(k.split(".")[1]),
+            )
+            cluster.load_rng_states([run_tensors[k] for k in workers])
             pending.extend(
                 PendingRollout(
                     step,
@@ -321,6 +332,8 @@ def save_checkpoint(
     for p, b in zip(pending, batches):
         p.results = [b]  # collected: keep the batch, not the reference
     tensors = {"torch_rng": torch.get_rng_state()}
+    for k, rng in enumerate(cluster.rng_states()):
+        tensors[f"worker_rng.{k}"] = rng
     for p, b in zip(pending, batches):
         tensors.update(b.to_tensors(f"pending{p.step}."))
     state = {

@@ -6,6 +6,7 @@ from conftest import build
 
 from dist_ft.cluster import LocalCluster
 from dist_ft.learner import Learner
+from dist_ft.models import tied_aliases
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
@@ -54,7 +55,10 @@ def test_full_finetuning_step_changes_the_parameters(tiny_path, demo_prompts):
     after = snapshot(learner.module, True)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert unchanged == []  # embeddings too: the batch's tokens get gradient
-    assert set(learner.export_weights()) == set(learner.module.state_dict())
+    # every weight travels, the tied embedding / lm_head tensor once
+    state = learner.module.state_dict()
+    assert set(learner.export_weights()) == set(state) - tied_aliases(state)
+    assert tied_aliases(state) == {"lm_head.weight"}
 
 
 def test_zero3_partitions_and_matches_zero0(tiny_path, demo_prompts):

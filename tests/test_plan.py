@@ -7,9 +7,9 @@ import torch
 from conftest import build
 
 from dist_ft.batch import ScoredBatch
-from dist_ft.cluster import predict_placement
 from dist_ft.config import PeftConfig
 from dist_ft.models import export_state, load_policy
+from dist_ft.plan import predict_placement
 from dist_ft.rollout import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,11 @@ import torch
 from conftest import build
 
 from dist_ft.algos.grpo import loss_normaliser
-from dist_ft.cluster import RayCluster, balanced_shards, resolve_rollout_workers
+from dist_ft.batch import balanced_shards
+from dist_ft.cluster import RayCluster
 from dist_ft.config import load_config
 from dist_ft.learner import Learner
+from dist_ft.plan import resolve_rollout_workers
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
@@ -207,8 +209,6 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts):
 @pytest.mark.slow
 def test_rlaif_recipe_on_ray_with_the_judge_as_its_own_actor(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe names its constitution relative to the repo
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
     out = tmp_path / "rlaif"
     from dist_ft.cli import main
 

@@ -19,15 +19,21 @@ RECIPE = [
     "run.checkpoint_every=2",
     "run.keep_checkpoints=2",
     "algo.sft_warmup_steps=2",
-    "run.deterministic=true",
     "run.wandb=disabled",
     "run.plot=false",
 ]
 
 
-def launch(out: Path, *extra: str) -> subprocess.Popen:
+def launch(out: Path, *extra: str, deterministic: bool = True) -> subprocess.Popen:
     return subprocess.Popen(
-        [DIST_FT, "demo", *RECIPE, f"run.output_dir={out}", *extra],
+        [
+            DIST_FT,
+            "demo",
+            *RECIPE,
+            f"run.deterministic={str(deterministic).lower()}",
+            f"run.output_dir={out}",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -80,23 +86,26 @@ def assert_equal_tree(a, b, where: str = "") -> None:
 
 
 @pytest.mark.slow
-def test_kill_mid_run_and_mid_checkpoint_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_kill_mid_run_and_mid_checkpoint_then_resume_is_exact(tmp_path, deterministic):
+    """Deterministic mode reseeds sampling per share; otherwise the checkpoint carries the
+    sampling RNG. Either way the resumed run is the uninterrupted one, bit for bit."""
     t0 = time.perf_counter()
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
-    finish(launch(ref))
+    finish(launch(ref, deterministic=deterministic))
 
     # 1. SIGKILL between checkpoints: step 4 is committed, step 5 is being trained.
-    proc = launch(run)
+    proc = launch(run, deterministic=deterministic)
     kill_when(proc, lambda: (run / "checkpoints" / "step-00000004" / "COMMIT").exists())
 
     # 2. Resume, and SIGKILL while the step-6 checkpoint is being written.
     partial = run / "checkpoints" / ".partial-step-00000006"
-    proc = launch(run, "run.resume=auto")
+    proc = launch(run, "run.resume=auto", deterministic=deterministic)
     kill_when(proc, partial.exists)
     assert partial.exists() and not (run / "checkpoints" / "step-00000006").exists()
 
     # 3. Resume again: the partial write is named and never chosen; step 4 is.
-    err = finish(launch(run, "run.resume=auto"))
+    err = finish(launch(run, "run.resume=auto", deterministic=deterministic))
     assert ".partial-step-00000006" in err
     print(f"kill/resume test: {time.perf_counter() - t0:.1f} s")
 
