@@ -185,29 +185,7 @@ def train(cfg: Config) -> dict[str, Any]:
     try:
         if ckpt is not None:
             # ---- resume: learner state, data cursor, ledger, RNG, rollouts already generated
-            cluster.load_state(ckpt)
-            sampler.load_state_dict(state["sampler"])
-            ledger.load_state_dict(state["ledger"], state["step"])
-            restore_rng(state, run_tensors)
-            workers = sorted(
-                (k for k in run_tensors if k.startswith("worker_rng.")),
-                key=lambda k: int(k.split(".")[1]),
-            )
-            cluster.load_rng_states([run_tensors[k] for k in workers])
-            pending.extend(
-                PendingRollout(
-                    step,
-                    [],
-                    [],
-                    [],
-                    [
-                        ScoredBatch.from_tensors(
-                            run_tensors, f"pending{step}.", state["reward_names"]
-                        )
-                    ],
-                )
-                for step in state["pending_steps"]
-            )
+            pending.extend(restore_checkpoint(ckpt, state, run_tensors, cluster, sampler, ledger))
         else:
             # ---- format warm-up (demo only): SFT on answer-shaped targets, not on the answers
             warm = demo_format_rows(a.sft_warmup_steps * cfg.samples_per_step, cfg.run.seed)
@@ -351,7 +329,32 @@ def save_checkpoint(
     checkpoint.commit(tmp, cfg.run.keep_checkpoints)
 
 
-def restore_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def restore_checkpoint(
+    ckpt: Path,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    cluster: Cluster,
+    sampler: PromptSampler,
+    ledger: Ledger,
+) -> list[PendingRollout]:
+    """The inverse of :func:`save_checkpoint`; returns the rollouts that were in flight."""
+    cluster.load_state(ckpt)
+    sampler.load_state_dict(state["sampler"])
+    ledger.load_state_dict(state["ledger"], state["step"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(tensors["torch_rng"])
+    workers = sorted(
+        (k for k in tensors if k.startswith("worker_rng.")), key=lambda k: int(k.split(".")[1])
+    )
+    cluster.load_rng_states([tensors[k] for k in workers])
+    return [
+        PendingRollout(
+            step,
+            [],
+            [],
+            [],
+            [ScoredBatch.from_tensors(tensors, f"pending{step}.", state["reward_names"])],
+        )
+        for step in state["pending_steps"]
+    ]

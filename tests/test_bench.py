@@ -1,0 +1,33 @@
+"""The benchmark scripts still run and print their figures (the figures themselves are not
+asserted: timings on a shared CI machine are noise)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_sync_bytes_bench_estimate_matches_a_real_export():
+    out = run("sync_bytes.py")
+    assert "matches the estimate" in out
+    assert re.search(r"7B .* [\d,]+ +[\d,]+ +\d+\.\dx", out)
+
+
+@pytest.mark.slow
+def test_rollout_scaling_bench_reports_both_actor_counts():
+    out = run("rollout_scaling.py", "--steps", "1", "--prompts", "4")
+    assert re.search(r"1 rollout actor : +\d+\.\d samples/s", out)
+    assert re.search(r"2 rollout actors: +\d+\.\d samples/s +\(\d+\.\d\dx\)", out)
