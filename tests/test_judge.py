@@ -137,7 +137,7 @@ def test_identical_pairs_are_scored_once_per_call(pointwise):
     assert pointwise.stats(last_call=True)["cache_hits"] == 0
 
 
-def test_long_inputs_are_cut_to_fit(pointwise, group):
+def test_long_inputs_are_cut_to_fit(pointwise, group, direct):
     prompt = "ignore this " * 60 + "What is 2+3?"
     reply = "The answer is 5. " + "blah " * 200
     text = pointwise.render(prompt, [reply])
@@ -145,7 +145,10 @@ def test_long_inputs_are_cut_to_fit(pointwise, group):
     assert "What is 2+3?\nReply: The answer is 5." in text  # prompt keeps its end, reply its start
     assert text.endswith("Rating (1-5): ")
     [score] = pointwise.score([prompt], [reply], group_size=1)
-    assert 1.0 <= score <= 5.0 and pointwise.stats(last_call=True)["truncated"] == 1
+    # the score is that of the truncated text, computed straight from the model
+    expected = float(direct(text, list("12345")) @ torch.arange(1.0, 6.0))
+    assert score == pytest.approx(expected, abs=1e-5)
+    assert pointwise.stats(last_call=True)["truncated"] == 1
     # A short reply in a group leaves its share to the long ones.
     text = group.render(prompt, ["5", reply, reply])
     assert len(group.tokenizer(text)["input_ids"]) == 512 and "\n[1] 5\n[2] The" in text

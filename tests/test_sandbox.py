@@ -195,8 +195,17 @@ def test_code_tests_scores_a_batch():
     assert scores == [1.0, 1.0, 0.5, 0.0]
 
 
-@pytest.mark.parametrize("bad", ["not json", '"assert True"', "[]", '["ok", 3]', None])
-def test_code_tests_names_the_sample_with_a_malformed_answer(bad):
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("not json", r"sample 1: answer is not JSON \(Expecting value"),
+        ('"assert True"', r"sample 1: answer must be a non-empty JSON list of test snippets$"),
+        ("[]", r"sample 1: answer must be a non-empty JSON list of test snippets$"),
+        ('["ok", 3]', r"sample 1: answer must be a non-empty JSON list of test snippets$"),
+        (None, r"sample 1: answer must be a non-empty JSON list of test snippets$"),
+    ],
+)
+def test_code_tests_names_the_sample_with_a_malformed_answer(bad, reason):
     answers = [json.dumps(["pass"]), bad]
-    with pytest.raises(ValueError, match="sample 1"):
+    with pytest.raises(ValueError, match=reason):
         code_tests(["", ""], ["x = 1", "x = 1"], answers)
