@@ -32,8 +32,17 @@ COMMIT = "COMMIT"
 PARTIAL_PREFIX = ".partial-"
 
 # Keys that change where or how long a run goes, not what it learns: they may differ on resume.
-NON_SEMANTIC = ("resources.", "run.steps", "run.name", "run.output_dir", "run.wandb", "run.plot")
-NON_SEMANTIC += ("run.checkpoint_every", "run.keep_checkpoints", "run.resume")
+NON_SEMANTIC = (
+    "resources.",
+    "run.steps",
+    "run.name",
+    "run.output_dir",
+    "run.wandb",
+    "run.plot",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.resume",
+)
 
 
 class CheckpointError(RuntimeError):

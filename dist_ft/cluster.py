@@ -1,7 +1,8 @@
 """Placement: where rollout workers and learners run. The only module that knows local from Ray.
 
-Every cluster offers the same four named calls to the training loop: ``rollout``,
-``train_step``, ``sync_weights`` and ``save_pretrained``.
+Every cluster offers the training loop the same named calls (the ``Cluster`` protocol):
+``submit_rollout``/``collect``, ``train_step``, ``sync_weights``, checkpoint state and
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -281,8 +282,11 @@ class RayCluster:
             workers = num_workers if isinstance(num_workers, int) else 1
             init_ray(address, workers + num_learners + (judge_actors if judge_kwargs else 0))
         nodes = [n for n in ray.nodes() if n["Alive"]]
-        n_workers = num_learners if colocate else None
-        n_workers = n_workers or resolve_rollout_workers(num_workers, nodes, num_learners, gpu)
+        n_workers = (
+            num_learners
+            if colocate
+            else resolve_rollout_workers(num_workers, nodes, num_learners, gpu)
+        )
         # Colocated actors split one device: half a GPU each.
         share = 0.5 if colocate else 1.0
         r_gpus = (share if gpu else 0.0) if rollout_gpus == "auto" else float(rollout_gpus)
@@ -296,13 +300,12 @@ class RayCluster:
             self._pg = placement_group([bundle] * num_learners, strategy="PACK")
             ray.get(self._pg.ready(), timeout=timeout_s)
 
+        has_rollout = any(n["Resources"].get("rollout") for n in nodes)
+
         def where(i: int, rollout: bool) -> dict[str, Any]:
             if self._pg is not None:
-                return {
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, i),
-                }
+                return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, i)}
             if rollout:
-                has_rollout = any(n["Resources"].get("rollout") for n in nodes)
                 return {
                     "resources": {"rollout": 1} if has_rollout else {},
                     "scheduling_strategy": "SPREAD",
@@ -355,21 +358,13 @@ class RayCluster:
             .remote()
             for r in range(num_learners)
         ]
-        unplaced = (
-            "(not placed: does the cluster have the resources they ask for? see dist-ft plan)"
-        )
+        unplaced = "not placed: does the cluster have the resources they ask for? (dist-ft plan)"
+        actors = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
         self._info = {
-            "rollout": self._get(
-                [w.__ray_call__.remote(actor_info) for w in self.workers],
-                f"rollout workers {unplaced}",
-            ),
-            "learner": self._get(
-                [h.__ray_call__.remote(actor_info) for h in self.learners],
-                f"learner ranks {unplaced}",
-            ),
-            "judge": self._get(
-                [j.__ray_call__.remote(actor_info) for j in self.judges], f"judges {unplaced}"
-            ),
+            kind: self._get(
+                [a.__ray_call__.remote(actor_info) for a in group], f"{kind} {unplaced}"
+            )
+            for kind, group in actors.items()
         }
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
         self._learners_get(
@@ -387,7 +382,11 @@ class RayCluster:
         self._update_ref: Any = None  # the latest weights in the object store
         self._update: Any = None
         self._worker_version: list[int | None] = [0] * n_workers  # None: unknown (restarted)
-        self.restarts = 0  # rollout shares issued again after a worker died
+
+    @property
+    def _version(self) -> int:
+        """The policy version the rollout workers should hold (0 before the first sync)."""
+        return self._update.version if self._update is not None else 0
 
     # ------------------------------------------------------------------ remote calls
     def _name(self, kind: str, i: int) -> str:
@@ -423,7 +422,7 @@ class RayCluster:
     # ------------------------------------------------------------------ rollout
     def _load_current(self, k: int) -> None:
         """Bring worker ``k`` to the latest weights if it is not known to hold them."""
-        if self._update is None or self._worker_version[k] == self._update.version:
+        if self._update is None or self._worker_version[k] == self._version:
             return
         w = self.workers[k]
         fp = self._get(
@@ -440,7 +439,7 @@ class RayCluster:
         for k in range(len(shares)):
             with contextlib.suppress(RayActorError):  # if still down, collect() reissues
                 self._load_current(k)  # a worker Ray restarted holds its initial weights
-        versions = [self._update.version if self._update else 0] * len(shares)
+        versions = [self._version] * len(shares)
         refs = [w.rollout.remote(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
         return PendingRollout(step, shares, seeds, versions, refs)
 
@@ -463,10 +462,9 @@ class RayCluster:
                 except RayActorError as e:
                     cause = f"died ({type(e).__name__})"
                 self._worker_version[target] = None
-                target = (k + attempt + 1) % len(self.workers)
-                self.restarts += 1
+                lost, target = target, (k + attempt + 1) % len(self.workers)
                 warnings.warn(
-                    f"step {pending.step}: {self._name('rollout', k)} {cause}; issuing its "
+                    f"step {pending.step}: {self._name('rollout', lost)} {cause}; issuing its "
                     f"{len(pending.shares[k])} prompts again on rollout worker {target}",
                     stacklevel=2,
                 )
@@ -474,7 +472,7 @@ class RayCluster:
                     self._load_current(target)
                 except RayActorError:
                     continue  # also gone: the next attempt picks another worker
-                expected = self._update.version if self._update else 0
+                expected = self._version
                 ref = self.workers[target].rollout.remote(
                     pending.step, pending.shares[k], pending.seeds[k]
                 )

@@ -19,8 +19,12 @@ SampleId = tuple[int, int, int]
 
 
 class Ledger:
-    def __init__(self, path: Path, group_size: int) -> None:
+    def __init__(self, path: Path, group_size: int, fresh: bool) -> None:
+        """``fresh``: a new run, whose ``ledger.jsonl`` starts empty; a resumed run keeps it
+        (``load_state_dict`` drops the rows logged after its checkpoint)."""
         self.path = path
+        if fresh:
+            path.write_text("")
         self.group_size = group_size
         self.issued: dict[int, list[int]] = {}  # step -> prompt indices issued for it
         self.trained: set[SampleId] = set()

@@ -141,7 +141,6 @@ def train(cfg: Config) -> dict[str, Any]:
             f"(data.on_bad_row=skip), written to {out / 'rejects.jsonl'}"
         )
     sampler = PromptSampler(len(prompts), cfg.run.seed)
-    ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size)
 
     # ---- resume: refuse a checkpoint of another recipe before any compute is spent
     ckpt = checkpoint.find_resume(out, cfg.run.resume)
@@ -160,8 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"{ckpt} holds the state of {ranks} learner ranks; resume with "
                 f"resources.learners={ranks}"
             )
-    else:
-        ledger.path.write_text("")
+    ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size, fresh=ckpt is None)
 
     # ---- placement: the only line that differs between debug mode and a cluster
     worker_kwargs, learner_kwargs = component_kwargs(cfg, model_path)
