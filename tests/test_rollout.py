@@ -47,10 +47,10 @@ def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
 def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "algo.beta=0.05")
     worker = RolloutWorker(**wk)
-    assert worker.ref_model is None  # LoRA: the adapter is switched off instead
+    assert worker.generator.ref_model is None  # LoRA: the adapter is switched off instead
     # move the adapter away from its no-op init so policy and reference differ
     with torch.no_grad():
-        for name, p in worker.model.named_parameters():
+        for name, p in worker.generator.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     batch = worker.rollout(1, demo_prompts[:2], seed=0)
@@ -73,12 +73,12 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
 def test_completion_is_masked_after_eos(tiny_path):
     _, wk, _ = build(tiny_path, "rollout.max_new_tokens=5")
     worker = RolloutWorker(**wk)
-    eos, pad = worker.tokenizer.eos_token_id, worker.tokenizer.pad_token_id
+    eos, pad = worker.generator.tokenizer.eos_token_id, worker.generator.tokenizer.pad_token_id
     # generate stops early only once every row has ended; later tokens are junk or padding
     generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, eos]])
-    ids, mask = worker._completion(generated)
+    ids, mask = worker.generator._completion(generated)
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
     assert ids.tolist() == [[10, eos, pad, pad, pad], [10, 11, 12, eos, pad]]
     # a completion cut at max_new_tokens without EOS is kept whole
-    ids, mask = worker._completion(torch.tensor([[10, 11, 12, 13, 14]]))
+    ids, mask = worker.generator._completion(torch.tensor([[10, 11, 12, 13, 14]]))
     assert mask.tolist() == [[1, 1, 1, 1, 1]]

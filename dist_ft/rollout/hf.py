@@ -1,0 +1,106 @@
+"""``HFGenerator``: transformers ``generate`` on the local policy, then one scoring forward.
+
+The scoring forward recomputes the sampled tokens' logprobs with the same function the learner
+uses (:func:`dist_ft.models.completion_logprobs`), so behaviour and learner logprobs agree to
+float tolerance at ratio 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_ft.config import PeftConfig, PeftMethod
+from dist_ft.models import (
+    completion_logprobs,
+    export_state,
+    import_state,
+    is_adapter,
+    load_policy,
+    load_tokenizer,
+)
+from dist_ft.rollout.base import Generation
+
+
+class HFGenerator:
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        dtype: str,
+        peft: PeftConfig,
+        device: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        need_ref_logprobs: bool,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_policy(model_path, dtype, peft, self.device, trust_remote_code).eval()
+        self.adapter_only = is_adapter(self.model)
+        self.ref_model = None
+        if need_ref_logprobs and not self.adapter_only:
+            # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start.
+            no_peft = PeftConfig(method=PeftMethod.NONE)
+            self.ref_model = load_policy(model_path, dtype, no_peft, self.device).eval()
+        self.need_ref = need_ref_logprobs
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        import_state(self.model, tensors, self.adapter_only)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return export_state(self.model, self.adapter_only)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int) -> Generation:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_ids = enc["input_ids"].repeat_interleave(n, 0).to(self.device)  # [B*G, P]
+        prompt_mask = enc["attention_mask"].repeat_interleave(n, 0).to(self.device)  # [B*G, P]
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=0,  # no top-k truncation: behaviour logprobs must be the sampling distribution
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        completion_ids, completion_mask = self._completion(out[:, prompt_ids.shape[1] :])
+        args = (prompt_ids, prompt_mask, completion_ids, completion_mask, self.temperature)
+        logprobs = completion_logprobs(self.model, *args) * completion_mask  # [B*G, T]
+        ref_logprobs = None
+        if self.need_ref:
+            if self.ref_model is not None:
+                ref_logprobs = completion_logprobs(self.ref_model, *args)
+            else:  # LoRA: the base model is the policy with its adapter switched off
+                with self.model.disable_adapter():
+                    ref_logprobs = completion_logprobs(self.model, *args)
+            ref_logprobs = (ref_logprobs * completion_mask).float()
+        return Generation(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            logprobs=logprobs.float(),
+            ref_logprobs=ref_logprobs,
+            texts=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        )
+
+    def _completion(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to ``max_new_tokens`` and mask everything after the first EOS. [N, T] each."""
+        n, t = generated.shape
+        pad = self.tokenizer.pad_token_id
+        if t < self.max_new_tokens:
+            fill = torch.full((n, self.max_new_tokens - t), pad, dtype=generated.dtype)
+            generated = torch.cat([generated, fill.to(generated.device)], dim=1)
+        is_eos = generated == self.tokenizer.eos_token_id
+        # A token is kept if no EOS came strictly before it: the EOS itself is trained on.
+        eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        mask = ~eos_before
+        return generated.masked_fill(~mask, pad), mask.long()
