@@ -37,6 +37,9 @@ class ScoredBatch:
     worker_stats: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     # Counts to log, summed over workers (e.g. judge requests and cache hits).
     counters: dict[str, float] = dataclasses.field(default_factory=dict)
+    # reward name -> the first error message of this batch (failing functions only), so the
+    # driver can say why when it stops a run.
+    reward_messages: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
@@ -94,6 +97,7 @@ class ScoredBatch:
             reward_names=list(self.reward_names),
             worker_stats=dict(self.worker_stats),
             counters=dict(self.counters),
+            reward_messages=dict(self.reward_messages),
             **picked,
         )
 
@@ -132,8 +136,16 @@ class ScoredBatch:
         for b in batches:
             for k, v in b.counters.items():
                 counters[k] = counters.get(k, 0.0) + v
+        messages: dict[str, str] = {}
+        for b in batches:
+            for k, m in b.reward_messages.items():
+                messages.setdefault(k, m)
         return ScoredBatch(
-            reward_names=list(names), worker_stats=stats, counters=counters, **fields
+            reward_names=list(names),
+            worker_stats=stats,
+            counters=counters,
+            reward_messages=messages,
+            **fields,
         )
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:

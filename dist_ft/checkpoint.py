@@ -42,6 +42,7 @@ NON_SEMANTIC = (
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.resume",
+    "run.overwrite",  # how a run treats an old run's outputs, not what it learns
 )
 
 

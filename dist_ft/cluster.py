@@ -22,6 +22,7 @@ from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.config import ResourcesConfig
 from dist_ft.data import Prompt
 from dist_ft.plan import resolve_rollout_workers
+from dist_ft.ray_connect import init_ray
 from dist_ft.sync import check_fingerprints, make_update
 
 
@@ -200,20 +201,6 @@ def actor_info(_self: Any) -> dict[str, Any]:
 
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
-
-
-def init_ray(address: str, num_actors: int) -> None:
-    """Connect to ``address``; ``"local"`` starts a private single-node Ray (never attaching to
-    another cluster on this machine), without a dashboard, with a CPU slot for every actor
-    (each asks for one) even on a machine with fewer cores."""
-    import ray
-
-    if address == "local":
-        ray.init(
-            address="local", num_cpus=max(os.cpu_count() or 1, num_actors), include_dashboard=False
-        )
-    else:
-        ray.init(address=address)
 
 
 class RemoteJudge:

@@ -8,14 +8,18 @@ Only ``cli.py`` and ``trainer.py`` see the whole tree; components take plain arg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
+import math
+import re
 import types
 import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -23,7 +27,53 @@ from dist_ft.algos.grpo import LossType
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema. The message names the key."""
+    """A config file or override that does not fit the schema. The message names the key;
+    ``keys`` holds the dotted keys at fault, so the loader can name where each was set."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key, declared with it (``Annotated[int, Range(ge=1)]``) and
+    checked when a config loads, so a bad value fails in the loader naming the key, not 30 s
+    later inside DeepSpeed or peft. Values must also be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    why: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        return math.isfinite(x) and not (
+            (self.ge is not None and x < self.ge)
+            or (self.gt is not None and x <= self.gt)
+            or (self.le is not None and x > self.le)
+            or (self.lt is not None and x >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        high = ("]", self.le) if self.le is not None else (")", self.lt)
+        if low[1] is not None and high[1] is not None:
+            text = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        elif low[1] is not None:
+            text = f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+        elif high[1] is not None:
+            text = f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+        else:
+            text = "finite"
+        return f"{text} ({self.why})" if self.why else text
+
+
+# The common ranges. A count of 0 (steps, prompts, tokens, ranks) is never a valid run.
+PosInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PosFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
 
 
 class PeftMethod(str, enum.Enum):
@@ -37,10 +87,10 @@ class PeftMethod(str, enum.Enum):
 class TinyModelConfig:
     """Shape of the built-in tiny Llama (used when ``model.path == "tiny"``)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    seed: int = 0
+    hidden_size: PosInt = 64
+    num_layers: PosInt = 2
+    num_heads: PosInt = 4
+    seed: NonNegInt = 0
 
 
 @dataclass(frozen=True)
@@ -55,9 +105,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PeftConfig:
     method: PeftMethod = PeftMethod.LORA
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0  # >0 makes learner and rollout logprobs differ at ratio 1
+    r: PosInt = 16
+    alpha: PosInt = 32
+    # >0 makes learner and rollout logprobs differ at ratio 1
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     # "all-linear" is peft's shortcut for every linear layer except the output head.
     target_modules: str | list[str] = "all-linear"
     # Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
@@ -73,8 +124,8 @@ class DataConfig:
     answer_field: str = "answer"
     template: Literal["plain", "chat"] = "plain"
     plain_template: str = "{prompt}"
-    max_prompt_tokens: int = 256
-    demo_size: int = 256
+    max_prompt_tokens: PosInt = 256
+    demo_size: PosInt = 256
     # A malformed row fails the run before step 1 ("error", naming file, row and field), or is
     # left out, counted and written to <output_dir>/rejects.jsonl ("skip").
     on_bad_row: Literal["error", "skip"] = "error"
@@ -82,20 +133,24 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    group_size: int = 8  # G completions per prompt
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # G completions per prompt
+    group_size: Annotated[int, Range(ge=2, why="advantages are group-relative")] = 8
+    max_new_tokens: PosInt = 8
+    temperature: PosFloat = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
     # Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
     # (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The generation engine: "hf" (transformers generate, then a scoring forward), or a
+    # "package.module:Class" implementing dist_ft.rollout.Generator (same keyword arguments).
+    generator: str = "hf"
 
 
 @dataclass(frozen=True)
 class RewardFnConfig:
     # A built-in verifier name (see dist_ft.rewards.BUILTIN) or "package.module:function".
     name: str
-    weight: float = 1.0
+    weight: Annotated[float, Range()] = 1.0  # any finite number; < 0 penalises
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,50 +177,53 @@ class JudgeConfig:
     mode: Literal["pointwise", "group"] = "pointwise"
     ratings: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])
     template: str = ""  # "" = the built-in template of the mode
-    batch_size: int = 16
-    actors: int = 1  # Ray mode: judge actors, each placed on a rollout worker's node
+    batch_size: PosInt = 16
+    actors: PosInt = 1  # Ray mode: judge actors, each placed on a rollout worker's node
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     functions: list[RewardFnConfig] = field(default_factory=_demo_rewards)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    timeout_s: float = 30.0  # per call of each function, for the whole batch it scores
+    timeout_s: PosFloat = 30.0  # per call of each function, for the whole batch it scores
     # A sample whose reward raised, timed out or was NaN/inf: left out of the loss ("mask",
     # its group's advantages come from the valid samples), scored 0 ("zero"), or fatal.
     on_error: Literal["mask", "zero", "abort"] = "mask"
     # The run stops when more than this share of a step's samples have a reward error for
     # ``error_patience`` steps in a row: a broken reward should not train for hours.
-    max_error_rate: float = 0.1
-    error_patience: int = 3
+    max_error_rate: Annotated[float, Range(ge=0, le=1)] = 0.1
+    error_patience: PosInt = 3
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
     loss: LossType = LossType.GRPO
-    prompts_per_step: int = 8  # B; a step trains on B x G samples
+    prompts_per_step: PosInt = 8  # B; a step trains on B x G samples
     scale_rewards: bool = True  # divide advantages by the group std; Dr.GRPO turns this off
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # DAPO's clip-higher uses 0.28
-    beta: float = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
+    eps_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
+    eps_high: NonNegFloat = 0.2  # DAPO's clip-higher uses 0.28
+    beta: NonNegFloat = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
     # SFT steps on answer-*shaped* targets before RL (built-in demo task only): a random-init
     # model first learns to answer with four identical letters, then RL learns which letter.
-    sft_warmup_steps: int = 40
+    sft_warmup_steps: NonNegInt = 40
     # Async rollouts: workers generate up to this many policy versions ahead of the learner.
     # 0 is exactly on-policy (generate, train, sync, in turn); 1 overlaps generation of step
     # s+1 with training on step s. No sample older than this is ever trained on.
-    max_staleness: int = 0
+    max_staleness: NonNegInt = 0
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: int = 0
+    # 1e-3 is the demo's LoRA rate (LoRA wants ~10x the full fine-tuning rate). At 3e-3 the demo
+    # collapsed whole prompts onto one wrong letter within 100 steps on 3 of 4 seeds: a group of
+    # G identical wrong answers has zero advantage and never recovers.
+    lr: PosFloat = 1e-3
+    weight_decay: NonNegFloat = 0.0
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = no clipping (DeepSpeed's convention)
+    zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
     offload: Literal["none", "cpu"] = "none"
     # Gradient accumulation: the per-rank batch is split into this many micro-batches.
-    micro_batches: int = 1
+    micro_batches: PosInt = 1
 
 
 @dataclass(frozen=True)
@@ -175,40 +233,43 @@ class ResourcesConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "auto": one per unit of the custom resource ``rollout`` when the cluster advertises it,
     # else one per GPU the learners leave free, else one per node (1 in local mode).
-    rollout_workers: int | Literal["auto"] = 1
-    learners: int = 1
+    rollout_workers: Annotated[int | Literal["auto"], Range(ge=1)] = 1
+    learners: PosInt = 1
     # Per actor; "auto" is 1 GPU per actor on CUDA and 0 on CPU.
-    rollout_cpus: float = 1.0
-    rollout_gpus: float | Literal["auto"] = "auto"
-    learner_cpus: float = 1.0
-    learner_gpus: float | Literal["auto"] = "auto"
+    rollout_cpus: NonNegFloat = 1.0
+    rollout_gpus: Annotated[float | Literal["auto"], Range(ge=0)] = "auto"
+    learner_cpus: NonNegFloat = 1.0
+    learner_gpus: Annotated[float | Literal["auto"], Range(ge=0)] = "auto"
     # Put rollout worker i and learner rank i in one placement-group bundle (same node, and on
     # GPUs the same device, half each): for clusters where generation and training share GPUs.
     colocate: bool = False
     # A rollout worker or learner rank that does not answer within this many seconds fails the
     # run with its name, instead of hanging it.
-    actor_timeout_s: float = 600.0
+    actor_timeout_s: PosFloat = 600.0
     # Ray restarts a rollout worker that dies this many times; its lost groups are issued again.
-    max_restarts: int = 3
+    max_restarts: NonNegInt = 3
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
-    steps: int = 600
-    seed: int = 0
+    steps: PosInt = 600
+    seed: NonNegInt = 0
     output_dir: str = "runs/demo"
     # wandb runs offline unless asked: nothing leaves the machine by default.
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "dist_ft"
     plot: bool = True
     # Run checkpoints (every rank's DeepSpeed state + the run state) every N steps; 0 = off.
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
+    checkpoint_every: NonNegInt = 0
+    keep_checkpoints: NonNegInt = 2  # 0 keeps every one
     # "none", "auto" (the newest committed checkpoint under output_dir, if any) or a path.
     resume: str = "none"
     # Resuming refuses a config whose training semantics differ from the checkpoint's.
     resume_allow_changes: bool = False
+    # A fresh run refuses an output_dir that holds another run's metrics or checkpoints (they
+    # would mix, and resume=auto would pick the old run's); true removes the old outputs first.
+    overwrite: bool = False
     # Deterministic kernels and seeds: the same seed gives the same loss trajectory on CPU.
     deterministic: bool = False
 
@@ -226,31 +287,40 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        if self.rollout.group_size < 2:
-            raise ConfigError("rollout.group_size must be >= 2: advantages are group-relative")
+        # Cross-field rules only: the loader has checked every key's own range before this runs,
+        # so nothing here divides by zero.
         per_step = self.algo.prompts_per_step * self.rollout.group_size
         if per_step % (self.resources.learners * self.learner.micro_batches):
             raise ConfigError(
                 f"algo.prompts_per_step x rollout.group_size = {per_step} samples must split "
                 f"evenly over resources.learners x learner.micro_batches = "
-                f"{self.resources.learners} x {self.learner.micro_batches}"
+                f"{self.resources.learners} x {self.learner.micro_batches}",
+                keys=(
+                    "algo.prompts_per_step",
+                    "rollout.group_size",
+                    "resources.learners",
+                    "learner.micro_batches",
+                ),
             )
         if self.algo.sft_warmup_steps and self.data.source != "demo":
             raise ConfigError(
                 f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
-                f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}"
+                f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}",
+                keys=("algo.sft_warmup_steps", "data.source"),
             )
         res = self.resources
         if res.colocate and res.rollout_workers not in ("auto", res.learners):
             raise ConfigError(
                 "resources.colocate pairs rollout worker i with learner rank i: set "
                 "resources.rollout_workers equal to resources.learners "
-                f"({res.rollout_workers} != {res.learners})"
+                f"({res.rollout_workers} != {res.learners})",
+                keys=("resources.colocate", "resources.rollout_workers", "resources.learners"),
             )
-        if self.algo.max_staleness < 0:
-            raise ConfigError(f"algo.max_staleness must be >= 0, got {self.algo.max_staleness}")
-        if self.learner.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"learner.zero_stage must be 0-3, got {self.learner.zero_stage}")
+        if not self.reward.functions:  # else the run fails after the model has loaded
+            raise ConfigError(
+                "reward.functions is empty: name at least one reward function",
+                keys=("reward.functions",),
+            )
 
     @property
     def samples_per_step(self) -> int:
@@ -276,9 +346,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        out = _coerce(value, base, key)
+        number = isinstance(out, int | float) and not isinstance(out, bool)
+        for rng in extras:
+            if isinstance(rng, Range) and number and out not in rng:
+                rule = rng if math.isfinite(out) else "finite"  # YAML's .nan and .inf
+                raise ConfigError(f"{key}={value}: must be {rule}", keys=(key,))
+        return out
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}", keys=(key,)
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         for arm in typing.get_args(tp):
@@ -286,69 +367,91 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arm, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", keys=(key,))
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected a list, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}", keys=(key,))
         return dict(value)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
+        if isinstance(value, tp):  # a default: rebuilt so that its values are checked too
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         return _build(tp, value, key)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
         except ValueError:
             raise ConfigError(
-                f"{key}: expected one of {[m.value for m in tp]}, got {value!r}"
+                f"{key}: expected one of {[m.value for m in tp]}, got {value!r}", keys=(key,)
             ) from None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected bool, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected int, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         return value
     if tp is float:
         if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected float, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{key}: expected str, got {type(value).__name__} {value!r}", keys=(key,)
+            )
         return value
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not user error
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    for key in data:
         if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
             valid = [f"{prefix}.{n}" if prefix else n for n in names]
             close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {names}"
-            raise ConfigError(f"unknown config key '{full}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
+            raise ConfigError(f"unknown config key '{full}'{hint}", keys=(full,))
+    kwargs = {}
+    for f in fields:
+        # Defaults go through the same checks as set values: a retuned default out of its
+        # range fails every load, blamed on "defaults".
+        if f.name in data:
+            value = data[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue  # required: cls() below names it
+        kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+        raise ConfigError(f"{prefix or 'config'}: {e}", keys=(prefix,)) from None
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -360,6 +463,51 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Dotted keys of the values in ``tree``; a list or a scalar is one value."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _blame(keys: Sequence[str], sources: dict[str, str]) -> str:
+    """Where the values of ``keys`` were set: the file and/or the overrides that set any of them,
+    else "defaults". A key matches the value set at it, above it or below it."""
+    named = []
+    for key in keys or sources:
+        key = re.sub(r"\[\d+\]", "", key)  # list items come with their list
+        named += [
+            src
+            for k, src in sources.items()
+            if k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.")
+        ]
+    return " and ".join(dict.fromkeys(named)) or "defaults"
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not loaded:  # an empty file would otherwise train the defaults without a word
+        raise ConfigError(
+            f"{path} is empty (it sets no keys); to train the built-in defaults run `dist-ft demo`"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -378,26 +526,40 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from defaults, an optional YAML file and ``a.b=c`` overrides."""
+    """Build a :class:`Config` from defaults, an optional YAML file and ``a.b=c`` overrides.
+
+    Every key's type and range is checked, then the cross-field rules; an error names the key
+    and the source that set it (the file, the override, or the defaults).
+    """
     tree: dict[str, Any] = {}
-    source = "defaults"
+    sources: dict[str, str] = {}  # dotted key -> where its value came from
     if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded
+        tree = _read_yaml(path)
+        sources = dict.fromkeys(_leaves(tree), str(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        key = key.strip()
+        _set_path(tree, key, yaml.safe_load(raw) if raw else "")
+        # the override replaces the whole value at `key`, whatever the file set below it
+        sources = {k: s for k, s in sources.items() if not k.startswith(f"{key}.")}
+        sources[key] = f"command-line override '{item}'"
     try:
         return _build(Config, tree, "")
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_blame(e.keys, sources)}: {e}", e.keys) from None
+
+
+def check_device(device: str) -> None:
+    """Refuse ``resources.device=cuda`` where CUDA is missing, before any model loads."""
+    if device != "cuda":
+        return
+    import torch  # only for "cuda": asking costs a CUDA init
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "resources.device=cuda but torch sees no CUDA device on this machine "
+            "(torch.cuda.is_available() is False); set resources.device=auto or cpu",
+            keys=("resources.device",),
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,11 @@ from typing import Any, Literal
 import datasets
 import torch
 
-DEMO_LETTERS = string.ascii_lowercase[:8]
+# Eight letters that the instruction "Repeat" does not contain. With a..h, RL runs kept
+# collapsing prompts onto "a": copying the "a" of "Repeat" (a fixed position) is a shortcut that
+# pays on the "a" prompts, and a prompt whose G samples are all wrong has zero advantage, so it
+# never escapes. Without a distractor in the instruction, the only paying copy is the right one.
+DEMO_LETTERS = "bcdfghjk"
 DEMO_REPEAT = 4
 
 

@@ -150,7 +150,11 @@ class Learner:
         spans the whole step), so the summed gradients are those of the full-batch loss.
         """
         self.engine.train()
-        chunks = torch.arange(rows).chunk(self.micro_batches)
+        # Exactly ``micro_batches`` pieces, also when rows don't divide (6 rows into 4 gives
+        # 2+2+1+1; ``chunk`` would give 3 pieces): DeepSpeed steps the optimizer on every
+        # ``micro_batches``-th backward, so one piece short shifts the step boundary into the
+        # next step's batch.
+        chunks = torch.arange(rows).tensor_split(self.micro_batches)
         totals: dict[str, float] = {"loss": 0.0}
         for idx in chunks:
             loss, stats = micro_loss(idx)

@@ -11,29 +11,67 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_ft.algos.common import token_logprobs
 from dist_ft.config import PeftConfig, PeftMethod, TinyModelConfig
-from dist_ft.tiny import ensure_tiny_model
+
+# transformers (and dist_ft.tiny, which needs it) is imported where used: the CLI checks model
+# directories with check_model_path before anything heavy loads.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# What a local HF model directory must hold, each as "any of these globs". Without the check an
+# empty or half-downloaded folder fails inside transformers (e.g. a sentencepiece error).
+_MODEL_FILES = {
+    "config.json": ("config.json",),
+    "tokenizer files (tokenizer.json, tokenizer.model, vocab.json or vocab.txt)": (
+        "tokenizer.json",
+        "tokenizer.model",
+        "vocab.json",
+        "vocab.txt",
+        "*.tiktoken",
+    ),
+    "weights (*.safetensors or *.bin)": ("*.safetensors", "*.bin"),
+}
 
-def resolve_model_path(path: str, tiny: TinyModelConfig) -> str:
-    """``"tiny"`` builds (once per machine) the built-in model; anything else must exist locally."""
+
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """Raise FileNotFoundError naming ``key``, the directory and what it lacks, unless ``path``
+    is "tiny" or a local directory with a config, a tokenizer and weights."""
     if path == "tiny":
-        return str(ensure_tiny_model(tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.seed))
+        return
+    fetch = f"fetch the model with `hf download ID --local-dir {path}`"
     if not Path(path).is_dir():
         raise FileNotFoundError(
-            f"model.path '{path}' is not a local directory. dist_ft never downloads from a hub: "
-            "fetch the model once (e.g. `huggingface-cli download ID --local-dir DIR`) and point "
-            "model.path at DIR."
+            f"{key}={path} is not a local directory (dist_ft never downloads from a hub); "
+            f"{fetch}, or set {key} to a local model directory"
         )
-    return path
+    missing = [
+        what
+        for what, globs in _MODEL_FILES.items()
+        if not any(next(Path(path).glob(g), None) for g in globs)
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{key}={path} is not a complete HF model directory: it has no "
+            f"{', no '.join(missing)}; {fetch}"
+        )
+
+
+def resolve_model_path(path: str, tiny: TinyModelConfig, key: str = "model.path") -> str:
+    """``"tiny"`` builds (once per machine) the built-in model; anything else must be a complete
+    local model directory (see :func:`check_model_path`)."""
+    check_model_path(path, key)
+    if path != "tiny":
+        return path
+    from dist_ft.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model(tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.seed))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -49,6 +87,8 @@ def load_policy(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """The policy: the base model, wrapped by peft unless ``peft.method`` is ``none``."""
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if peft.method is PeftMethod.QLORA:
         from transformers import BitsAndBytesConfig
@@ -101,6 +141,7 @@ def sync_bytes(config: Any, peft: PeftConfig, dtype: str) -> dict[str, int]:
     Returns ``{"full": every weight, "adapter": trainable adapter tensors}`` in ``dtype``.
     """
     from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])

@@ -79,8 +79,8 @@ def describe_plan(cfg: Config) -> str:
     from transformers import AutoConfig
 
     from dist_ft.batch import ScoredBatch
-    from dist_ft.cluster import init_ray
     from dist_ft.models import resolve_model_path, sync_bytes
+    from dist_ft.ray_connect import init_ray
 
     res = cfg.resources
     lines = [f"mode: {res.mode}"]
@@ -114,6 +114,7 @@ def describe_plan(cfg: Config) -> str:
         cfg.rollout.max_new_tokens,
         len(cfg.reward.functions),
         ref=cfg.algo.beta > 0,
+        group_size=g,
     )
     path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     sizes = sync_bytes(AutoConfig.from_pretrained(path), cfg.peft, cfg.model.dtype)

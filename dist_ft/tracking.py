@@ -74,8 +74,9 @@ class Tracker:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        reward = metrics.get("reward/mean")  # absent when no sample had a valid reward
         info = (
-            f"reward {metrics.get('reward/mean', math.nan):.3f}  "
+            f"reward {'n/a' if reward is None else f'{reward:.3f}'}  "
             f"kl {metrics.get('kl', math.nan):.4f}  "
             f"{metrics.get('samples_per_s', math.nan):.0f} samples/s"
         )
@@ -88,24 +89,31 @@ class Tracker:
         return sum(values) / len(values) if values else math.nan
 
     def finish(self) -> Path | None:
+        """Stop the progress bar, close metrics.jsonl, finish wandb, write the plot (or None
+        when there is nothing to plot)."""
         self._progress.stop()
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
-        return self._plot() if self.plot and self.history else None
+        return self._plot() if self.plot else None
 
-    def _plot(self) -> Path:
+    def _plot(self) -> Path | None:
+        # The reward is plotted whenever it was logged, even if always 0. A step with no valid
+        # reward logs none: its point is left out, not drawn as 0.
+        panels = ["reward/mean"] if any("reward/mean" in r for r in self.history) else []
+        if any(r.get("kl") for r in self.history):  # KL is exactly 0 when its term is off
+            panels.append("kl")
+        if not panels:
+            return None
         import matplotlib
 
         matplotlib.use("Agg")  # no display on cluster nodes
         import matplotlib.pyplot as plt
 
-        steps = [r["step"] for r in self.history]
-        # KL is plotted only when the KL term is on (it is exactly 0 otherwise).
-        panels = [k for k in ("reward/mean", "kl") if any(r.get(k) for r in self.history)]
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
         for ax, key in zip(axes[:, 0], panels):
-            values = [r.get(key, math.nan) for r in self.history]
+            steps = [r["step"] for r in self.history if key in r]
+            values = [r[key] for r in self.history if key in r]
             ax.plot(steps, values, alpha=0.35, label="per step")
             k = max(1, len(values) // 30)  # moving average over ~1/30 of the run
             windows = [values[max(0, i - k + 1) : i + 1] for i in range(len(values))]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import collections
 import json
 import random
+import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import yaml
 from dist_ft import checkpoint
 from dist_ft.algos.grpo import LossParams, loss_normaliser
 from dist_ft.batch import ScoredBatch
-from dist_ft.cluster import Cluster, PendingRollout, make_cluster
+from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import (
     PromptSampler,
@@ -77,6 +80,7 @@ def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "temperature": cfg.rollout.temperature,
         "top_p": cfg.rollout.top_p,
+        "generator": cfg.rollout.generator,
         "rewards": [(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
         "reward_timeout_s": cfg.reward.timeout_s,
         "on_reward_error": cfg.reward.on_error,
@@ -110,9 +114,7 @@ def loss_params(cfg: Config) -> LossParams:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run GRPO for ``cfg.run.steps`` steps. Returns a summary (first/last reward, paths)."""
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    out = prepare_output_dir(cfg)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic)
@@ -159,6 +161,10 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"{ckpt} holds the state of {ranks} learner ranks; resume with "
                 f"resources.learners={ranks}"
             )
+        print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
+    elif cfg.run.resume == "auto":
+        root = checkpoint.root(out)
+        print(f"run.resume=auto: no checkpoint in {root}; starting fresh", file=sys.stderr)
     ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size, fresh=ckpt is None)
 
     # ---- placement: the only line that differs between debug mode and a cluster
@@ -179,6 +185,14 @@ def train(cfg: Config) -> dict[str, Any]:
         resume_step=state.get("step"),
         run_id=state.get("run_id"),
     )
+    watch = RewardWatch(
+        [f.name for f in cfg.reward.functions],
+        cfg.reward.max_error_rate,
+        cfg.reward.error_patience,
+        state.get("error_streak", 0),
+    )
+    final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
+    done = state.get("step", 0)  # the last step trained: what a Ctrl-C keeps
     pending: collections.deque[PendingRollout] = collections.deque()
     try:
         if ckpt is not None:
@@ -195,7 +209,6 @@ def train(cfg: Config) -> dict[str, Any]:
         # ---- first sync: the workers' adapter init is random; start them from the learner's
         version = cluster.sync_weights().version
         start = state.get("step", 0) + 1
-        error_streak = state.get("error_streak", 0)
         next_issue = start + len(pending)
         for step in range(start, cfg.run.steps + 1):
             # ---- generate + score: G completions per prompt, rewards, group advantages.
@@ -216,66 +229,30 @@ def train(cfg: Config) -> dict[str, Any]:
             metrics = cluster.train_step(batch, loss_normaliser(batch.loss_mask, params))
             ledger.record(step, batch, version)
             t_train = time.perf_counter() - t1
+            done = step
 
             # ---- sync: only what changed goes back to the workers, as version v+1
             sync = cluster.sync_weights()
             version = sync.version
 
-            # ---- log
-            metrics.update(
-                {
-                    f"reward/{name}": float(batch.rewards[:, k].nanmean())
-                    for k, name in enumerate(batch.reward_names)
-                },
-                **{
-                    f"reward/errors/{name}": float(batch.reward_errors[:, k].sum())
-                    for k, name in enumerate(batch.reward_names)
-                },
-                **{
-                    f"rollout/worker{w}_samples_per_s": n / sec
-                    for w, (n, sec) in batch.worker_stats.items()
-                },
-                **ledger_stats,
-                **batch.counters,
-                **{
-                    "reward/mean": float(batch.reward_total[batch.valid].mean()),
-                    "reward/std": float(batch.reward_total[batch.valid].std()),
-                    "completion_tokens": batch.num_tokens / len(batch),
-                    "payload_bytes_per_sample": batch.nbytes / len(batch),
-                    "sync_bytes": sync.nbytes,
-                    "sync_seconds": sync.seconds,
-                    "rollout_seconds": t_rollout,
-                    "train_seconds": t_train,
-                    "samples_per_s": len(batch) / (t_rollout + t_train + sync.seconds),
-                    "learner_tokens_per_s": metrics["tokens"] / t_train,
-                    "version": version,
-                },
-            )
-            tracker.log(step, metrics)
-
-            # ---- a reward that keeps failing stops the run rather than quietly shrink batches
-            error_rate = float(batch.reward_errors.any(1).float().mean())
-            error_streak = error_streak + 1 if error_rate > cfg.reward.max_error_rate else 0
-            if error_streak >= cfg.reward.error_patience:
-                failing = [
-                    n for k, n in enumerate(batch.reward_names) if batch.reward_errors[:, k].any()
-                ]
-                raise RewardError(
-                    f"reward functions {failing} failed on {error_rate:.0%} of step {step}'s "
-                    f"samples, above reward.max_error_rate={cfg.reward.max_error_rate} for "
-                    f"{error_streak} steps in a row (reward.error_patience)"
-                )
+            # ---- log, then stop if the rewards keep failing rather than quietly shrink batches
+            tracker.log(step, step_metrics(metrics, batch, ledger_stats, sync, t_rollout, t_train))
+            watch.check(step, batch)
 
             # ---- checkpoint: learner state and run state, atomically
             every = cfg.run.checkpoint_every
             if every and (step % every == 0 or step == cfg.run.steps):
-                save_checkpoint(cfg, cluster, step, sampler, ledger, tracker, pending, error_streak)
+                save_checkpoint(cfg, cluster, step, sampler, ledger, tracker, pending, watch.streak)
 
-        # ---- save: the adapter alone under PEFT (HF save_pretrained, safetensors)
-        final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
+        # ---- save: the adapter alone under PEFT (HF save_pretrained, safetensors), and only
+        # when every reward function worked at least once: else the weights are no result
+        watch.finish(tracker.history)
         cluster.save_pretrained(final_dir)
+    except KeyboardInterrupt:
+        save_interrupted(cluster, final_dir, done)
+        raise
     finally:
-        plot = tracker.finish()
+        plot = finish_tracking(tracker)
         cluster.shutdown()
     window = min(10, max(1, cfg.run.steps // 2))
     return {
@@ -287,6 +264,161 @@ def train(cfg: Config) -> dict[str, Any]:
         "final": str(final_dir),
         "lost_samples": len(ledger.lost(cfg.run.steps)),
     }
+
+
+# What a run writes to its output_dir that a later run must not mix with its own. wandb/ stays:
+# wandb keeps one directory per run id there.
+RUN_OUTPUTS = ("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "reward.png", "adapter", "model")
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """``run.output_dir``, created, with the resolved config in it; before any model is loaded.
+
+    A fresh run refuses a directory that holds another run: its metrics would be overwritten,
+    and its higher-numbered checkpoints would outlive the new run's in pruning and be the ones
+    ``run.resume=auto`` picks. ``run.overwrite=true`` removes the old run's outputs first.
+    """
+    out = Path(cfg.run.output_dir)
+    metrics, ckpts = out / "metrics.jsonl", checkpoint.root(out)
+    held = [
+        p.name
+        for p in (metrics, ckpts)
+        if (p.is_file() and p.stat().st_size > 0) or (p.is_dir() and any(p.iterdir()))
+    ]
+    if held and cfg.run.resume == "none":
+        if not cfg.run.overwrite:
+            raise ConfigError(
+                f"run.output_dir={out} already holds another run ({', '.join(held)}): choose "
+                "another run.output_dir, continue that run with run.resume=auto, or replace it "
+                "with run.overwrite=true"
+            )
+        old = [out / name for name in RUN_OUTPUTS] + [ckpts, *out.glob("*-interrupted-step-*")]
+        for path in old:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        print(f"run.overwrite=true: removed the previous run's outputs from {out}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return out
+
+
+def step_metrics(
+    learner: dict[str, float],
+    batch: ScoredBatch,
+    ledger_stats: dict[str, float],
+    sync: SyncStats,
+    t_rollout: float,
+    t_train: float,
+) -> dict[str, float]:
+    """One step's row of metrics.jsonl: the learner's metrics, then the rest. A reward with no
+    valid value this step is left out, never NaN: a NaN would pass for a score."""
+    metrics = dict(learner)
+    for k, name in enumerate(batch.reward_names):
+        ok_N = ~batch.reward_errors[:, k]
+        if ok_N.any():
+            metrics[f"reward/{name}"] = float(batch.rewards[ok_N, k].mean())
+        metrics[f"reward/errors/{name}"] = float((~ok_N).sum())
+    for w, (n, sec) in batch.worker_stats.items():
+        metrics[f"rollout/worker{w}_samples_per_s"] = n / sec
+    total = batch.reward_total[batch.valid]  # [valid samples]
+    if len(total):
+        metrics["reward/mean"] = float(total.mean())
+    if len(total) > 1:
+        metrics["reward/std"] = float(total.std())
+    return {
+        **metrics,
+        **ledger_stats,
+        **batch.counters,
+        "completion_tokens": batch.num_tokens / len(batch),
+        "payload_bytes_per_sample": batch.nbytes / len(batch),
+        "sync_bytes": sync.nbytes,
+        "sync_seconds": sync.seconds,
+        "rollout_seconds": t_rollout,
+        "train_seconds": t_train,
+        "samples_per_s": len(batch) / (t_rollout + t_train + sync.seconds),
+        "learner_tokens_per_s": learner["tokens"] / t_train,
+        "version": sync.version,
+    }
+
+
+class RewardWatch:
+    """The run's reward error policy, above each sample's (``reward.on_error``): the run stops
+    with the functions' own error messages when a step has no sample left to train on, when
+    more than ``max_error_rate`` of a step's samples fail for ``patience`` steps in a row, or,
+    at the end, when a function never once returned a valid score (a run shorter than
+    ``patience`` would otherwise exit 0 with nothing learnt)."""
+
+    def __init__(
+        self, names: list[str], max_error_rate: float, patience: int, streak: int = 0
+    ) -> None:
+        self.names = names
+        self.max_error_rate = max_error_rate
+        self.patience = patience
+        self.streak = streak  # steps in a row above max_error_rate; checkpointed
+        self.reasons: dict[str, str] = {}  # reward name -> its first error message
+
+    def check(self, step: int, batch: ScoredBatch) -> None:
+        for name, message in batch.reward_messages.items():
+            self.reasons.setdefault(name, message)
+        failed_N = batch.reward_errors.any(1)
+        failing = [n for k, n in enumerate(batch.reward_names) if batch.reward_errors[:, k].any()]
+        if failing and not batch.valid.any():
+            raise RewardError(
+                f"step {step}: no sample left to train on: {int(failed_N.sum())} of "
+                f"{len(batch)} have a reward error and reward.on_error=mask leaves them out; "
+                + self._why(failing)
+            )
+        error_rate = float(failed_N.float().mean())
+        self.streak = self.streak + 1 if error_rate > self.max_error_rate else 0
+        if self.streak >= self.patience:
+            raise RewardError(
+                f"reward functions {failing} failed on {error_rate:.0%} of step {step}'s "
+                f"samples, above reward.max_error_rate={self.max_error_rate} for "
+                f"{self.streak} steps in a row (reward.error_patience); " + self._why(failing)
+            )
+
+    def finish(self, history: list[dict[str, float]]) -> None:
+        """``history``: every metrics row of the run, those before a resume included."""
+        never = [n for n in self.names if not any(f"reward/{n}" in row for row in history)]
+        if history and never:
+            raise RewardError(
+                f"reward functions {never} never returned a valid score in {len(history)} "
+                "steps; " + self._why(never)
+            )
+
+    def _why(self, names: list[str]) -> str:
+        return "; ".join(
+            self.reasons.get(n, f"reward '{n}' failed (its first error is printed above)")
+            for n in names
+        )
+
+
+def finish_tracking(tracker: Tracker) -> Path | None:
+    """Close metrics, wandb and the plot; returns the plot. A failure here is only a warning: it
+    runs in ``finally``, where an exception would skip the cluster's shutdown and replace the
+    error that stopped the run. metrics.jsonl is complete either way (each row is flushed)."""
+    try:
+        return tracker.finish()
+    except Exception as e:
+        warnings.warn(f"finishing the run failed: {type(e).__name__}: {e}", stacklevel=2)
+        return None
+
+
+def save_interrupted(cluster: Cluster, final_dir: Path, done: int) -> None:
+    """On Ctrl-C, keep the weights trained so far (without run.checkpoint_every they are all
+    there is), under a name no finished run uses."""
+    path = final_dir.with_name(f"{final_dir.name}-interrupted-step-{done}")
+    try:
+        cluster.save_pretrained(path)
+    except Exception as e:
+        print(
+            f"interrupted at step {done}: nothing saved ({type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
+    else:
+        print(f"interrupted at step {done}: {final_dir.name} saved to {path}", file=sys.stderr)
 
 
 def save_checkpoint(

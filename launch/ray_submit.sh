@@ -14,10 +14,23 @@
 # cluster nodes (the cluster/Dockerfile image, or `pip install -e .`), because shipping a
 # 2 GB env per job would be slow and would drift from what the nodes run.
 #
+# Outputs: a relative run.output_dir (runs/demo by default) would land inside the job's
+# uploaded copy of the repo, which Ray deletes with its session. For a cluster on this machine
+# (an --address on 127.0.0.1, localhost or ::1, as `ray start --head` gives) it is made
+# absolute under this repo, e.g. $REPO/runs/demo, and printed. For any other address pass an
+# absolute run.output_dir=/path that the head node can write (a shared filesystem or volume).
+# A remote cluster reached through a port-forward on 127.0.0.1 looks local: its head node then
+# writes the printed path there, not here; pass run.output_dir yourself.
+#
+# Auth: Ray 2.60 turns token auth on for `ray start --head` whenever a token already exists
+# (~/.ray/auth_token, e.g. left by an earlier dist-ft resources.ray_address=local run), but
+# its job CLI sends the token only when RAY_AUTH_MODE=token. So, as `ray start` does, this
+# script sets RAY_AUTH_MODE=token when RAY_AUTH_MODE is unset and a token is available
+# (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+#
 # Secrets: WANDB_API_KEY (and any other key) must be set on the cluster nodes themselves
 # (image env, Kubernetes Secret, node profile). It is never put on a command line here,
 # because the runtime env JSON is visible in `ps`, the dashboard and the job records.
-# On a token-auth cluster the ray CLI reads RAY_AUTH_TOKEN from this shell's environment.
 set -euo pipefail
 
 usage() {
@@ -50,6 +63,36 @@ shift
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ -f "$config" ]] || die "config '$config' not found under $(pwd)"
 command -v ray >/dev/null || die "the ray CLI is not on PATH (pip install 'ray[default]')"
+command -v dist-ft >/dev/null || die "dist-ft is not on PATH (pip install -e . in $(pwd))"
+
+# resources.ray_address=auto: the entrypoint runs on the head node, inside the cluster.
+args=("$config" resources.mode=ray resources.ray_address=auto "$@")
+# Resolving the config here also refuses a bad one (exit 2, the key named) before any upload.
+resolved="$(dist-ft train "${args[@]}" --print-config)" || exit
+# run.output_dir from the YAML that --print-config writes (PyYAML quotes odd strings with ').
+out="$(awk -v q="'" '/^run:/ {r = 1; next} /^[^ ]/ {r = 0}
+    r && sub(/^  output_dir: /, "") {gsub("^" q "|" q "$", ""); print}' <<<"$resolved")"
+[[ -n "$out" ]] || die "could not read run.output_dir from the resolved config"
+if [[ "$out" != /* ]]; then
+    host="${addr#*://}"
+    host="${host%%/*}"
+    host="${host%:*}"
+    case "$host" in
+        127.0.0.1 | localhost | "[::1]") out="$(pwd)/$out" ;;
+        *) die "run.output_dir=$out is relative, so the job would write it inside its" \
+            "temporary copy of the repo on the cluster; pass run.output_dir=/an/absolute/path" \
+            "that the head node of $addr can write" ;;
+    esac
+    args+=("run.output_dir=$out")
+fi
+echo "ray_submit.sh: run outputs go to $out on the node that runs the job" \
+    "(the head node; this machine for a cluster started here)" >&2
+
+if [[ -z "${RAY_AUTH_MODE:-}" ]] && { [[ -n "${RAY_AUTH_TOKEN:-}" ]] ||
+    [[ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]]; }; then
+    export RAY_AUTH_MODE=token
+    echo "ray_submit.sh: sending the Ray auth token (RAY_AUTH_MODE=token)" >&2
+fi
 
 # These values are spliced into JSON by hand, so accept only plain tokens.
 safe() {
@@ -68,7 +111,5 @@ fi
 excludes='[".venv", ".git", "runs", "wandb", "__pycache__"]'
 runtime_env="{\"excludes\": $excludes, \"env_vars\": {$env_vars}}"
 
-# resources.ray_address=auto: the entrypoint runs on the head node, inside the cluster.
 exec ray job submit --address "$addr" --working-dir . --runtime-env-json "$runtime_env" \
-    ${wait_flag[@]+"${wait_flag[@]}"} \
-    -- dist-ft train "$config" resources.mode=ray resources.ray_address=auto "$@"
+    ${wait_flag[@]+"${wait_flag[@]}"} -- dist-ft train "${args[@]}"

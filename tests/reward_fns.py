@@ -23,3 +23,29 @@ def hangs(prompts, completions, answers):
 def length(prompts, completions, answers):
     """A well-behaved reward: longer completions score more."""
     return [float(len(c)) for c in completions]
+
+
+# Rewards that return the wrong thing, as users write them by mistake (issue #9).
+def three_values(prompts, completions, answers):
+    return [1.0, 0.0, 1.0]
+
+
+def strings(prompts, completions, answers):
+    return [1.0 if i != 2 else "abc" for i in range(len(completions))]
+
+
+def returns_none(prompts, completions, answers):
+    scores = [float(c == a) for c, a in zip(completions, answers)]  # noqa: F841, the bug: no return
+
+
+def scalar(prompts, completions, answers):
+    return 1.0
+
+
+def wrong_signature(completions):
+    return [0.0] * len(completions)
+
+
+def always_zero(prompts, completions, answers):
+    """Valid, and 0 for every sample: a reward the policy never satisfies."""
+    return [0.0] * len(completions)

@@ -275,7 +275,9 @@ def _run_ray_submit(tmp_path: Path, args: list[str], env: dict[str, str]) -> tup
         f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
     )
     fake_ray.chmod(0o755)
-    base_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)}
+    # the fake ray first; then this venv's dist-ft, which the script runs to check the config
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    base_env = {"PATH": path, "HOME": str(tmp_path)}
     result = subprocess.run(
         ["bash", str(repo / "launch" / "ray_submit.sh"), *args],
         cwd=tmp_path,  # not the repo root: the script must find it by itself
@@ -292,7 +294,7 @@ def test_ray_submit_builds_the_job_command(tmp_path: Path) -> None:
     secret = "wandb-secret-0123456789"
     argv, output = _run_ray_submit(
         tmp_path,
-        ["--no-wait", "configs/tiny.yaml", "run.output_dir=/tmp/x", "algo.name=with space"],
+        ["--no-wait", "configs/tiny.yaml", "run.output_dir=/tmp/x", "run.name=with space"],
         {"WANDB_API_KEY": secret},
     )
     assert argv[:2] == ["job", "submit"]
@@ -302,7 +304,7 @@ def test_ray_submit_builds_the_job_command(tmp_path: Path) -> None:
     entry = argv[argv.index("--") + 1 :]
     assert entry == [
         "dist-ft", "train", "configs/tiny.yaml", "resources.mode=ray",
-        "resources.ray_address=auto", "run.output_dir=/tmp/x", "algo.name=with space",
+        "resources.ray_address=auto", "run.output_dir=/tmp/x", "run.name=with space",
     ]  # fmt: skip
     runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
     assert {".venv", ".git", "runs", "wandb", "__pycache__"} <= set(runtime_env["excludes"])
@@ -314,7 +316,8 @@ def test_ray_submit_builds_the_job_command(tmp_path: Path) -> None:
 def test_ray_submit_forwards_ds_accelerator_and_address(tmp_path: Path) -> None:
     argv, _ = _run_ray_submit(
         tmp_path,
-        ["configs/tiny.yaml"],
+        # a cluster elsewhere: a relative run.output_dir would vanish with the job's copy
+        ["configs/tiny.yaml", "run.output_dir=/tmp/y"],
         {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "RAY_ADDRESS": "http://h:8265"},
     )
     assert argv[argv.index("--address") + 1] == "http://h:8265"

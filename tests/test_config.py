@@ -1,12 +1,18 @@
+import dataclasses
+import re
 import subprocess
 import sys
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import yaml
 
 from dist_ft.algos.grpo import LossType
-from dist_ft.config import Config, ConfigError, PeftMethod, load_config
+from dist_ft.config import Config, ConfigError, PeftMethod, Range, _blame, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +129,112 @@ def test_cli_reports_bad_key_with_exit_code_2():
 
 def test_demo_yaml_is_the_built_in_default():
     assert load_config(ROOT / "configs" / "demo.yaml") == Config()
+
+
+def numeric_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, type, object]]:
+    """(dotted key, int or float, its Range or None) for every numeric key of the schema; a
+    list's items are named ``[0]``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        key, tp, rng = prefix + f.name, hints[f.name], None
+        if typing.get_origin(tp) is Annotated:
+            tp, rng = typing.get_args(tp)[:2]
+        if typing.get_origin(tp) is list:
+            tp, key = typing.get_args(tp)[0], f"{key}[0]"
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_keys(tp, f"{key}.")
+            continue
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        arms = typing.get_args(tp) if union else (tp,)
+        number = next((a for a in arms if a in (int, float)), None)
+        if number is not None:
+            yield key, number, rng
+
+
+def test_every_numeric_key_declares_its_range():
+    keys = list(numeric_keys())
+    assert len(keys) > 40 and "reward.judge.model.tiny.seed" in [k for k, _, _ in keys]
+    assert [k for k, _, rng in keys if not isinstance(rng, Range)] == []
+
+
+def bounds(tp: type, rng: Range) -> tuple[list[object], list[object]]:
+    """Values just outside ``rng``, and its inclusive ends."""
+    step = 1 if tp is int else 0.5
+    out, ends = [], []
+    if rng.ge is not None:
+        out, ends = [*out, tp(rng.ge - step)], [*ends, tp(rng.ge)]
+    if rng.gt is not None:
+        out.append(tp(rng.gt))
+    if rng.le is not None:
+        out, ends = [*out, tp(rng.le + step)], [*ends, tp(rng.le)]
+    if rng.lt is not None:
+        out.append(tp(rng.lt))
+    return out, ends
+
+
+@pytest.mark.parametrize(
+    ("key", "tp", "rng"), [k for k in numeric_keys() if "[" not in k[0]], ids=lambda v: str(v)
+)
+def test_each_range_is_enforced_at_load(key, tp, rng):
+    outside, ends = bounds(tp, rng)
+    for v in outside:
+        with pytest.raises(ConfigError, match=re.escape(f"{key}={v}: must be {rng}")):
+            load_config(None, [f"{key}={v}"])
+    for v in ends:
+        assert load_config(None, [f"{key}={v}"])  # the ends of a closed range are valid
+    if tp is float:
+        with pytest.raises(ConfigError, match=re.escape(f"{key}=nan: must be finite")):
+            load_config(None, [f"{key}=.nan"])
+
+
+def test_range_messages_read_as_intervals():
+    assert str(Range(gt=0)) == "> 0"
+    assert str(Range(ge=0, lt=1)) == "in [0, 1)"
+    assert str(Range(gt=0, le=1)) == "in (0, 1]"
+    assert str(Range(ge=2, why="advantages are group-relative")) == (
+        ">= 2 (advantages are group-relative)"
+    )
+
+
+def test_cross_field_rules_run_after_ranges():
+    # learners=0 once divided by zero in Config.__post_init__
+    for setting in ("resources.learners=0", "learner.micro_batches=0"):
+        with pytest.raises(ConfigError, match=re.escape(f"{setting}: must be >= 1")):
+            load_config(None, [setting])
+
+
+def test_errors_blame_the_source_that_set_the_value(tmp_path):
+    p = write(tmp_path, "rollout:\n  temperature: 0.7\nlearner:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: learner\.lr=-1: must be > 0$"):
+        load_config(p)
+    with pytest.raises(
+        ConfigError, match=r"^command-line override 'rollout\.temperature=0': rollout\.temp"
+    ):
+        load_config(p, ["learner.lr=0.1", "rollout.temperature=0"])
+    # an override of a whole section takes over the blame for every key in it
+    with pytest.raises(ConfigError, match=r"^command-line override 'learner=\{lr: 0\}': learner"):
+        load_config(p, ["learner={lr: 0}"])
+    # a cross-field rule names each source that set one of its keys
+    p = write(tmp_path, "algo:\n  sft_warmup_steps: 5\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(p))} and command-line override 'data\.source=x"
+    ):
+        load_config(p, ["data.source=x.jsonl"])
+
+
+def test_blame_skips_defaults_when_the_user_set_a_key():
+    sources = {"data.source": "c.yaml", "reward.functions": "command-line override 'r'"}
+    assert _blame(["algo.sft_warmup_steps", "data.source"], sources) == "c.yaml"
+    assert _blame(["reward.functions[0].name"], sources) == "command-line override 'r'"
+    assert _blame(["run.steps"], sources) == "defaults"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"is empty .*`dist-ft demo`"):
+        load_config(write(tmp_path, text))
+
+
+def test_config_path_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=rf"config path {re.escape(str(tmp_path))} is a dir"):
+        load_config(tmp_path)

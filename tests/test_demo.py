@@ -1,40 +1,34 @@
-"""The demo end to end, as a user runs it: a real `dist-ft` process, real DeepSpeed, real wandb
-(offline). Slow (about a minute), and CI runs it."""
+"""The demo end to end, as a user runs it: the README's `make demo`, verbatim, in the checkout
+(it writes runs/demo there, as it does for a user). Real DeepSpeed, real wandb (offline). Slow
+(about a minute and a half), and CI runs it."""
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from readme import ROOT, readme_command
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_reward_rises_and_outputs_are_written(tmp_path, tiny_path):
-    out = tmp_path / "demo"
+def test_demo_reward_rises_and_outputs_are_written(tiny_path):
+    out = ROOT / "runs" / "demo"  # the built-in run.output_dir, relative to where make runs
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dist_ft.cli",
-            "train",
-            str(ROOT / "configs" / "demo.yaml"),
-            f"run.output_dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        readme_command("make", "demo"), cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 600
-    first = sum(row["reward/mean"] for row in rows[:10]) / 10
-    last = sum(row["reward/mean"] for row in rows[-10:]) / 10
+    reward = [row["reward/mean"] for row in rows]
+    first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
+    # The bar the README promises. Six seeds rose by +0.62 to +0.87 (README), so the bar
+    # holds with margin on any CPU's rounding, not on one machine's trajectory.
     assert last - first >= 0.3, (first, last)
+    # ... and it holds at the end: no peak-and-decay. The last 50 steps are within 0.1 of the
+    # best 50-step window (the old demo peaked at 0.62 and fell to 0.42-0.50).
+    windows = [sum(reward[i : i + 50]) / 50 for i in range(len(reward) - 49)]
+    assert windows[-1] >= max(windows) - 0.1, (max(windows), windows[-1])
     assert f"last 10 steps {last:.3f}" in r.stdout
     # the adapter alone, in HF save_pretrained format, loadable by peft onto the base model
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")

@@ -89,6 +89,22 @@ def test_micro_batches_give_the_same_update(tiny_path, demo_prompts):
         torch.testing.assert_close(out[1][name], out[0][name], atol=1e-5, rtol=1e-4)
 
 
+def test_micro_batches_that_do_not_divide_the_batch_give_the_same_update(tiny_path, demo_prompts):
+    # The ledger can drop samples (duplicates, too stale), leaving a batch the configured
+    # micro-batch count does not divide: 6 rows into 4 micro-batches.
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
+    batch = scored_batch(wk, demo_prompts).select(torch.arange(6))
+    out = []
+    for micro in (1, 4):
+        learner = Learner(**{**lk, "micro_batches": micro})
+        learner.step(batch)
+        learner.step(batch)
+        assert learner.engine.global_steps == 2  # one optimizer step per call, no spill-over
+        out.append(learner.export_weights())
+    for name in out[0]:
+        torch.testing.assert_close(out[1][name], out[0][name], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "none"])
 def test_weight_sync_fingerprints_match(tiny_path, demo_prompts, method):
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", f"peft.method={method}")

@@ -1,5 +1,7 @@
-"""Reward error policy on a real RolloutWorker and a real `dist-ft` run: counted, never NaN."""
+"""Reward error policy on a real RolloutWorker and a real `dist-ft` run: counted, never NaN,
+and the reason is printed once and named when the run stops (issue #9)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +13,14 @@ import torch
 from conftest import build
 
 from dist_ft.algos.grpo import group_advantages
-from dist_ft.rewards import RewardError
+from dist_ft.rewards import RewardError, RewardSet
 from dist_ft.rollout import RolloutWorker
 
 TESTS = Path(__file__).resolve().parent
 G = 8
+# `reward_fns:NAME` loads from tests/; the caller's PYTHONPATH still comes after it.
+PATHS = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PATHS)}
 
 
 def worker(tiny_path, fn: str, policy: str, timeout: float = 30.0) -> RolloutWorker:
@@ -65,28 +70,124 @@ def test_hanging_reward_times_out_and_is_masked(tiny_path, demo_prompts):
     assert (batch.advantages == 0).all()
 
 
-@pytest.mark.slow
-def test_error_rate_over_patience_stops_the_run_naming_the_function(tmp_path):
-    out = tmp_path / "run"
-    r = subprocess.run(
+# What a user sees for each way a reward can return the wrong thing, on a step of 8 samples.
+WRONG_RETURNS = {
+    "three_values": "returned 3 scores for 8 samples",
+    "strings": "returned str 'abc' for sample 2, expected a number",
+    "returns_none": "returned None for 8 samples",
+    "scalar": "returned a float for 8 samples",
+    "wrong_signature": "raised TypeError: wrong_signature() takes 1 positional argument but 3 "
+    "were given",
+}
+
+
+@pytest.mark.parametrize("fn", WRONG_RETURNS)
+def test_wrong_return_is_named_and_printed_once(fn, capsys):
+    name = f"reward_fns:{fn}"
+    rs = RewardSet([("char_match", 1.0, {}), (name, 1.0, {})])
+    for _ in range(3):  # three steps of one run: one line, not three
+        scores = rs.score(["p"] * 8, ["c"] * 8, ["c"] * 8)
+    failed = [i == 2 for i in range(8)] if fn == "strings" else [True] * 8
+    assert scores.errors_NK[:, 1].tolist() == failed and not scores.errors_NK[:, 0].any()
+    assert scores.messages == {name: f"reward '{name}' {WRONG_RETURNS[fn]}"}
+    printed = [line for line in capsys.readouterr().err.splitlines() if "reward error" in line]
+    assert len(printed) == 1 and scores.messages[name] in printed[0]
+    assert f"reward/errors/{name}" in printed[0]
+
+
+def run_demo(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A real `dist-ft demo` of a few steps, without the format warm-up."""
+    return subprocess.run(
         [
             str(Path(sys.executable).with_name("dist-ft")),
             "demo",
-            "reward.functions=[{name: char_match}, {name: 'reward_fns:raises'}]",
-            "reward.max_error_rate=0.5",
-            "reward.error_patience=2",
             "algo.sft_warmup_steps=0",
-            "run.steps=20",
             f"run.output_dir={out}",
             "run.wandb=disabled",
+            *overrides,
         ],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(TESTS)},
+        env=ENV,
+    )
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stop_line(stderr: str) -> str:
+    """The CLI's one-line error: the last line of stderr."""
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_wrong_length_stops_a_mask_run_at_step_1_with_the_reason(tmp_path):
+    out = tmp_path / "run"
+    fn = "reward_fns:three_values"
+    r = run_demo(out, f"reward.functions=[{{name: char_match}}, {{name: '{fn}'}}]", "run.steps=2")
+    assert r.returncode == 1, r.stderr[-3000:]
+    reason = f"reward '{fn}' returned 3 scores for 64 samples"
+    assert r.stderr.count(f"reward error: {reason}") == 1
+    assert "no sample left to train on" in stop_line(r.stderr) and reason in stop_line(r.stderr)
+    (row,) = metrics(out)  # counted; no reward/mean, which would be NaN, and no step 2
+    assert row[f"reward/errors/{fn}"] == 64 and "reward/mean" not in row
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_wrong_signature_aborts_with_the_reason(tmp_path):
+    fn = "reward_fns:wrong_signature"
+    r = run_demo(
+        tmp_path / "run",
+        f"reward.functions=[{{name: char_match}}, {{name: '{fn}'}}]",
+        "reward.on_error=abort",
+        "run.steps=2",
     )
     assert r.returncode == 1, r.stderr[-3000:]
-    assert "reward_fns:raises" in r.stderr and "error_patience" in r.stderr
-    rows = (out / "metrics.jsonl").read_text().splitlines()
+    reason = f"reward '{fn}' raised TypeError: wrong_signature() takes 1 positional argument"
+    assert r.stderr.count(f"reward error: {reason}") == 1
+    assert f"step 1: {reason}" in stop_line(r.stderr)
+
+
+@pytest.mark.slow
+def test_error_rate_over_patience_stops_the_run_naming_the_function_and_reason(tmp_path):
+    out = tmp_path / "run"
+    r = run_demo(
+        out,
+        "reward.functions=[{name: char_match}, {name: 'reward_fns:raises'}]",
+        "reward.on_error=zero",  # every sample stays trainable: only the streak stops the run
+        "reward.max_error_rate=0.5",
+        "reward.error_patience=2",
+        "run.steps=20",
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    reason = "reward 'reward_fns:raises' raised ZeroDivisionError: user bug"
+    assert r.stderr.count(f"reward error: {reason}") == 1  # two failing steps, printed once
+    assert "error_patience" in stop_line(r.stderr) and reason in stop_line(r.stderr)
+    rows = metrics(out)
     assert len(rows) == 2  # stopped at the second bad step, not at the 20th
-    assert '"reward/errors/reward_fns:raises": 64.0' in rows[0]
+    assert rows[0]["reward/errors/reward_fns:raises"] == 64
+
+
+@pytest.mark.slow
+def test_a_run_whose_reward_never_worked_does_not_exit_0(tmp_path):
+    """Shorter than reward.error_patience and scored 0 where it failed: before issue #9 this run
+    exited 0. A plot that fails while finishing does not replace the error (nor stop shutdown)."""
+    out = tmp_path / "run"
+    (out / "reward.png").mkdir(parents=True)  # savefig will fail: IsADirectoryError
+    fn = "reward_fns:returns_none"
+    r = run_demo(
+        out,
+        f"reward.functions=[{{name: char_match}}, {{name: '{fn}'}}]",
+        "reward.on_error=zero",
+        "run.steps=2",
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    reason = f"reward '{fn}' returned None for 64 samples"
+    assert r.stderr.count(f"reward error: {reason}") == 1
+    assert f"never returned a valid score in 2 steps; {reason}" in stop_line(r.stderr)
+    assert "finishing the run failed: IsADirectoryError" in r.stderr
+    assert [row[f"reward/errors/{fn}"] for row in metrics(out)] == [64, 64]
+    assert not (out / "adapter").exists()  # no final adapter that looks like a result

@@ -11,11 +11,12 @@ import contextlib
 import importlib
 import inspect
 import math
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -125,7 +126,9 @@ class _Call:
             if inspect.isawaitable(out):
                 self.awaiting.set()
                 out = asyncio.run(_await_until(out, self.deadline - time.monotonic()))
-            if isinstance(out, Iterable):  # a generator runs here, under the deadline
+            # A generator runs here, under the deadline. A str, dict or set is iterable too but
+            # is never a list of scores: it stays as it is and fails the check in _check_values.
+            if isinstance(out, Iterable) and not isinstance(out, str | bytes | Mapping | Set):
                 out = list(out)
             self.future.set_result(out)
         except BaseException as e:  # a user function may raise anything, even SystemExit
@@ -145,31 +148,50 @@ class _Call:
         return (None, error) if error is not None else (self.future.result(), None)
 
 
-def _check_values(name: str, out: Any, n: int) -> tuple[list[float], list[bool], str | None]:
-    """Scores [n] (NaN where invalid), failed flags [n], and the first problem's message."""
-    values = out if isinstance(out, list) else None
-    if values is None or len(values) != n:
-        got = f"{len(values)} scores" if values is not None else f"a {type(out).__name__}"
-        return [math.nan] * n, [True] * n, f"reward '{name}' returned {got} for {n} samples"
-    scores, failed, bad = [], [], []
-    for i, v in enumerate(values):
-        x = math.nan
-        # float() would parse "1.0"; a string is a bug in the reward, not a score.
-        if not isinstance(v, str | bytes) and v is not None:
-            with contextlib.suppress(TypeError, ValueError, RuntimeError):
-                x = float(v)
-        if math.isfinite(x):
-            scores.append(x)
-            failed.append(False)
-        else:
-            scores.append(math.nan)
-            failed.append(True)
-            bad.append((i, v))
+class _Failure(NamedTuple):
+    """Why a call failed: ``message`` names the function and the first bad value; ``kind`` is
+    the reason without what changes from call to call, so each kind is printed once."""
+
+    message: str
+    kind: str
+
+
+def _as_number(v: Any) -> float | None:
+    """``v`` as a float, None when it is no number. float() would parse "1.0", but a string is a
+    bug in the reward, not a score."""
+    if v is None or isinstance(v, str | bytes):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        return None
+
+
+def _check_values(name: str, out: Any, n: int) -> tuple[list[float], list[bool], _Failure | None]:
+    """Scores [n] (NaN where invalid), failed flags [n], and the first problem."""
+    if not isinstance(out, list):  # None, a number, a str, a dict...: nothing to index
+        got = "None" if out is None else f"a {type(out).__name__}"
+        failure = _Failure(f"reward '{name}' returned {got} for {n} samples", got)
+        return [math.nan] * n, [True] * n, failure
+    if len(out) != n:
+        failure = _Failure(f"reward '{name}' returned {len(out)} scores for {n} samples", "count")
+        return [math.nan] * n, [True] * n, failure
+    numbers = [_as_number(v) for v in out]
+    scores = [x if x is not None and math.isfinite(x) else math.nan for x in numbers]
+    failed = [math.isnan(x) for x in scores]
+    bad = [i for i, f in enumerate(failed) if f]
     if not bad:
         return scores, failed, None
-    (i, v), more = bad[0], len(bad) - 1
-    message = f"reward '{name}' returned {repr(v)[:50]} for sample {i}"
-    return scores, failed, message + (f" (and {more} more)" if more else "")
+    i, v, x = bad[0], out[bad[0]], numbers[bad[0]]
+    if x is None:
+        got = "None" if v is None else f"{type(v).__name__} {repr(v)[:50]}"
+        message = f"reward '{name}' returned {got} for sample {i}, expected a number"
+        kind = f"sample {type(v).__name__}"
+    else:
+        message = f"reward '{name}' returned {repr(v)[:50]} for sample {i}"
+        kind = "sample nan" if math.isnan(x) else "sample inf"
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return scores, failed, _Failure(message + more, kind)
 
 
 class RewardSet:
@@ -193,15 +215,17 @@ class RewardSet:
         self.names = [name for name, _, _ in specs]
         self.weights = torch.tensor([w for _, w, _ in specs], dtype=torch.float32)  # [K]
         self._fns = [(resolve(name, extra), dict(kwargs)) for name, _, kwargs in specs]
+        self._reported: set[tuple[str, str]] = set()  # (name, failure kind) already printed
 
     def score(
         self, prompts: list[str], completions: list[str], answers: list[str | None]
     ) -> RewardScores:
         """Scores N samples with all K functions at once, each under ``timeout_s``.
 
-        Never raises for a failing function: one that raises, times out or returns the wrong
-        number of scores fails its whole column; a NaN, inf, None or non-number fails only its
-        sample. Failures are NaN in ``rewards_NK``, True in ``errors_NK``, named in ``messages``.
+        Never raises for a failing function: one that raises, times out, or returns anything
+        but a list (or tuple, generator, array) of N scores fails its whole column; a NaN, inf,
+        None or non-number fails only its sample. Failures are NaN in ``rewards_NK``, True in
+        ``errors_NK``, named in ``messages``, and each kind is printed to stderr once.
         """
         n, k = len(completions), len(self.names)
         if len(prompts) != n or len(answers) != n:
@@ -219,17 +243,34 @@ class RewardSet:
             for fn, kwargs in self._fns
         ]
         for j, (name, call) in enumerate(zip(self.names, calls)):
+            failure = None
             try:
                 out, error = call.outcome()
             except _Timeout:
-                message = f"reward '{name}' timed out after {self.timeout_s} s"
+                failure = _Failure(f"reward '{name}' timed out after {self.timeout_s} s", "timeout")
             else:
                 if error is not None:
-                    message = f"reward '{name}' raised {type(error).__name__}: {error}"
+                    kind = f"raised {type(error).__name__}"
+                    failure = _Failure(f"reward '{name}' {kind}: {error}", kind)
                 else:
-                    scores, failed, message = _check_values(name, out, n)
+                    scores, failed, failure = _check_values(name, out, n)
                     rewards_NK[:, j] = torch.tensor(scores, dtype=torch.float32)
                     errors_NK[:, j] = torch.tensor(failed, dtype=torch.bool)
-            if message is not None:
-                messages.setdefault(name, message)
+            if failure is not None:
+                messages.setdefault(name, failure.message)
+                self._report(name, failure)
         return RewardScores(rewards_NK, errors_NK, messages)
+
+    def _report(self, name: str, failure: _Failure) -> None:
+        """Print a failure the first time its kind occurs, whatever the reward.on_error policy:
+        a run must never drop or zero a reward without saying why. Repeats are only counted
+        (reward/errors/<name>), or a broken reward would print on every step."""
+        if (name, failure.kind) in self._reported:
+            return
+        self._reported.add((name, failure.kind))
+        print(
+            f"reward error: {failure.message} [printed once; every failure is counted in "
+            f"reward/errors/{name}]",
+            file=sys.stderr,
+            flush=True,
+        )

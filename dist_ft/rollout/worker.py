@@ -5,6 +5,7 @@ as a Ray actor, or calls it in-process in debug mode.
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -19,12 +20,19 @@ from dist_ft.rollout.base import Generator, GeneratorKind
 from dist_ft.sync import fingerprint
 
 
-def make_generator(kind: GeneratorKind, **kwargs: Any) -> Generator:
-    if kind is GeneratorKind.HF:
+def make_generator(name: str, **kwargs: Any) -> Generator:
+    """A built-in engine by :class:`GeneratorKind` value, or a user's ``package.module:Class``."""
+    if name == GeneratorKind.HF.value:
         from dist_ft.rollout.hf import HFGenerator
 
         return HFGenerator(**kwargs)
-    raise ValueError(f"unknown generator {kind!r}")
+    module_name, _, cls_name = name.partition(":")
+    if not cls_name:
+        known = [k.value for k in GeneratorKind]
+        raise ValueError(
+            f"rollout.generator={name!r}: use one of {known} or 'package.module:Class'"
+        )
+    return getattr(importlib.import_module(module_name), cls_name)(**kwargs)
 
 
 class RolloutWorker:
@@ -49,7 +57,7 @@ class RolloutWorker:
         trust_remote_code: bool = False,
         deterministic: bool = False,
         judge: Any = None,
-        generator: GeneratorKind = GeneratorKind.HF,
+        generator: str = GeneratorKind.HF.value,
     ) -> None:
         """``judge``: an RLAIF judge (``JudgeWorker``, or a handle to one on Ray) that the
         reward function named ``judge`` calls through ``score_with_stats``."""
@@ -58,7 +66,7 @@ class RolloutWorker:
         # Each worker samples its own stream: one seed on every worker would duplicate groups.
         torch.manual_seed(seed * 1000 + worker_index)
         self.generator = make_generator(
-            GeneratorKind(generator),
+            generator,
             model_path=model_path,
             dtype=dtype,
             peft=peft,
@@ -141,6 +149,7 @@ class RolloutWorker:
             reward_names=list(self.rewards.names),
             worker_stats={self.worker_index: (n, time.perf_counter() - t0)},
             counters=self._counters,
+            reward_messages=scores.messages,
         )
 
     def _judge_reward(

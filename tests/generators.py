@@ -1,0 +1,76 @@
+"""A second :class:`dist_ft.rollout.Generator`, for the seam test: token-by-token sampling with a
+full forward per token (no KV cache, no transformers ``generate``), whose logprobs come from the
+sampling pass itself. It is plugged in by config (``rollout.generator=generators:NaiveSampler``)
+exactly as a user's engine would be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_ft.models import export_state, import_state, is_adapter, load_policy, load_tokenizer
+from dist_ft.rollout import Generation
+
+
+class NaiveSampler:
+    calls = 0  # generate() calls in this process: proves which engine a run used
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        dtype: str,
+        peft: Any,
+        device: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        need_ref_logprobs: bool,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if top_p != 1.0 or need_ref_logprobs:
+            raise ValueError("NaiveSampler samples the full distribution and has no reference")
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_policy(model_path, dtype, peft, torch.device(device)).eval()
+        self.adapter_only = is_adapter(self.model)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        import_state(self.model, tensors, self.adapter_only)
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return export_state(self.model, self.adapter_only)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int) -> Generation:
+        NaiveSampler.calls += 1
+        tok = self.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = enc["input_ids"].repeat_interleave(n, 0)  # [N, P]
+        mask = enc["attention_mask"].repeat_interleave(n, 0)  # [N, P]
+        p = ids.shape[1]
+        done = torch.zeros(len(ids), dtype=torch.bool)  # [N]
+        logprobs = []
+        for _ in range(self.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logp_NV = (logits[:, -1] / self.temperature).float().log_softmax(-1)
+            next_N = torch.multinomial(logp_NV.exp(), 1).squeeze(-1)
+            next_N = torch.where(done, tok.pad_token_id, next_N)
+            chosen = logp_NV.gather(-1, next_N.unsqueeze(-1)).squeeze(-1)
+            logprobs.append(torch.where(done, 0.0, chosen))
+            ids = torch.cat([ids, next_N.unsqueeze(-1)], dim=1)
+            mask = torch.cat([mask, (~done).long().unsqueeze(-1)], dim=1)
+            done |= next_N == tok.eos_token_id
+        completion_ids = ids[:, p:]
+        return Generation(
+            prompt_ids=ids[:, :p],
+            prompt_mask=mask[:, :p],
+            completion_ids=completion_ids,
+            completion_mask=mask[:, p:],
+            logprobs=torch.stack(logprobs, dim=1),
+            ref_logprobs=None,
+            texts=tok.batch_decode(completion_ids, skip_special_tokens=True),
+        )

@@ -1,0 +1,158 @@
+"""What a run leaves behind, as a user meets it (issue #9): the plot of a reward that stays 0, a
+finish that fails, an output directory that already holds a run, and Ctrl-C."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_ft.config import RunConfig
+
+TESTS = Path(__file__).resolve().parent
+DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
+# `reward_fns:NAME` loads from tests/; the caller's PYTHONPATH still comes after it.
+PATHS = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PATHS)}
+SHORT = ["algo.sft_warmup_steps=0", "run.wandb=disabled"]
+# `train` with the demo's file, not `dist-ft demo`: the demo command always replaces its run.
+DEMO = str(TESTS.parent / "configs" / "demo.yaml")
+
+
+def launch(out: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [DIST_FT, "train", DEMO, *SHORT, f"run.output_dir={out}", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def run(out: Path, *overrides: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of a demo-config run to its end."""
+    proc = launch(out, *overrides)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+
+
+def steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------- a reward that stays 0; finish
+
+
+@pytest.mark.slow
+def test_reward_that_is_always_0_is_plotted_and_the_run_ends_with_its_summary(tmp_path):
+    out = tmp_path / "zero"
+    rc, stdout, stderr = run(
+        out, "reward.functions=[{name: 'reward_fns:always_zero'}]", "run.steps=2"
+    )
+    assert rc == 0, stderr[-3000:]
+    assert "mean reward: first 1 steps 0.000, last 1 steps 0.000" in stdout
+    assert (out / "reward.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_failure_while_finishing_is_a_warning_not_a_lost_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "reward.png").mkdir(parents=True)  # where the plot goes: savefig fails
+    rc, stdout, stderr = run(out, "run.steps=2")
+    assert rc == 0, stderr[-3000:]
+    assert "finishing the run failed: IsADirectoryError" in stderr
+    assert "mean reward: first 1 steps" in stdout and "plot: None" in stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- an output dir that holds a run
+
+
+@pytest.mark.slow
+def test_fresh_run_refuses_a_directory_holding_another_run_and_resume_says_what_it_took(tmp_path):
+    out = tmp_path / "run"
+    ckpt = ["run.checkpoint_every=1", "run.keep_checkpoints=1", "run.plot=false"]
+    rc, _, stderr = run(out, *ckpt, "run.steps=2", "run.resume=auto")
+    assert rc == 0, stderr[-3000:]
+    assert f"run.resume=auto: no checkpoint in {out / 'checkpoints'}; starting fresh" in stderr
+    before = (out / "metrics.jsonl").read_bytes()
+
+    # The same command again, without resume: refused at once, the old run untouched.
+    t0 = time.perf_counter()
+    rc, _, stderr = run(out, *ckpt, "run.steps=1")
+    assert rc == 2, stderr[-3000:]
+    error = stderr.strip().splitlines()[-1]
+    assert f"run.output_dir={out} already holds another run (metrics.jsonl, checkpoints)" in error
+    for way_out in ("another run.output_dir", "run.resume=auto", "run.overwrite=true"):
+        assert way_out in error
+    assert "Loading weights" not in stderr  # refused before any model was loaded
+    print(f"refused in {time.perf_counter() - t0:.1f} s")
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert checkpoints(out) == ["step-00000002"]
+
+    rc, _, stderr = run(out, *ckpt, "run.steps=3", "run.resume=auto")
+    assert rc == 0, stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'step-00000002'} (step 2)" in stderr
+    assert steps(out) == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "overwrite" not in {f.name for f in dataclasses.fields(RunConfig)},
+    reason="run.overwrite is not in RunConfig yet",
+)
+def test_overwrite_replaces_the_old_run_so_resume_never_picks_its_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    ckpt = ["run.checkpoint_every=1", "run.keep_checkpoints=2", "run.plot=false"]
+    rc, _, stderr = run(out, *ckpt, "run.steps=3")
+    assert rc == 0, stderr[-3000:]
+    rc, _, stderr = run(out, *ckpt, "run.steps=1", "run.overwrite=true")
+    assert rc == 0, stderr[-3000:]
+    assert f"removed the previous run's outputs from {out}" in stderr
+    # Before issue #9 the old step-3 checkpoint outlived the new run's step 1 and was resumed.
+    assert checkpoints(out) == ["step-00000001"] and steps(out) == [1]
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_adapter_trained_so_far(tmp_path, tiny_path):
+    out = tmp_path / "run"
+    proc = launch(out, "run.steps=500", "run.checkpoint_every=0", "run.plot=false")
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or len(steps(out)) < 2:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no two steps within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    print(f"exit code {proc.returncode}, {len(stderr.splitlines())} lines of stderr")
+
+    (saved,) = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    step = int(saved.split()[3].rstrip(":"))
+    adapter = out / f"adapter-interrupted-step-{step}"
+    assert saved == f"interrupted at step {step}: adapter saved to {adapter}"
+    assert step >= 2 and step in [*steps(out), max(steps(out)) + 1]
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), adapter)
+    lora_b = [v for k, v in model.state_dict().items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
+    assert torch.isfinite(torch.cat([v.flatten() for v in lora_b])).all()
+    assert not (out / "adapter").exists()  # nothing that passes for a finished run
