@@ -2,28 +2,46 @@
 
 It carries token ids, logprobs, rewards and advantages, never gradients or weights, so a step's
 traffic from rollout to learner is kilobytes. Shapes: N = B x G samples (B prompts, G
-completions each), P = prompt tokens (left-padded), T = completion tokens (right-padded),
-K = reward functions.
+completions each), Bg = groups (prompts) in this batch, P = prompt tokens (left-padded), T =
+episode tokens after the prompt (right-padded), K = reward functions.
+
+A sample is its group's prompt plus an episode: the tokens after the prompt, with a per-token
+:class:`Span` code. Single-turn, the episode is the completion and every token up to and
+including EOS is ``TRAINED``. Multi-turn, environment and tool tokens sit between the model's
+turns as ``CONTEXT``: the learner's forward attends to them, the loss gives them no weight.
+Groups are explicit: ``group_ids`` rows index ``prompt_ids``, so each prompt travels once per
+group rather than once per sample, and nothing reads groups from row order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
 import torch
 
-_PROMPT_ALIGNED = ("prompt_ids", "prompt_mask")
-_COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "logprobs", "ref_logprobs")
+_GROUP_ALIGNED = ("prompt_ids", "prompt_mask")  # [Bg, ...], indexed by group_ids
+_EPISODE_ALIGNED = ("episode_ids", "episode_mask", "logprobs", "ref_logprobs")  # [N, T]
+
+
+class Span(enum.IntEnum):
+    """What one episode token is (the values of ``ScoredBatch.episode_mask``). One int8 code
+    rather than two bool masks: 1 byte per token instead of 2."""
+
+    PAD = 0  # no token: neither attended nor trained
+    CONTEXT = 1  # in the sequence the model conditions on (env/tool output), not trained
+    TRAINED = 2  # sampled by the policy and trained on
 
 
 @dataclass
 class ScoredBatch:
-    prompt_ids: torch.Tensor  # [N, P] int32, left-padded
-    prompt_mask: torch.Tensor  # [N, P] bool
-    completion_ids: torch.Tensor  # [N, T] int32, right-padded
-    completion_mask: torch.Tensor  # [N, T] bool, 1 up to and including EOS
-    logprobs: torch.Tensor  # [N, T] float32, behaviour policy (the version that sampled)
+    prompt_ids: torch.Tensor  # [Bg, P] int32, left-padded, one row per group
+    prompt_mask: torch.Tensor  # [Bg, P] bool
+    group_ids: torch.Tensor  # [N] int32: the row of prompt_ids each sample continues
+    episode_ids: torch.Tensor  # [N, T] int32, right-padded: every token after the prompt
+    episode_mask: torch.Tensor  # [N, T] int8 Span codes: 0 padding, 1 context, 2 trained
+    logprobs: torch.Tensor  # [N, T] float32, behaviour policy on TRAINED tokens, 0 elsewhere
     rewards: torch.Tensor  # [N, K] float32, one column per reward function (unweighted)
     reward_total: torch.Tensor  # [N] float32, weighted sum of the columns
     advantages: torch.Tensor  # [N] float32, group-relative
@@ -42,20 +60,22 @@ class ScoredBatch:
     reward_messages: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = self.prompt_ids.shape[0]
+        n, groups = self.group_ids.shape[0], self.prompt_ids.shape[0]
         if self.valid is None:
             self.valid = torch.ones(n, dtype=torch.bool)
         if self.reward_errors is None:
             self.reward_errors = torch.zeros(n, len(self.reward_names), dtype=torch.bool)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor) and value.shape[0] != n:
-                raise ValueError(f"ScoredBatch.{f.name} has {value.shape[0]} rows, expected {n}")
+        for name, value in self._tensors().items():
+            rows = groups if name in _GROUP_ALIGNED else n
+            if value.shape[0] != rows:
+                raise ValueError(f"ScoredBatch.{name} has {value.shape[0]} rows, expected {rows}")
+        if n and (int(self.group_ids.min()) < 0 or int(self.group_ids.max()) >= groups):
+            raise ValueError(f"ScoredBatch.group_ids must index the {groups} prompt rows")
         if self.rewards.shape[1] != len(self.reward_names):
             raise ValueError("ScoredBatch.rewards needs one column per reward name")
 
     def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
+        return self.group_ids.shape[0]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -71,29 +91,57 @@ class ScoredBatch:
 
     @staticmethod
     def bytes_per_sample(
-        prompt_tokens: int, completion_tokens: int, rewards: int, ref: bool
+        prompt_tokens: int, episode_tokens: int, rewards: int, ref: bool, group_size: int = 1
     ) -> int:
-        """Upper bound of :attr:`nbytes` per sample for the given padded widths (for planning):
-        int32 ids + bool masks, float32 logprobs (x2 with reference), K + 1 rewards, advantage,
-        int32 (step, prompt, completion) id and version, bool reward-error flags and validity."""
-        p, t = prompt_tokens, completion_tokens
-        flags = rewards + 1
-        return 5 * p + 5 * t + 4 * t * (2 if ref else 1) + 4 * (rewards + 1) + 4 + 12 + 4 + flags
+        """Upper bound of :attr:`nbytes` per sample for the given padded widths (for planning),
+        rounded up to a whole byte. Per group: int32 prompt ids + bool mask. Per sample: int32
+        group id; int32 episode ids + int8 span codes and float32 logprobs (x2 with reference)
+        per token; K + 1 float32 rewards, advantage, int32 (step, prompt, completion) id and
+        version, bool reward-error flags and validity. ``group_size=1`` bounds any grouping."""
+        p, t, k = prompt_tokens, episode_tokens, rewards
+        per_sample = 4 + 5 * t + 4 * t * (2 if ref else 1) + 4 * (k + 1) + 4 + 12 + 4 + (k + 1)
+        return per_sample + -(-5 * p // group_size)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[N, T] bool: tokens that exist (the forward attends to all of them)."""
+        return self.episode_mask != Span.PAD
+
+    @property
+    def trainable_mask(self) -> torch.Tensor:
+        """[N, T] bool: tokens the policy sampled (the only ones with behaviour logprobs)."""
+        return self.episode_mask == Span.TRAINED
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        """Trained tokens in this batch."""
+        return int(self.trainable_mask.sum())
 
     @property
     def loss_mask(self) -> torch.Tensor:
-        """[N, T] bool: completion tokens of the samples the loss uses."""
-        return self.completion_mask & self.valid[:, None]
+        """[N, T] bool: trained tokens of the samples the loss uses."""
+        return self.trainable_mask & self.valid[:, None]
+
+    def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's prompt ids and mask, [N, P] each: the prompt table expanded for a
+        forward pass (only the learner needs the G copies; they never travel)."""
+        return self.prompt_ids[self.group_ids], self.prompt_mask[self.group_ids]
 
     def select(self, index: torch.Tensor | list[int]) -> ScoredBatch:
-        """Rows ``index`` of every tensor (used to split a step across ranks or micro-batches)."""
+        """Samples ``index`` (used to split a step across ranks or micro-batches).
+
+        Only the prompts those samples reference are kept, in their original order, and group
+        ids are renumbered to match: a shard carries each of its prompts once and nothing more.
+        """
         index = torch.as_tensor(index, dtype=torch.long)
-        picked = {k: v[index] for k, v in self._tensors().items()}
+        used, group_ids = torch.unique(self.group_ids[index], return_inverse=True)
+        picked = {
+            k: v[used] if k in _GROUP_ALIGNED else v[index]
+            for k, v in self._tensors().items()
+            if k != "group_ids"
+        }
         return ScoredBatch(
+            group_ids=group_ids.to(torch.int32),
             reward_names=list(self.reward_names),
             worker_stats=dict(self.worker_stats),
             counters=dict(self.counters),
@@ -103,7 +151,8 @@ class ScoredBatch:
 
     @staticmethod
     def concat(batches: list[ScoredBatch]) -> ScoredBatch:
-        """Stack batches from several workers; prompts and completions are re-padded."""
+        """Stack batches from several workers; prompts and episodes are re-padded, and each
+        batch's group ids are offset past the prompt rows of the batches before it."""
         if not batches:
             raise ValueError("nothing to concatenate")
         names = batches[0].reward_names
@@ -121,10 +170,15 @@ class ScoredBatch:
 
         fields = {}
         for key in batches[0]._tensors():
-            if key in _PROMPT_ALIGNED:
+            if key in _GROUP_ALIGNED:
                 fields[key] = pad_cat(key, left=True)
-            elif key in _COMPLETION_ALIGNED:
+            elif key in _EPISODE_ALIGNED:
                 fields[key] = pad_cat(key, left=False)
+            elif key == "group_ids":
+                offsets = torch.tensor([0] + [len(b.prompt_ids) for b in batches]).cumsum(0)
+                fields[key] = torch.cat(
+                    [b.group_ids + int(o) for b, o in zip(batches, offsets)]
+                ).to(torch.int32)
             else:
                 fields[key] = torch.cat([getattr(b, key) for b in batches])
         stats: dict[int, tuple[int, float]] = {}
@@ -163,7 +217,9 @@ class ScoredBatch:
 def balanced_shards(batch: ScoredBatch, parts: int) -> list[ScoredBatch]:
     """Equal sample counts per rank (DeepSpeed's batch size is per rank), balanced by tokens:
     samples sorted by length are dealt out in snake order (0, 1, ..., p-1, p-1, ..., 0)."""
-    order = torch.argsort(batch.completion_mask.sum(-1), descending=True, stable=True).tolist()
+    # Sorted by attended tokens (context included): that is what a forward pass costs.
+    lengths_N = batch.attention_mask.sum(-1)
+    order = torch.argsort(lengths_N, descending=True, stable=True).tolist()
     shards: list[list[int]] = [[] for _ in range(parts)]
     for i, idx in enumerate(order):
         lap, pos = divmod(i, parts)

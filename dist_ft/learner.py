@@ -178,36 +178,43 @@ class Learner:
         """
         if normaliser is None:
             normaliser = loss_normaliser(batch.loss_mask, self.loss)
-        # Trim the completion padding that every sample in this shard shares: no compute on it.
-        used = batch.completion_mask.any(0).nonzero()
-        width = int(used.max()) + 1 if len(used) else 1
-
-        def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            mb = batch.select(idx)
-            # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
-            mask = mb.loss_mask[:, :width]
-            logp = completion_logprobs(
-                self.engine,
-                mb.prompt_ids,
-                mb.prompt_mask,
-                mb.completion_ids[:, :width],
-                mask,
-                self.temperature,
-            )
-            ref = None if mb.ref_logprobs is None else mb.ref_logprobs[:, :width]
-            return policy_loss(
-                logp,
-                mb.logprobs[:, :width],
-                mb.advantages * mb.valid,
-                mask,
-                self.loss,
-                ref,
-                normaliser,
-            )
-
-        metrics = self._accumulate(len(batch), micro_loss)
+        metrics = self._accumulate(
+            len(batch), lambda idx: self.grpo_loss(batch.select(idx), normaliser)
+        )
         metrics["tokens"] = float(batch.num_tokens)
         return metrics
+
+    def grpo_loss(
+        self, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``batch``'s share of a step's policy loss, with grad (one micro-batch of :meth:`step`).
+
+        The forward attends to every episode token (context included: the model conditions on
+        env/tool turns); the loss weighs only the trained tokens of valid samples.
+        """
+        # Trim the episode padding that every sample here shares: no compute on it.
+        used = batch.attention_mask.any(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
+        logp_NT = completion_logprobs(
+            self.engine,
+            prompt_ids_NP,
+            prompt_mask_NP,
+            batch.episode_ids[:, :width],
+            batch.attention_mask[:, :width],
+            self.temperature,
+        )
+        ref_NT = None if batch.ref_logprobs is None else batch.ref_logprobs[:, :width]
+        return policy_loss(
+            logp_NT,
+            batch.logprobs[:, :width],
+            # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
+            batch.advantages * batch.valid,
+            batch.loss_mask[:, :width],
+            self.loss,
+            ref_NT,
+            normaliser,
+        )
 
     def sft_step(
         self,

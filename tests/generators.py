@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dist_ft.batch import Span
 from dist_ft.models import export_state, import_state, is_adapter, load_policy, load_tokenizer
 from dist_ft.rollout import Generation
 
@@ -48,8 +49,9 @@ class NaiveSampler:
         NaiveSampler.calls += 1
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = enc["input_ids"].repeat_interleave(n, 0)  # [N, P]
-        mask = enc["attention_mask"].repeat_interleave(n, 0)  # [N, P]
+        group_ids = torch.arange(len(prompts)).repeat_interleave(n)  # [N]
+        ids = enc["input_ids"][group_ids]  # [N, P]
+        mask = enc["attention_mask"][group_ids]  # [N, P]
         p = ids.shape[1]
         done = torch.zeros(len(ids), dtype=torch.bool)  # [N]
         logprobs = []
@@ -66,10 +68,11 @@ class NaiveSampler:
             done |= next_N == tok.eos_token_id
         completion_ids = ids[:, p:]
         return Generation(
-            prompt_ids=ids[:, :p],
-            prompt_mask=mask[:, :p],
-            completion_ids=completion_ids,
-            completion_mask=mask[:, p:],
+            prompt_ids=enc["input_ids"],
+            prompt_mask=enc["attention_mask"],
+            group_ids=group_ids,
+            episode_ids=completion_ids,
+            episode_mask=(mask[:, p:] * Span.TRAINED).to(torch.int8),
             logprobs=torch.stack(logprobs, dim=1),
             ref_logprobs=None,
             texts=tok.batch_decode(completion_ids, skip_special_tokens=True),

@@ -31,3 +31,10 @@ def test_rollout_scaling_bench_reports_both_actor_counts():
     out = run("rollout_scaling.py", "--steps", "1", "--prompts", "4")
     assert re.search(r"1 rollout actor : +\d+\.\d samples/s", out)
     assert re.search(r"2 rollout actors: +\d+\.\d samples/s +\(\d+\.\d\dx\)", out)
+
+
+@pytest.mark.slow
+def test_payload_bytes_bench_reports_the_ratio_to_the_minimum():
+    out = run("payload_bytes.py")
+    assert re.search(r"payload: +\d+\.\d B/sample", out)
+    assert re.search(r"ratio: +\d+\.\d\dx", out)

@@ -17,7 +17,7 @@ def test_a_second_generator_matches_the_learner_at_ratio_one(tiny_path, demo_pro
     assert isinstance(worker.generator, NaiveSampler)
     worker.set_weights(0, learner.export_weights())
     batch = worker.rollout(1, demo_prompts[:4], seed=0)
-    m = batch.completion_mask
+    m = batch.trainable_mask
     assert (batch.logprobs[m] < 0).all() and (batch.logprobs[~m] == 0).all()
     metrics = learner.step(batch)
     assert abs(metrics["ratio"] - 1.0) < 1e-5

@@ -54,7 +54,7 @@ def numbered(principles):
 
 def test_pointwise_is_expected_rating_from_logits(pointwise, direct):
     principles = numbered(load_constitution(DEFAULT).principles)
-    scores = pointwise.score([PROMPT] * len(REPLIES), REPLIES, group_size=4)
+    scores = pointwise.score([PROMPT] * len(REPLIES), REPLIES)
     expected = []
     for reply in REPLIES:
         text = POINTWISE_TEMPLATE.format(
@@ -69,11 +69,11 @@ def test_pointwise_is_expected_rating_from_logits(pointwise, direct):
 
 def test_pointwise_is_deterministic_and_batch_size_independent(pointwise, tiny_path):
     prompts = [PROMPT] * len(REPLIES)
-    first = pointwise.score(prompts, REPLIES, group_size=8)
-    assert pointwise.score(prompts, REPLIES, group_size=8) == first
+    first = pointwise.score(prompts, REPLIES)
+    assert pointwise.score(prompts, REPLIES) == first
     one_at_a_time = JudgeWorker(model_path=tiny_path, constitution=DEFAULT, batch_size=1)
     torch.testing.assert_close(
-        torch.tensor(one_at_a_time.score(prompts, REPLIES, group_size=8)),
+        torch.tensor(one_at_a_time.score(prompts, REPLIES)),
         torch.tensor(first),
         atol=1e-5,
         rtol=0,
@@ -88,13 +88,13 @@ def test_judge_model_path_matters(pointwise, tiny_path):
     other_path = resolve_model_path("tiny", TinyModelConfig(seed=1))
     other = JudgeWorker(model_path=other_path, constitution=DEFAULT)
     prompts = [PROMPT] * 4
-    assert other.score(prompts, REPLIES[:4], 4) != pointwise.score(prompts, REPLIES[:4], 4)
+    assert other.score(prompts, REPLIES[:4]) != pointwise.score(prompts, REPLIES[:4])
 
 
 def test_group_scores_are_best_probabilities(group, direct):
     principles = numbered(load_constitution(DEFAULT).principles)
     prompts = [PROMPT] * 4 + ["Name a colour."] * 4
-    scores = group.score(prompts, REPLIES, group_size=4)
+    scores = group.score(prompts, REPLIES, group_ids=[0] * 4 + [1] * 4)
     assert len(scores) == 8
     for b in range(2):
         block = "\n".join(f"[{i + 1}] {c}" for i, c in enumerate(REPLIES[4 * b : 4 * b + 4]))
@@ -109,20 +109,33 @@ def test_group_scores_are_best_probabilities(group, direct):
     assert group.stats(last_call=True)["requests"] == 2  # one query per prompt
 
 
+def test_groups_come_from_group_ids_not_row_order(group):
+    # Two groups with their rows interleaved score as the same groups stored contiguously.
+    prompts = [PROMPT] * 4 + ["Name a colour."] * 4
+    contiguous = group.score(prompts, REPLIES, group_ids=[0] * 4 + [1] * 4)
+    order = [0, 4, 1, 5, 2, 6, 3, 7]
+    interleaved = group.score(
+        [prompts[i] for i in order], [REPLIES[i] for i in order], group_ids=[0, 1] * 4
+    )
+    assert interleaved == [contiguous[i] for i in order]
+
+
 def test_group_rejects_bad_groups(group):
-    with pytest.raises(JudgeError, match=r"9 labels .* group_size=10"):
-        group.score([PROMPT] * 10, ["a"] * 10, group_size=10)
-    with pytest.raises(JudgeError, match=r"prompts\[0:2\] differ"):
-        group.score(["p", "q"], ["a", "b"], group_size=2)
-    with pytest.raises(JudgeError, match="groups of group_size=3"):
-        group.score([PROMPT] * 4, ["a"] * 4, group_size=3)
+    with pytest.raises(JudgeError, match=r"9 labels .* groups of 10"):
+        group.score([PROMPT] * 10, ["a"] * 10, group_ids=[0] * 10)
+    with pytest.raises(JudgeError, match=r"prompts of group 0 \(rows \[0, 1\]\) differ"):
+        group.score(["p", "q"], ["a", "b"], group_ids=[0, 0])
+    with pytest.raises(JudgeError, match=r"groups of sizes \[1, 3\]"):
+        group.score([PROMPT] * 4, ["a"] * 4, group_ids=[0, 0, 0, 1])
+    with pytest.raises(JudgeError, match="one group id per completion"):
+        group.score([PROMPT] * 4, ["a"] * 4)
 
 
 def test_identical_pairs_are_scored_once_per_call(pointwise):
     before = pointwise.stats()
     replies = ["5", "six", "5", "5", "x", "six", "5", "x"]  # 3 distinct
     for _ in range(2):  # the cache lives for one call: the second call hits 5 times again
-        scores = pointwise.score([PROMPT] * 8, replies, group_size=8)
+        scores = pointwise.score([PROMPT] * 8, replies)
         last = pointwise.stats(last_call=True)
         assert last["requests"] == 8 and last["cache_hits"] == 5
         assert last["tokens"] == sum(len(pointwise.render(PROMPT, [c])) for c in set(replies))
@@ -133,7 +146,7 @@ def test_identical_pairs_are_scored_once_per_call(pointwise):
     assert total["requests"] - before["requests"] == 16
     assert total["cache_hits"] - before["cache_hits"] == 10
     # The same completion under another prompt is another query.
-    pointwise.score(["a", "b"], ["5", "5"], group_size=2)
+    pointwise.score(["a", "b"], ["5", "5"])
     assert pointwise.stats(last_call=True)["cache_hits"] == 0
 
 
@@ -144,7 +157,7 @@ def test_long_inputs_are_cut_to_fit(pointwise, group, direct):
     assert len(pointwise.tokenizer(text)["input_ids"]) == pointwise.max_length == 512
     assert "What is 2+3?\nReply: The answer is 5." in text  # prompt keeps its end, reply its start
     assert text.endswith("Rating (1-5): ")
-    [score] = pointwise.score([prompt], [reply], group_size=1)
+    [score] = pointwise.score([prompt], [reply])
     # the score is that of the truncated text, computed straight from the model
     expected = float(direct(text, list("12345")) @ torch.arange(1.0, 6.0))
     assert score == pytest.approx(expected, abs=1e-5)

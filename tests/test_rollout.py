@@ -15,15 +15,20 @@ def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
     batch = worker.rollout(7, demo_prompts[:3], seed=0)
     n = 3 * 4
     assert len(batch) == n
-    assert batch.completion_ids.shape == batch.logprobs.shape == (n, 6)
+    assert batch.episode_ids.shape == batch.episode_mask.shape == batch.logprobs.shape == (n, 6)
+    # the prompt travels once per group; group ids say which samples share it
+    assert batch.prompt_ids.shape[0] == batch.prompt_mask.shape[0] == 3
+    assert batch.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert batch.rewards.shape == (n, len(cfg.reward.functions))
     assert batch.reward_names == ["char_match", "exact_match"]
     assert batch.sample_ids[:, 0].eq(7).all()
     assert batch.sample_ids[:4, 1].eq(demo_prompts[0].index).all()
     assert batch.sample_ids[:4, 2].tolist() == [0, 1, 2, 3]
     assert batch.versions.eq(0).all()
+    # single-turn: every existing token was sampled and is trained (no context span)
+    assert torch.equal(batch.attention_mask, batch.trainable_mask)
     # logprobs are real log-probabilities on real tokens and exactly 0 on padding
-    m = batch.completion_mask
+    m = batch.trainable_mask
     assert (batch.logprobs[m] < 0).all() and (batch.logprobs[~m] == 0).all()
     # advantages are group-relative: zero mean within each group
     torch.testing.assert_close(
@@ -59,13 +64,9 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
     ).eval()
     with torch.no_grad():
         expected = completion_logprobs(
-            base,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask.long(),
+            base, *batch.sample_prompts(), batch.episode_ids, batch.attention_mask
         )
-    m = batch.completion_mask
+    m = batch.trainable_mask
     torch.testing.assert_close(batch.ref_logprobs[m], expected[m], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batch.logprobs[m], batch.ref_logprobs[m], atol=1e-3)
 
@@ -82,3 +83,19 @@ def test_completion_is_masked_after_eos(tiny_path):
     # a completion cut at max_new_tokens without EOS is kept whole
     ids, mask = worker.generator._completion(torch.tensor([[10, 11, 12, 13, 14]]))
     assert mask.tolist() == [[1, 1, 1, 1, 1]]
+
+
+def test_group_judge_compares_the_samples_of_each_group(tiny_path, demo_prompts):
+    """The worker hands the judge its generator's group ids: each group's scores sum to 1."""
+    from pathlib import Path
+
+    from dist_ft.rewards.judge import JudgeWorker
+
+    constitution = Path(__file__).resolve().parents[1] / "configs/constitutions/default.yaml"
+    judge = JudgeWorker(model_path=tiny_path, constitution=str(constitution), mode="group")
+    _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
+    worker = RolloutWorker(**{**wk, "rewards": [("judge", 1.0, {})]}, judge=judge)
+    batch = worker.rollout(1, demo_prompts[:3], seed=0)
+    sums = torch.zeros(3).index_add_(0, batch.group_ids.long(), batch.rewards[:, 0])
+    torch.testing.assert_close(sums, torch.ones(3), atol=1e-5, rtol=0)
+    assert batch.counters["judge/requests"] == 3  # one judge query per group

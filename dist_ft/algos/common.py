@@ -21,3 +21,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1 (0 when the mask is empty)."""
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def group_slots(group_N: torch.Tensor) -> torch.Tensor:
+    """Each sample's place within its group, in row order: [N] long.
+
+    ``group_N`` [N] holds group ids in ``0..Bg-1`` (any row order, any group sizes). Samples of
+    group g get 0, 1, 2, ... in the order their rows appear, so groups need not be contiguous.
+    """
+    group = group_N.long()
+    order = torch.argsort(group, stable=True)  # rows grouped, row order kept within a group
+    counts = torch.bincount(group, minlength=int(group.max()) + 1 if len(group) else 0)
+    starts = counts.cumsum(0) - counts  # [Bg] first sorted position of each group
+    slots = torch.empty_like(group)
+    slots[order] = torch.arange(len(group)) - starts[group[order]]
+    return slots

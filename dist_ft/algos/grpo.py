@@ -1,6 +1,7 @@
 """GRPO and its variants: group-relative advantages, clipped policy losses, KL estimator.
 
-Shapes: B = prompts, G = completions per prompt, N = B x G samples, T = completion tokens.
+Shapes: B = prompts, G = completions per prompt, N = B x G samples, T = completion tokens,
+Bg = groups in a batch (group ids index them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ft.algos.common import masked_mean
+from dist_ft.algos.common import group_slots, masked_mean
 
 
 class LossType(str, enum.Enum):
@@ -55,6 +56,29 @@ def group_advantages(
         adv = centred / (var.sqrt() + eps)
     adv = torch.where(n >= 2, adv, torch.zeros_like(adv))
     return adv.to(rewards_BG.dtype)
+
+
+def advantages_by_group(
+    rewards_N: torch.Tensor,
+    group_N: torch.Tensor,
+    scale: bool = True,
+    valid_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`group_advantages` for samples named by group id rather than by row order.
+
+    rewards_N [N]; group_N [N] group ids in ``0..Bg-1``; valid_N [N] bool. Samples are packed
+    into [Bg, G_max] (a short group's empty slots are invalid, so they enter no statistics) and
+    unpacked back to row order. Returns [N].
+    """
+    if valid_N is None:
+        valid_N = torch.ones_like(rewards_N, dtype=torch.bool)
+    group, slot = group_N.long(), group_slots(group_N)
+    shape = (int(group.max()) + 1, int(slot.max()) + 1) if len(group) else (0, 0)
+    rewards_BG = rewards_N.new_zeros(shape)
+    valid_BG = torch.zeros(shape, dtype=torch.bool)
+    rewards_BG[group, slot] = rewards_N
+    valid_BG[group, slot] = valid_N
+    return group_advantages(rewards_BG, scale=scale, valid_BG=valid_BG)[group, slot]
 
 
 def kl_k3(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor) -> torch.Tensor:

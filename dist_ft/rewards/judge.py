@@ -10,7 +10,7 @@ reward is continuous and deterministic:
   sum to 1, so they rank the group (what GRPO's group-relative advantage uses anyway).
 
 ``JudgeWorker`` is a plain class; ``cluster.py`` wraps it as a Ray actor. Shapes: Q = judge
-queries (N completions in pointwise mode, B prompts in group mode), L = tokens, V = vocabulary,
+queries (N completions in pointwise mode, Bg groups in group mode), L = tokens, V = vocabulary,
 K = choice tokens (ratings or labels).
 """
 
@@ -224,36 +224,48 @@ class JudgeWorker:
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def score(self, prompts: list[str], completions: list[str], group_size: int) -> list[float]:
-        """One score per completion, in order. ``completions`` come in consecutive groups of
-        ``group_size`` for the same prompt (as ``prompts`` repeats it).
+    def score(
+        self, prompts: list[str], completions: list[str], group_ids: Sequence[int] | None = None
+    ) -> list[float]:
+        """One score per completion, in order.
 
-        pointwise: the expected rating in [min rating, max rating].
-        group: P(completion i is named best among its group); each group's scores sum to 1.
+        pointwise: the expected rating in [min rating, max rating]; ``group_ids`` are unused.
+        group: P(completion i is named best among its group); each group's scores sum to 1. A
+        group is the completions sharing a group id (in any rows: ids, not row order, say which
+        completions compete), shown in row order; every group has the same size G, since one
+        call reads one label set.
         """
-        n, g = len(completions), group_size
+        n = len(completions)
         if len(prompts) != n:
             raise JudgeError(f"judge got {len(prompts)} prompts for {n} completions")
-        if g < 1 or n % g:
-            raise JudgeError(f"{n} completions do not split into groups of group_size={g}")
-        if self.mode is JudgeMode.GROUP and g > len(self.choices):
-            raise JudgeError(
-                f"group judge has {len(self.choices)} labels {self.choices} but group_size={g}: "
-                "pass more one-token labels"
-            )
         self._last = dict.fromkeys(self._last, 0)
+        members: dict[int, list[int]] = {}  # group id -> its rows, in row order
         if self.mode is JudgeMode.POINTWISE:
             keys = [(p, (c,)) for p, c in zip(prompts, completions)]
             choice_ids = self._choice_ids
         else:
+            if group_ids is None or len(group_ids) != n:
+                got = "none" if group_ids is None else len(group_ids)
+                raise JudgeError(f"group judge needs one group id per completion ({n}), got {got}")
+            for i, gid in enumerate(group_ids):
+                members.setdefault(int(gid), []).append(i)
+            sizes = sorted({len(rows) for rows in members.values()})
+            if len(sizes) > 1:
+                raise JudgeError(f"group judge: groups of sizes {sizes}; all must have one size")
+            g = sizes[0] if sizes else 0
+            if g > len(self.choices):
+                raise JudgeError(
+                    f"group judge has {len(self.choices)} labels {self.choices} but groups of "
+                    f"{g}: pass more one-token labels"
+                )
             keys = []
-            for start in range(0, n, g):
-                if len(set(prompts[start : start + g])) != 1:
+            for gid, rows in members.items():
+                if len({prompts[i] for i in rows}) != 1:
                     raise JudgeError(
-                        f"group judge: prompts[{start}:{start + g}] differ; completions must come "
-                        f"in consecutive groups of group_size={g} for the same prompt"
+                        f"group judge: the prompts of group {gid} (rows {rows}) differ; a group's "
+                        "completions answer one prompt"
                     )
-                keys.append((prompts[start], tuple(completions[start : start + g])))
+                keys.append((prompts[rows[0]], tuple(completions[i] for i in rows)))
             choice_ids = self._choice_ids[:g]  # a label not shown must get no probability
 
         # Cached within one call (one step) only: GRPO's G samples of a prompt often repeat
@@ -270,16 +282,17 @@ class JudgeWorker:
         probs_QK = probs_UK[[row[key] for key in keys]]
         if self.mode is JudgeMode.POINTWISE:
             scores_N = probs_QK @ self._values_K  # expected rating: continuous in the logits
-        else:
-            scores_N = probs_QK.reshape(-1)  # [B, G] -> [B x G], prompt-major like the input
+        else:  # [Bg, G] back to each completion's row
+            scores_N = torch.empty(n)
+            scores_N[[i for rows in members.values() for i in rows]] = probs_QK.reshape(-1)
         return scores_N.tolist()
 
     def score_with_stats(
-        self, prompts: list[str], completions: list[str], group_size: int
+        self, prompts: list[str], completions: list[str], group_ids: Sequence[int] | None = None
     ) -> tuple[list[float], dict[str, int]]:
         """:meth:`score` and the counts of that call, in one (remote) call: a judge actor
         shared by several rollout workers serves one call at a time."""
-        return self.score(prompts, completions, group_size), self.stats(last_call=True)
+        return self.score(prompts, completions, group_ids), self.stats(last_call=True)
 
     def render(self, prompt: str, completions: list[str]) -> str:
         """The judge's input for one query (one completion in pointwise mode, the group in group

@@ -7,7 +7,8 @@ GPUs, a multi-turn environment wrapping generation) is one new file plus one
 :class:`GeneratorKind` value.
 
 Shapes: N = B x G samples (B prompts, G completions each), P = prompt tokens (left-padded),
-T = completion tokens (right-padded to ``max_new_tokens``).
+T = episode tokens after the prompt (right-padded; single-turn: the completion, padded to
+``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -25,18 +26,24 @@ class GeneratorKind(str, enum.Enum):
 
 @dataclass
 class Generation:
-    prompt_ids: torch.Tensor  # [N, P] int64, left-padded, each prompt repeated G times
-    prompt_mask: torch.Tensor  # [N, P] long
-    completion_ids: torch.Tensor  # [N, T] int64, right-padded to max_new_tokens
-    completion_mask: torch.Tensor  # [N, T] long, 1 up to and including EOS
-    logprobs: torch.Tensor  # [N, T] float32, the sampling distribution, 0 on padding
+    """What an engine returns. Each prompt comes once; ``group_ids`` says which prompt each
+    sample continues, so an engine may return samples in any order (a multi-turn environment
+    finishes episodes out of order). ``episode_mask`` holds :class:`dist_ft.batch.Span` codes:
+    the tokens the policy sampled are TRAINED, env/tool tokens between turns are CONTEXT."""
+
+    prompt_ids: torch.Tensor  # [B, P] int64, left-padded, one row per prompt
+    prompt_mask: torch.Tensor  # [B, P] long
+    group_ids: torch.Tensor  # [N] long: the prompt row of each sample
+    episode_ids: torch.Tensor  # [N, T] int64, right-padded
+    episode_mask: torch.Tensor  # [N, T] int8 Span codes; single-turn: TRAINED up to EOS
+    logprobs: torch.Tensor  # [N, T] float32, the sampling distribution, 0 off TRAINED tokens
     ref_logprobs: torch.Tensor | None  # [N, T] float32, reference policy; None when not asked
-    texts: list[str]  # [N] decoded completions, special tokens removed
+    texts: list[str]  # [N] decoded episodes (the completions), special tokens removed
 
 
 class Generator(Protocol):
     def generate(self, prompts: list[str], n: int) -> Generation:
-        """``n`` sampled completions per prompt, grouped: rows i*n .. i*n+n-1 are prompt i's."""
+        """``n`` sampled episodes per prompt; ``group_ids`` names each one's prompt."""
         ...
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dist_ft.batch import Span
 from dist_ft.config import PeftConfig, PeftMethod
 from dist_ft.models import (
     completion_logprobs,
@@ -58,8 +59,10 @@ class HFGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int) -> Generation:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_ids = enc["input_ids"].repeat_interleave(n, 0).to(self.device)  # [B*G, P]
-        prompt_mask = enc["attention_mask"].repeat_interleave(n, 0).to(self.device)  # [B*G, P]
+        group_ids = torch.arange(len(prompts)).repeat_interleave(n)  # [B*G]: rows i*n.. are i's
+        # generate needs every sample's prompt; only the [B, P] table leaves this function.
+        prompt_ids = enc["input_ids"][group_ids].to(self.device)  # [B*G, P]
+        prompt_mask = enc["attention_mask"][group_ids].to(self.device)  # [B*G, P]
         out = self.model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -83,10 +86,12 @@ class HFGenerator:
                     ref_logprobs = completion_logprobs(self.model, *args)
             ref_logprobs = (ref_logprobs * completion_mask).float()
         return Generation(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
+            prompt_ids=enc["input_ids"],
+            prompt_mask=enc["attention_mask"],
+            group_ids=group_ids,
+            episode_ids=completion_ids,
+            # Single-turn: every kept token (up to and including EOS) was sampled and is trained.
+            episode_mask=(completion_mask * Span.TRAINED).to(torch.int8),
             logprobs=logprobs.float(),
             ref_logprobs=ref_logprobs,
             texts=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),

@@ -1,6 +1,7 @@
-"""``RolloutWorker``: asks its generator for G completions per prompt, scores them, computes
-group-relative advantages and returns a ``ScoredBatch``. A plain class; ``cluster.py`` wraps it
-as a Ray actor, or calls it in-process in debug mode.
+"""``RolloutWorker``: asks its generator for G episodes per prompt, scores them, computes
+group-relative advantages (groups named by the generator's group ids, never by row order) and
+returns a ``ScoredBatch``. A plain class; ``cluster.py`` wraps it as a Ray actor, or calls it
+in-process in debug mode.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 
-from dist_ft.algos.grpo import group_advantages
+from dist_ft.algos.common import group_slots
+from dist_ft.algos.grpo import advantages_by_group
 from dist_ft.batch import ScoredBatch
 from dist_ft.config import PeftConfig
 from dist_ft.data import Prompt
@@ -81,6 +83,7 @@ class RolloutWorker:
         self.scale_rewards = scale_rewards
         self.judge = judge
         self._counters: dict[str, float] = {}
+        self._group_ids: list[int] = []  # [N] of the rollout being scored, for the judge
         extra = {"judge": self._judge_reward} if judge is not None else None
         self.rewards = RewardSet(rewards, timeout_s=reward_timeout_s, extra=extra)
         self.on_reward_error = on_reward_error
@@ -100,7 +103,7 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, step: int, prompts: list[Prompt], seed: int) -> ScoredBatch:
-        """G completions for each of the B prompts, scored, with group-relative advantages.
+        """G episodes for each of the B prompts, scored, with group-relative advantages.
 
         In deterministic mode sampling is seeded by ``seed`` alone (the caller derives it from
         run seed, step and share), so a share issued again after a worker died draws the same
@@ -110,12 +113,14 @@ class RolloutWorker:
         t0 = time.perf_counter()
         if self.deterministic:
             torch.manual_seed(seed)
-        g = self.group_size
-        gen = self.generator.generate([p.text for p in prompts], g)
+        gen = self.generator.generate([p.text for p in prompts], self.group_size)
+        group_N = gen.group_ids.cpu()
+        n = len(group_N)
 
-        prompt_texts = [p.text for p in prompts for _ in range(g)]
-        answers = [p.answer for p in prompts for _ in range(g)]
+        prompt_texts = [prompts[i].text for i in group_N.tolist()]
+        answers = [prompts[i].answer for i in group_N.tolist()]
         self._counters = {}
+        self._group_ids = group_N.tolist()
         scores = self.rewards.score(prompt_texts, gen.texts, answers)
         errors_N = scores.errors_NK.any(1)
         if errors_N.any() and self.on_reward_error == "abort":
@@ -124,26 +129,27 @@ class RolloutWorker:
         # statistics and of the loss. Either way no NaN reaches the advantages.
         total_N = scores.total(self.rewards.weights, fill=0.0)
         valid_N = ~errors_N if self.on_reward_error == "mask" else torch.ones_like(errors_N)
-        adv_BG = group_advantages(
-            total_N.view(-1, g), scale=self.scale_rewards, valid_BG=valid_N.view(-1, g)
-        )
+        adv_N = advantages_by_group(total_N, group_N, scale=self.scale_rewards, valid_N=valid_N)
 
-        n = len(prompts) * g
-        sample_ids = torch.tensor(
-            [[step, p.index, j] for p in prompts for j in range(g)], dtype=torch.int32
+        # (step, prompt's dataset row, place in its group): a share issued again gets the same ids.
+        prompt_index_N = torch.tensor([p.index for p in prompts], dtype=torch.int32)[group_N]
+        sample_ids = torch.stack(
+            [torch.full((n,), step, dtype=torch.int32), prompt_index_N, group_slots(group_N).int()],
+            dim=1,
         )
         return ScoredBatch(
             prompt_ids=gen.prompt_ids.to("cpu", torch.int32),
             prompt_mask=gen.prompt_mask.to("cpu", torch.bool),
-            completion_ids=gen.completion_ids.to("cpu", torch.int32),
-            completion_mask=gen.completion_mask.to("cpu", torch.bool),
+            group_ids=group_N.to(torch.int32),
+            episode_ids=gen.episode_ids.to("cpu", torch.int32),
+            episode_mask=gen.episode_mask.to("cpu", torch.int8),
             logprobs=gen.logprobs.cpu(),
             ref_logprobs=None if gen.ref_logprobs is None else gen.ref_logprobs.cpu(),
             rewards=scores.rewards_NK,
             reward_total=total_N,
             reward_errors=scores.errors_NK,
             valid=valid_N,
-            advantages=adv_BG.reshape(n).float(),
+            advantages=adv_N.float(),
             sample_ids=sample_ids,
             versions=torch.full((n,), self.version, dtype=torch.int32),
             reward_names=list(self.rewards.names),
@@ -155,6 +161,7 @@ class RolloutWorker:
     def _judge_reward(
         self, prompts: list[str], completions: list[str], answers: list[str | None]
     ) -> list[float]:
-        scores, stats = self.judge.score_with_stats(prompts, completions, self.group_size)
+        # The judge's group mode compares the samples sharing a group id, not G adjacent rows.
+        scores, stats = self.judge.score_with_stats(prompts, completions, self._group_ids)
         self._counters = {f"judge/{k}": float(v) for k, v in stats.items()}
         return scores
