@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-unit test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
+# Pure tests only (no DeepSpeed, Ray or training runs): under 2 minutes on 2 cores.
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+# Everything but tests/slow (Ray clusters, SLURM, resume, chaos, the demo).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q tests/unit tests/integration tests/test_*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_ft.config import load_config
-from dist_ft.data import load_rows, prepare_prompts
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.rollout import RolloutWorker
-from dist_ft.trainer import component_kwargs
+from dist_ft.trainer import component_kwargs, load_prompts
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -25,17 +24,7 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def main() -> None:
     cfg = load_config(DEMO, ["run.wandb=disabled"])
     path = resolve_model_path(cfg.model.path, cfg.model.tiny)
-    d = cfg.data
-    prompts = prepare_prompts(
-        load_rows(d.source, d.demo_size, cfg.run.seed),
-        load_tokenizer(path),
-        source=d.source,
-        prompt_field=d.prompt_field,
-        answer_field=d.answer_field,
-        template=d.template,
-        plain_template=d.plain_template,
-        max_prompt_tokens=d.max_prompt_tokens,
-    ).prompts[: cfg.algo.prompts_per_step]
+    prompts = load_prompts(cfg, load_tokenizer(path)).prompts[: cfg.algo.prompts_per_step]
     worker_kwargs, _ = component_kwargs(cfg, path)
     batch = RolloutWorker(**worker_kwargs).rollout(1, prompts, seed=0)
 

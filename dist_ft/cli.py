@@ -108,7 +108,7 @@ def preflight(cfg: Config) -> None:
 
     check_device(cfg.resources.device)
     if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local":
-        from dist_ft.ray_connect import check_address  # socket and gRPC only: ray loads later
+        from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
         check_address(cfg.resources.ray_address)
     names = [f.name for f in cfg.reward.functions]

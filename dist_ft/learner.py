@@ -1,7 +1,7 @@
 """``Learner``: one DeepSpeed ZeRO rank. The only module in dist_ft that imports deepspeed.
 
 In debug mode one Learner runs in the driver process at world size 1; on Ray each learner actor
-is one rank of a data-parallel group (``cluster.py`` sets rank, world size and master address).
+is one rank of a data-parallel group (``cluster/ray.py`` sets rank, world size and master address).
 """
 
 from __future__ import annotations

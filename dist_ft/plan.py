@@ -3,73 +3,79 @@ moves, from the config and the live cluster, without loading weights or training
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from dist_ft.cluster.placement import (
+    ActorRequest,
+    ActorSpec,
+    Placement,
+    plan_actors,
+    resolve_rollout_workers,
+)
 from dist_ft.config import Config
 
+__all__ = ["actor_spec", "describe_plan", "predict_placement", "resolve_rollout_workers"]
 
-def resolve_rollout_workers(
-    setting: int | str, nodes: list[dict[str, Any]], learners: int, gpu: bool
-) -> int:
-    """``resources.rollout_workers``, with ``"auto"`` resolved from the live nodes: one per unit
-    of the ``rollout`` resource if any node advertises it, else one per GPU the learners leave
-    free, else one per node."""
-    if setting != "auto":
-        return int(setting)
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n["Resources"].items():
-            totals[k] = totals.get(k, 0.0) + v
-    if totals.get("rollout"):
-        return int(totals["rollout"])
-    if gpu:
-        return max(1, int(totals.get("GPU", 0)) - learners)
-    return max(1, len(nodes))
+
+def actor_spec(cfg: Config, gpu: bool) -> ActorSpec:
+    """The placement inputs of a config: ``resources.*`` plus the RLAIF judge actors (none
+    unless a reward function is the judge); ``gpu``: whether the run trains on CUDA."""
+    res = cfg.resources
+    judges = cfg.reward.judge.actors if any(f.name == "judge" for f in cfg.reward.functions) else 0
+    return ActorSpec(
+        res.rollout_workers,
+        res.learners,
+        judges,
+        res.rollout_cpus,
+        res.rollout_gpus,
+        res.learner_cpus,
+        res.learner_gpus,
+        res.colocate,
+        gpu,
+    )
 
 
 def predict_placement(
-    nodes: list[dict[str, Any]], num_workers: int, num_learners: int, gpu: bool
-) -> list[tuple[str, str]]:
-    """Where Ray would put each actor, as (actor, node address), from ``ray.nodes()`` entries.
+    nodes: list[dict[str, Any]], plan: Placement
+) -> list[tuple[ActorRequest, str]]:
+    """Where Ray would put each of ``plan``'s actors, as (request, node address), from
+    ``ray.nodes()`` entries; "UNSCHEDULABLE" where none fits. A prediction, not a reservation.
 
-    Mirrors RayCluster's requests: a rollout worker needs 1 CPU (+1 GPU) and 1 ``rollout`` when
-    any node has that resource, spread across nodes; a learner needs 1 CPU (+1 GPU). A
-    prediction for the plan, not a reservation.
+    Follows RayCluster's order and strategies: the placement group's bundles first (PACK, all
+    or none), then judges (near the rollout nodes, else anywhere), rollout workers (SPREAD:
+    each search starts one node further on), learner ranks (first fit). Colocated actors go
+    where their bundle went.
     """
     free = [dict(n["Resources"]) for n in nodes]
-    need_rollout = any(r.get("rollout") for r in free)
 
-    def take(i: int, rollout: bool) -> bool:
-        asks = {
-            "CPU": 1.0,
-            **({"GPU": 1.0} if gpu else {}),
-            **({"rollout": 1.0} if rollout else {}),
-        }
+    def take(i: int, asks: Mapping[str, float]) -> bool:
         if any(free[i].get(k, 0.0) < v for k, v in asks.items()):
             return False
         for k, v in asks.items():
             free[i][k] -= v
         return True
 
-    out: list[tuple[str, str]] = []
-    for w in range(num_workers):  # SPREAD: start each search one node further on
-        picked = next(
-            (i for k in range(len(nodes)) if take(i := (w + k) % len(nodes), need_rollout)), None
+    def first_fit(asks: Mapping[str, float], start: int = 0) -> int | None:
+        return next(
+            (i for k in range(len(nodes)) if take(i := (start + k) % len(nodes), asks)), None
         )
-        out.append(
-            (
-                f"rollout[{w}]",
-                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
-            )
-        )
-    for r in range(num_learners):
-        picked = next((i for i in range(len(nodes)) if take(i, False)), None)
-        out.append(
-            (
-                f"learner[rank {r}]",
-                "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"],
-            )
-        )
+
+    bundle_node = [first_fit(b) for b in plan.bundles]
+    if None in bundle_node:  # a placement group is reserved whole or not at all
+        bundle_node = [None] * len(plan.bundles)
+    near = [i for i, n in enumerate(nodes) if n["Resources"].get("rollout")] or list(
+        range(len(nodes))
+    )
+    out: list[tuple[ActorRequest, str]] = []
+    for a in plan.actors:
+        if a.bundle is not None:
+            picked = bundle_node[a.bundle]
+        elif a.role == "judge":
+            picked = first_fit(a.required(), near[a.index % len(near)]) if nodes else None
+        else:
+            picked = first_fit(a.required(), a.index if a.role == "rollout" else 0)
+        out.append((a, "UNSCHEDULABLE" if picked is None else nodes[picked]["NodeManagerAddress"]))
     return out
 
 
@@ -80,25 +86,29 @@ def describe_plan(cfg: Config) -> str:
 
     from dist_ft.batch import ScoredBatch
     from dist_ft.models import resolve_model_path, sync_bytes
-    from dist_ft.ray_connect import init_ray
 
     res = cfg.resources
     lines = [f"mode: {res.mode}"]
-    workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
     if res.mode == "ray":
-        import ray
+        import torch
 
-        init_ray(res.ray_address, workers + res.learners)
-        try:
-            nodes = [n for n in ray.nodes() if n["Alive"]]
-        finally:
-            ray.shutdown()
+        from dist_ft.cluster.ray import probe_nodes
+
+        # "auto" resolves as the driver will (trainer.resolve_device); an explicit "cuda" is
+        # planned as asked even on a machine without one, which only plans.
+        gpu = res.device == "cuda" or (res.device == "auto" and torch.cuda.is_available())
+        spec = actor_spec(cfg, gpu)
+        nodes = probe_nodes(res.ray_address, plan_actors(spec, []).total()["CPU"])
         lines += [f"  node {n['NodeManagerAddress']}: {n['Resources']}" for n in nodes]
-        gpu = res.device == "cuda"
-        workers = resolve_rollout_workers(res.rollout_workers, nodes, res.learners, gpu)
-        placed = predict_placement(nodes, workers, res.learners, gpu)
-        lines += [f"  {actor:18} -> {node}" for actor, node in placed]
+        plan = plan_actors(spec, nodes)
+        lines += [
+            f"  placement group (PACK), bundle {b}: {dict(r)}" for b, r in enumerate(plan.bundles)
+        ]
+        lines += [f"  {a.describe()} -> {node}" for a, node in predict_placement(nodes, plan)]
+        total = ", ".join(f"{k} {v:g}" for k, v in plan.total().items())
+        lines.append(f"  all actors together: {total}")
     else:
+        workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
         lines.append(f"  {workers} rollout worker(s) and 1 learner in this process")
     if any(f.name == "judge" for f in cfg.reward.functions):
         where = "actor(s) on rollout nodes" if res.mode == "ray" else "in this process"

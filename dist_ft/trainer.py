@@ -21,6 +21,7 @@ from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import (
+    PreparedPrompts,
     PromptSampler,
     demo_format_rows,
     encode_pairs,
@@ -102,6 +103,22 @@ def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict
     return worker, learner
 
 
+def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
+    """``data.*``'s rows, validated and rendered (bad rows raise or are returned as rejects)."""
+    d = cfg.data
+    return prepare_prompts(
+        load_rows(d.source, d.demo_size, cfg.run.seed),
+        tokenizer,
+        source=d.source,
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        template=d.template,
+        plain_template=d.plain_template,
+        max_prompt_tokens=d.max_prompt_tokens,
+        on_bad_row=d.on_bad_row,
+    )
+
+
 def loss_params(cfg: Config) -> LossParams:
     return LossParams(
         loss_type=cfg.algo.loss,
@@ -124,17 +141,7 @@ def train(cfg: Config) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     d = cfg.data
-    prepared = prepare_prompts(
-        load_rows(d.source, d.demo_size, cfg.run.seed),
-        tokenizer,
-        source=d.source,
-        prompt_field=d.prompt_field,
-        answer_field=d.answer_field,
-        template=d.template,
-        plain_template=d.plain_template,
-        max_prompt_tokens=d.max_prompt_tokens,
-        on_bad_row=d.on_bad_row,
-    )
+    prepared = load_prompts(cfg, tokenizer)
     prompts = prepared.prompts
     if prepared.rejects:
         write_rejects(out / "rejects.jsonl", prepared.rejects)

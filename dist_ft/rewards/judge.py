@@ -9,7 +9,7 @@ reward is continuous and deterministic:
   the reward of completion i is the probability that label i is named best. A group's G scores
   sum to 1, so they rank the group (what GRPO's group-relative advantage uses anyway).
 
-``JudgeWorker`` is a plain class; ``cluster.py`` wraps it as a Ray actor. Shapes: Q = judge
+``JudgeWorker`` is a plain class; ``cluster/ray.py`` wraps it as a Ray actor. Shapes: Q = judge
 queries (N completions in pointwise mode, Bg groups in group mode), L = tokens, V = vocabulary,
 K = choice tokens (ratings or labels).
 """

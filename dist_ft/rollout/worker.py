@@ -1,7 +1,7 @@
 """``RolloutWorker``: asks its generator for G episodes per prompt, scores them, computes
 group-relative advantages (groups named by the generator's group ids, never by row order) and
-returns a ``ScoredBatch``. A plain class; ``cluster.py`` wraps it as a Ray actor, or calls it
-in-process in debug mode.
+returns a ``ScoredBatch``. A plain class: ``cluster/ray.py`` wraps it as a Ray actor,
+``cluster/local.py`` calls it in-process in debug mode.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Fail a SLURM job in seconds, with the numbers, when its config asks Ray for more CPUs than
-the job was granted.
+"""Fail a SLURM job in seconds, with the numbers, when its config asks Ray for more CPUs or GPUs
+than the job was granted.
 
 Usage: python launch/slurm/preflight.py --nodes N --cpus-per-node C [--gpus-per-node G]
            CONFIG [a.b=c ...]
 
 Without it, actors that do not fit wait unplaced for resources.actor_timeout_s (600 s by
-default) before the run fails. It counts what RayCluster asks for, per actor: each rollout
-worker and each RLAIF judge actor resources.rollout_cpus, each learner rank
-resources.learner_cpus. It checks totals and the largest single request against one node; where
-Ray then places the actors is `dist-ft plan`'s business. GPUs are not checked here.
+default) before the run fails. It sums exactly what RayCluster asks for (the requests of
+dist_ft.cluster.placement.plan_actors, which RayCluster places its actors with) and checks the
+totals, and the largest single request (a colocated bundle is one), against one node; where Ray
+then places the actors is `dist-ft plan`'s business.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dist_ft.cluster.placement import plan_actors
 from dist_ft.config import ConfigError, load_config
-from dist_ft.plan import resolve_rollout_workers
+from dist_ft.plan import actor_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,37 +37,38 @@ def main(argv: list[str] | None = None) -> int:
 
     res = cfg.resources
     # The Ray nodes this job starts: one per SLURM node, none advertising `rollout`.
-    nodes = [{"Resources": {"CPU": args.cpus_per_node, "GPU": args.gpus_per_node}}] * args.nodes
+    per_node = {"CPU": args.cpus_per_node, "GPU": args.gpus_per_node}
+    # "auto" is CUDA where the driver (on the first node) sees a GPU.
     gpu = res.device == "cuda" or (res.device == "auto" and args.gpus_per_node > 0)
-    workers = (
-        res.learners
-        if res.colocate
-        else resolve_rollout_workers(res.rollout_workers, nodes, res.learners, gpu)
+    plan = plan_actors(actor_spec(cfg, gpu), [{"Resources": per_node}] * args.nodes)
+    need, biggest = plan.total(), plan.largest()
+    roles = {role: plan.of(role) for role in ("rollout", "judge", "learner")}
+    asks = ", ".join(
+        f"{len(actors)} {role}(s) at {actors[0].describe_asks()}"
+        for role, actors in roles.items()
+        if actors
     )
-    judges = cfg.reward.judge.actors if any(f.name == "judge" for f in cfg.reward.functions) else 0
-    need = (workers + judges) * res.rollout_cpus + res.learners * res.learner_cpus
-    have = args.nodes * args.cpus_per_node
-    # A colocated pair is one placement-group bundle, so it must fit on one node whole.
-    biggest = (
-        res.rollout_cpus + res.learner_cpus
-        if res.colocate
-        else max(res.rollout_cpus, res.learner_cpus)
-    )
-    asks = (
-        f"{workers} rollout worker(s) + {judges} judge actor(s) at {res.rollout_cpus:g} CPU, "
-        f"{res.learners} learner(s) at {res.learner_cpus:g} CPU"
-    )
+    if plan.bundles:
+        asks += f"; colocated in {len(plan.bundles)} bundle(s) of {dict(plan.bundles[0])}"
     grant = f"{args.nodes} node(s) x {args.cpus_per_node:g} CPUs"
-    if need > have or biggest > args.cpus_per_node:
+    if args.gpus_per_node:
+        grant += f" x {args.gpus_per_node:g} GPUs"
+    short = [
+        f"{need.get(k, 0.0):g} {k}s (the largest single request {biggest.get(k, 0.0):g})"
+        for k, have in per_node.items()
+        if need.get(k, 0.0) > args.nodes * have or biggest.get(k, 0.0) > have
+    ]
+    if short:
         print(
-            f"dist_ft: error: the config's Ray actors need {need:g} CPUs ({asks}; the largest "
-            f"single request {biggest:g}), but this job has {grant}. Resubmit with more "
-            "--cpus-per-task or --nodes (`sbatch --test-only ...` tells whether the cluster has "
-            "them), or lower resources.rollout_workers, resources.learners or resources.*_cpus.",
+            f"dist_ft: error: the config's Ray actors need {' and '.join(short)} ({asks}), but "
+            f"this job has {grant}. Resubmit with more --cpus-per-task, --gpus-per-node or "
+            "--nodes (`sbatch --test-only ...` tells whether the cluster has them), or lower "
+            "resources.rollout_workers, resources.learners or resources.*_cpus / *_gpus.",
             file=sys.stderr,
         )
         return 3
-    print(f"dist_ft: Ray actors need {need:g} of {have:g} CPUs ({asks})")
+    have = args.nodes * args.cpus_per_node
+    print(f"dist_ft: Ray actors need {need['CPU']:g} of {have:g} CPUs ({asks})")
     return 0
 
 

@@ -19,10 +19,10 @@ BIN = Path(sys.executable).parent
 # Commands a dedicated test runs (reading them from README.md): prefix -> test file.
 ELSEWHERE = {
     ("make", "test"): ".ci/run",  # CI's own command
-    ("make", "demo"): "tests/test_demo.py",
-    ("ray", "start", "--head"): "tests/test_ray_submit.py",
-    ("launch/ray_submit.sh",): "tests/test_ray_submit.py",
-    ("sbatch",): "tests/test_slurm.py",
+    ("make", "demo"): "tests/slow/test_demo.py",
+    ("ray", "start", "--head"): "tests/slow/test_ray_submit.py",
+    ("launch/ray_submit.sh",): "tests/slow/test_ray_submit.py",
+    ("sbatch",): "tests/slow/test_slurm.py",
 }
 
 

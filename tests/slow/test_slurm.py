@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SBATCH_SCRIPT = "launch/slurm/dist_ft.sbatch"
 # Daemons live in sbin, which a non-login PATH may lack.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
 RECIPE = [
     "run.steps=8",

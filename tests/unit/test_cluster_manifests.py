@@ -24,7 +24,7 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "tests" / "data" / "kuberay-crds"
 RAYJOB = REPO / "cluster" / "kuberay-rayjob.yaml"
 RAYCLUSTER = REPO / "cluster" / "kuberay-raycluster.yaml"

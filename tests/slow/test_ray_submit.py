@@ -24,7 +24,7 @@ import psutil
 import pytest
 from readme import readme_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # What ray_submit.sh leaves out of the job's working dir, so what a fresh checkout lacks.
 NOT_COPIED = shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "__pycache__")
@@ -33,7 +33,7 @@ SHORT = ["run.steps=4", "algo.sft_warmup_steps=1", "run.wandb=disabled"]
 # An earlier `resources.ray_address=local` run: dist-ft's own local Ray, which leaves
 # ~/.ray/auth_token behind, and with it token auth on every later `ray start --head`.
 EARLIER_LOCAL_RUN = (
-    "import ray\nfrom dist_ft.ray_connect import init_ray\ninit_ray('local', 1)\nray.shutdown()"
+    "import ray\nfrom dist_ft.cluster.connect import init_ray\ninit_ray('local', 1)\nray.shutdown()"
 )
 
 

@@ -16,7 +16,7 @@ from dist_ft.algos.grpo import group_advantages
 from dist_ft.rewards import RewardError, RewardSet
 from dist_ft.rollout import RolloutWorker
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 G = 8
 # `reward_fns:NAME` loads from tests/; the caller's PYTHONPATH still comes after it.
 PATHS = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]

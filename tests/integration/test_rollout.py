@@ -91,7 +91,7 @@ def test_group_judge_compares_the_samples_of_each_group(tiny_path, demo_prompts)
 
     from dist_ft.rewards.judge import JudgeWorker
 
-    constitution = Path(__file__).resolve().parents[1] / "configs/constitutions/default.yaml"
+    constitution = Path(__file__).resolve().parents[2] / "configs/constitutions/default.yaml"
     judge = JudgeWorker(model_path=tiny_path, constitution=str(constitution), mode="group")
     _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
     worker = RolloutWorker(**{**wk, "rewards": [("judge", 1.0, {})]}, judge=judge)

@@ -10,7 +10,7 @@ from dist_ft.config import load_config
 from dist_ft.data import DatasetError
 from dist_ft.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["run.wandb=disabled", "run.plot=false", "run.deterministic=true"]
 
 

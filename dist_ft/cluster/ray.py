@@ -1,161 +1,56 @@
-"""Placement: where rollout workers and learners run. The only module that knows local from Ray.
+"""Rollout workers, learner ranks and RLAIF judges as Ray actors: placed as
+``placement.plan_actors`` says, with timeouts, and a lost rollout share issued again.
 
-Every cluster offers the training loop the same named calls (the ``Cluster`` protocol):
-``submit_rollout``/``collect``, ``train_step``, ``sync_weights``, checkpoint state and
-``save_pretrained``.
+Ray is imported inside the functions that use it, so local mode never loads it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dist_ft.batch import ScoredBatch, balanced_shards
-from dist_ft.config import ResourcesConfig
-from dist_ft.data import Prompt
-from dist_ft.plan import resolve_rollout_workers
-from dist_ft.ray_connect import init_ray
+from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
+from dist_ft.cluster.connect import init_ray
+from dist_ft.cluster.placement import ActorRequest, ActorSpec, plan_actors
 from dist_ft.sync import check_fingerprints, make_update
 
-
-@dataclass(frozen=True)
-class SyncStats:
-    version: int
-    nbytes: int
-    seconds: float
+if TYPE_CHECKING:
+    from dist_ft.data import Prompt
 
 
-@dataclass
-class PendingRollout:
-    """One step's rollout, issued and not yet collected: a list of prompt shares, one per
-    worker, each with its sampling seed, and per share either its ``ScoredBatch`` (collected, or
-    computed in-process) or a Ray reference to it (in flight)."""
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The live nodes of the Ray this process is connected to (``ray.nodes()`` entries)."""
+    import ray
 
-    step: int
-    shares: list[list[Prompt]]
-    seeds: list[int]
-    versions: list[int]  # the policy version each share was issued against
-    results: list[Any]
+    return [n for n in ray.nodes() if n["Alive"]]
 
 
-class Cluster(Protocol):
-    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout: ...
+def probe_nodes(address: str, num_cpus: float) -> list[dict[str, Any]]:
+    """The live nodes at ``address`` (see ``init_ray``; ``num_cpus`` sizes a local Ray), for a
+    plan: connects, reads and disconnects, unless this process is already connected."""
+    import ray
 
-    def collect(self, pending: PendingRollout) -> ScoredBatch: ...
-
-    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]: ...
-
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]: ...
-
-    def sync_weights(self) -> SyncStats: ...
-
-    def save_state(self, ckpt_dir: Path) -> None: ...
-
-    def load_state(self, ckpt_dir: Path) -> int: ...
-
-    def rng_states(self) -> list[torch.Tensor]: ...
-
-    def load_rng_states(self, states: list[torch.Tensor]) -> None: ...
-
-    def save_pretrained(self, out_dir: Path) -> None: ...
-
-    def placement(self) -> dict[str, list[Any]]: ...
-
-    def shutdown(self) -> None: ...
+    if ray.is_initialized():
+        return cluster_nodes()
+    init_ray(address, num_cpus)
+    try:
+        return cluster_nodes()
+    finally:
+        ray.shutdown()
 
 
-def split_prompts(prompts: list[Prompt], parts: int) -> list[list[Prompt]]:
-    """Contiguous, near-equal shares of whole prompt groups (a group never spans workers)."""
-    bounds = torch.linspace(0, len(prompts), parts + 1).round().long().tolist()
-    return [prompts[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def share_seed(seed: int, step: int, share: int) -> int:
-    """Sampling seed of one share: a function of (run seed, step, share) alone, so a share
-    issued again (dead worker, resumed run) draws the same completions."""
-    return (seed * 1_000_003 + step * 1_009 + share) % 2**63
-
-
-class LocalCluster:
-    """Debug mode: every component in this process, called directly. Same classes as on Ray."""
-
-    def __init__(
-        self,
-        worker_kwargs: dict[str, Any],
-        learner_kwargs: dict[str, Any],
-        num_workers: int = 1,
-        judge_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
-        from dist_ft.rewards.judge import JudgeWorker
-        from dist_ft.rollout import RolloutWorker
-
-        self.seed = worker_kwargs["seed"]
-        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
-        self.learner = Learner(**learner_kwargs)
-        judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
-        self.workers = [
-            RolloutWorker(**worker_kwargs, worker_index=i, judge=judge) for i in range(num_workers)
-        ]
-
-    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
-        # Computed now: with max_staleness > 0 the loop submits before it trains, so debug mode
-        # sees exactly the staleness that Ray's overlapped generation gives.
-        shares = split_prompts(prompts, len(self.workers))
-        seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
-        results = [w.rollout(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
-        versions = [w.version for w in self.workers[: len(shares)]]
-        return PendingRollout(step, shares, seeds, versions, results)
-
-    def collect(self, pending: PendingRollout) -> ScoredBatch:
-        return ScoredBatch.concat(pending.results)
-
-    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
-        return self.learner.step(batch, normaliser)
-
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
-        return self.learner.sft_step(*tensors)
-
-    def sync_weights(self) -> SyncStats:
-        t0 = time.perf_counter()
-        update = make_update(
-            self.learner.version, self.learner.export_weights(), self.rollout_dtype
-        )
-        prints = [w.set_weights(update.version, update.tensors) for w in self.workers]
-        check_fingerprints(update, prints)
-        return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
-
-    def save_state(self, ckpt_dir: Path) -> None:
-        self.learner.save_state(ckpt_dir)
-
-    def load_state(self, ckpt_dir: Path) -> int:
-        return self.learner.load_state(ckpt_dir)
-
-    def rng_states(self) -> list[torch.Tensor]:
-        return []  # the workers sample from this process's RNG, which the driver saves
-
-    def load_rng_states(self, states: list[torch.Tensor]) -> None:
-        return None
-
-    def save_pretrained(self, out_dir: Path) -> None:
-        self.learner.save_pretrained(out_dir)
-
-    def placement(self) -> dict[str, list[Any]]:
-        local = {"node_id": "local", "pid": os.getpid()}
-        return {"rollout": [local] * len(self.workers), "learner": [local]}
-
-    def shutdown(self) -> None:
-        # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
-        # process (tests, notebooks) reuses it.
-        return None
+def rollout_nodes(nodes: list[dict[str, Any]]) -> list[str]:
+    """IDs of the nodes set aside for generation (the ``rollout`` resource), else of all."""
+    marked = [n["NodeID"] for n in nodes if n["Resources"].get("rollout")]
+    return marked or [n["NodeID"] for n in nodes]
 
 
 class LearnerHost:
@@ -211,11 +106,11 @@ class RemoteJudge:
         self.handle, self.timeout_s = handle, timeout_s
 
     def score_with_stats(
-        self, prompts: list[str], completions: list[str], group_size: int
+        self, prompts: list[str], completions: list[str], group_ids: Sequence[int] | None = None
     ) -> tuple[list[float], dict[str, int]]:
         import ray
 
-        ref = self.handle.score_with_stats.remote(prompts, completions, group_size)
+        ref = self.handle.score_with_stats.remote(prompts, completions, group_ids)
         return ray.get(ref, timeout=self.timeout_s)
 
 
@@ -229,7 +124,8 @@ class RayCluster:
     Rollout workers ask for the custom resource ``rollout`` when the cluster advertises it (so
     they land on the nodes set aside for generation) and are spread across nodes; each learner
     is one DeepSpeed rank, rank 0's node address and a free port there form the rendezvous.
-    With ``colocate`` rollout worker i and learner rank i share placement-group bundle i.
+    With ``colocate`` rollout worker i and learner rank i share placement-group bundle i. What
+    each actor asks for is ``placement.plan_actors``'s, the plan ``dist-ft plan`` predicts with.
 
     A rollout worker that dies is restarted by Ray (``max_restarts``); the shares it held are
     issued again, to it once it is back or to another worker, after the current weights have
@@ -256,95 +152,57 @@ class RayCluster:
         judge_actors: int = 1,
     ) -> None:
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from dist_ft.rollout import RolloutWorker
 
         self.timeout_s = timeout_s
         self.seed = worker_kwargs["seed"]
         self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
-        gpu = learner_kwargs["device"] == "cuda"
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            workers = num_workers if isinstance(num_workers, int) else 1
-            init_ray(address, workers + num_learners + (judge_actors if judge_kwargs else 0))
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        n_workers = (
-            num_learners
-            if colocate
-            else resolve_rollout_workers(num_workers, nodes, num_learners, gpu)
+        spec = ActorSpec(
+            num_workers,
+            num_learners,
+            judge_actors if judge_kwargs else 0,
+            rollout_cpus,
+            rollout_gpus,
+            learner_cpus,
+            learner_gpus,
+            colocate,
+            gpu=learner_kwargs["device"] == "cuda",
         )
-        # Colocated actors split one device: half a GPU each.
-        share = 0.5 if colocate else 1.0
-        r_gpus = (share if gpu else 0.0) if rollout_gpus == "auto" else float(rollout_gpus)
-        l_gpus = (share if gpu else 0.0) if learner_gpus == "auto" else float(learner_gpus)
-
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:  # before Ray runs: what a one-node Ray must hold
+            init_ray(address, plan_actors(spec, []).total()["CPU"])
+        nodes = cluster_nodes()
+        self.requests = plan_actors(spec, nodes)
         self._pg = None
-        if colocate:
+        if self.requests.bundles:
             from ray.util.placement_group import placement_group
 
-            bundle = {"CPU": rollout_cpus + learner_cpus, **({"GPU": 1.0} if gpu else {})}
-            self._pg = placement_group([bundle] * num_learners, strategy="PACK")
+            self._pg = placement_group(list(self.requests.bundles), strategy="PACK")
             ray.get(self._pg.ready(), timeout=timeout_s)
-
-        has_rollout = any(n["Resources"].get("rollout") for n in nodes)
-
-        def where(i: int, rollout: bool) -> dict[str, Any]:
-            if self._pg is not None:
-                return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._pg, i)}
-            if rollout:
-                return {
-                    "resources": {"rollout": 1} if has_rollout else {},
-                    "scheduling_strategy": "SPREAD",
-                }
-            return {}
 
         # Judges first, each on the node of one of the rollout workers it will serve (soft:
         # anywhere if that node is full); the workers then find them by handle.
         self.judges: list[Any] = []
         if judge_kwargs:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
             from dist_ft.rewards.judge import JudgeWorker
 
-            rollout_nodes = [n["NodeID"] for n in nodes if n["Resources"].get("rollout")]
-            rollout_nodes = rollout_nodes or [n["NodeID"] for n in nodes]
+            near = rollout_nodes(nodes)
             self.judges = [
-                ray.remote(JudgeWorker)
-                .options(
-                    num_cpus=rollout_cpus,
-                    num_gpus=r_gpus,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        rollout_nodes[j % len(rollout_nodes)], soft=True
-                    ),
-                )
-                .remote(**judge_kwargs)
-                for j in range(judge_actors)
+                self._actor(JudgeWorker, a, near=near[a.index % len(near)]).remote(**judge_kwargs)
+                for a in self.requests.of("judge")
             ]
 
-        def judge_for(i: int) -> Any:
-            return (
-                RemoteJudge(self.judges[i % len(self.judges)], timeout_s) if self.judges else None
-            )
+        from dist_ft.rollout import RolloutWorker
 
         self.workers = [
-            ray.remote(RolloutWorker)
-            .options(
-                num_cpus=rollout_cpus,
-                num_gpus=r_gpus,
+            self._actor(
+                RolloutWorker,
+                a,
                 max_restarts=max_restarts,
                 max_task_retries=0,  # a lost share is issued again by collect(), not by Ray
-                **where(i, True),
-            )
-            .remote(**worker_kwargs, worker_index=i, judge=judge_for(i))
-            for i in range(n_workers)
+            ).remote(**worker_kwargs, worker_index=a.index, judge=self._judge_for(a.index))
+            for a in self.requests.of("rollout")
         ]
-        self.learners = [
-            ray.remote(LearnerHost)
-            .options(num_cpus=learner_cpus, num_gpus=l_gpus, **where(r, False))
-            .remote()
-            for r in range(num_learners)
-        ]
+        self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
         unplaced = "not placed: does the cluster have the resources they ask for? (dist-ft plan)"
         actors = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
         self._info = {
@@ -353,22 +211,54 @@ class RayCluster:
             )
             for kind, group in actors.items()
         }
+        self._start_learners(learner_kwargs)
+        self._update_ref: Any = None  # the latest weights in the object store
+        self._update: Any = None
+        # The weights version each worker holds; None: unknown (Ray restarted it)
+        self._worker_version: list[int | None] = [0] * len(self.workers)
+
+    def _actor(self, cls: type, req: ActorRequest, near: str | None = None, **opts: Any) -> Any:
+        """``cls`` as a Ray actor class holding exactly ``req``: inside its placement-group
+        bundle when colocated; rollout workers spread across nodes; a judge ``near`` a node."""
+        import ray
+        from ray.util.scheduling_strategies import (
+            NodeAffinitySchedulingStrategy,
+            PlacementGroupSchedulingStrategy,
+        )
+
+        strategy: Any = None
+        if req.bundle is not None:
+            strategy = PlacementGroupSchedulingStrategy(self._pg, req.bundle)
+        elif near is not None:
+            strategy = NodeAffinitySchedulingStrategy(near, soft=True)
+        elif req.role == "rollout":
+            strategy = "SPREAD"
+        if strategy is not None:
+            opts["scheduling_strategy"] = strategy
+        return ray.remote(cls).options(
+            num_cpus=req.num_cpus, num_gpus=req.num_gpus, resources=dict(req.resources), **opts
+        )
+
+    def _judge_for(self, i: int) -> RemoteJudge | None:
+        if not self.judges:
+            return None
+        return RemoteJudge(self.judges[i % len(self.judges)], self.timeout_s)
+
+    def _start_learners(self, learner_kwargs: dict[str, Any]) -> None:
+        """Rank 0's node address and a free port there form the DeepSpeed rendezvous."""
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
         self._learners_get(
             [
                 host.start.remote(
                     **learner_kwargs,
                     rank=rank,
-                    world_size=num_learners,
+                    world_size=len(self.learners),
                     master_addr=master_addr,
                     master_port=master_port,
                 )
                 for rank, host in enumerate(self.learners)
             ]
         )
-        self._update_ref: Any = None  # the latest weights in the object store
-        self._update: Any = None
-        self._worker_version: list[int | None] = [0] * n_workers  # None: unknown (restarted)
 
     @property
     def _version(self) -> int:
@@ -552,33 +442,3 @@ class RayCluster:
             remove_placement_group(self._pg)
         if self._owns_ray:
             ray.shutdown()
-
-
-def make_cluster(
-    worker_kwargs: dict[str, Any],
-    learner_kwargs: dict[str, Any],
-    res: ResourcesConfig,
-    judge_kwargs: dict[str, Any] | None = None,
-    judge_actors: int = 1,
-) -> Cluster:
-    if res.mode == "local":
-        if res.learners != 1:
-            raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
-        workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
-        return LocalCluster(worker_kwargs, learner_kwargs, workers, judge_kwargs)
-    return RayCluster(
-        worker_kwargs,
-        learner_kwargs,
-        res.rollout_workers,
-        res.learners,
-        res.ray_address,
-        rollout_cpus=res.rollout_cpus,
-        rollout_gpus=res.rollout_gpus,
-        learner_cpus=res.learner_cpus,
-        learner_gpus=res.learner_gpus,
-        colocate=res.colocate,
-        timeout_s=res.actor_timeout_s,
-        max_restarts=res.max_restarts,
-        judge_kwargs=judge_kwargs,
-        judge_actors=judge_actors,
-    )

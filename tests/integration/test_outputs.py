@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dist_ft.config import RunConfig
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
 # `reward_fns:NAME` loads from tests/; the caller's PYTHONPATH still comes after it.
 PATHS = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]

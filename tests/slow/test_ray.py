@@ -21,7 +21,7 @@ from dist_ft.plan import resolve_rollout_workers
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 

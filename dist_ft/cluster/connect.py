@@ -2,11 +2,13 @@
 checked to be alive within seconds, so a wrong or stale address fails with a message instead
 of Ray's endless GCS retries.
 
-Relies on Ray 2.60 internals named where used; tests/test_ray_connect.py pins each behaviour.
+Relies on Ray 2.60 internals named where used; tests/integration/test_ray_connect.py pins each
+behaviour.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -25,11 +27,12 @@ class RayConnectError(ConfigError):
     CLI exits 2 with the message: the fix is in the address or the cluster, not the run."""
 
 
-def init_ray(address: str, num_actors: int) -> None:
+def init_ray(address: str, num_cpus: float) -> None:
     """Connect to ``address``; ``"local"`` starts a private single-node Ray (never attaching to
-    another cluster on this machine), without a dashboard, on loopback only, with a CPU slot
-    for every actor (each asks for one) even on a machine with fewer cores. Any other address
-    (``"auto"`` or HOST:PORT) must answer as a Ray GCS within seconds, else RayConnectError."""
+    another cluster on this machine), without a dashboard, on loopback only, with at least
+    ``num_cpus`` CPU slots (what the actors ask for, from ``placement.plan_actors``) even on a
+    machine with fewer cores. Any other address (``"auto"`` or HOST:PORT) must answer as a Ray
+    GCS within seconds, else RayConnectError."""
     import ray
 
     if address == "local":
@@ -46,7 +49,7 @@ def init_ray(address: str, num_actors: int) -> None:
         try:
             ray.init(
                 address="local",
-                num_cpus=max(os.cpu_count() or 1, num_actors),
+                num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)),
                 include_dashboard=False,
             )
         finally:

@@ -14,7 +14,7 @@ import yaml
 from dist_ft.algos.grpo import LossType
 from dist_ft.config import Config, ConfigError, PeftMethod, Range, _blame, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):

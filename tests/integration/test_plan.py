@@ -7,16 +7,23 @@ import torch
 from conftest import build
 
 from dist_ft.batch import ScoredBatch
+from dist_ft.cluster.placement import ActorSpec, plan_actors
 from dist_ft.config import PeftConfig
 from dist_ft.models import export_state, load_policy
 from dist_ft.plan import predict_placement
 from dist_ft.rollout import RolloutWorker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def node(addr, **resources):
     return {"NodeManagerAddress": addr, "Resources": resources}
+
+
+def placed(nodes, workers, learners, gpu):
+    """Actor name -> predicted node address for ``workers`` rollout workers and ``learners``."""
+    plan = plan_actors(ActorSpec(workers, learners, gpu=gpu), nodes)
+    return {a.name: node for a, node in predict_placement(nodes, plan)}
 
 
 def test_rollout_workers_go_where_the_rollout_resource_is():
@@ -25,14 +32,12 @@ def test_rollout_workers_go_where_the_rollout_resource_is():
         node("10.0.0.2", CPU=4.0, rollout=2.0),
         node("10.0.0.3", CPU=4.0, rollout=2.0),
     ]
-    placed = dict(predict_placement(nodes, num_workers=4, num_learners=2, gpu=False))
-    assert sorted(placed[f"rollout[{i}]"] for i in range(4)) == ["10.0.0.2"] * 2 + ["10.0.0.3"] * 2
-    assert placed["learner[rank 0]"] == placed["learner[rank 1]"] == "10.0.0.1"
+    where = placed(nodes, 4, 2, gpu=False)
+    assert sorted(where[f"rollout[{i}]"] for i in range(4)) == ["10.0.0.2"] * 2 + ["10.0.0.3"] * 2
+    assert where["learner[rank 0]"] == where["learner[rank 1]"] == "10.0.0.1"
     # more workers than `rollout` slots cannot be placed, and the plan says so
-    placed = dict(predict_placement(nodes, num_workers=5, num_learners=0, gpu=False))
-    assert placed["rollout[4]"] == "UNSCHEDULABLE"
-    placed = dict(predict_placement([node("a", CPU=8.0)], 1, 1, gpu=True))
-    assert set(placed.values()) == {"UNSCHEDULABLE"}
+    assert placed(nodes, 5, 0, gpu=False)["rollout[4]"] == "UNSCHEDULABLE"
+    assert set(placed([node("a", CPU=8.0)], 1, 1, gpu=True).values()) == {"UNSCHEDULABLE"}
 
 
 def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):

@@ -1,4 +1,4 @@
-"""Connecting to Ray (dist_ft.ray_connect): a wrong or stale address fails in seconds with exit
+"""Connecting to Ray (dist_ft.cluster.connect): a wrong or stale address fails in seconds with exit
 2 and the address; a local Ray listens on loopback only and keeps its token private."""
 
 import ipaddress
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_ray_submit import stop_session
+from slow.test_ray_submit import stop_session  # tests/ is on pythonpath (pyproject)
 
-from dist_ft.ray_connect import RayConnectError, check_gcs, protect_token_file
+from dist_ft.cluster.connect import RayConnectError, check_gcs, protect_token_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIST_FT = [str(Path(sys.executable).with_name("dist-ft"))]
 # Without the check, each of these retried the GCS for 10+ minutes. `plan` gets there in
 # seconds; `train` first imports torch and builds the model (25 s on a busy 2-core machine).
@@ -114,7 +114,7 @@ def test_token_file_is_created_and_kept_owner_only(tmp_path, monkeypatch):
 # exporters come up seconds after ray.init returns).
 LOCAL_RAY = """
 import json, time, psutil, ray
-from dist_ft.ray_connect import init_ray
+from dist_ft.cluster.connect import init_ray
 init_ray("local", 2)
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too
 me, seen, stable = psutil.Process(), None, 0
@@ -172,7 +172,7 @@ def test_local_ray_listens_on_loopback_only_and_keeps_its_token_private(tmp_path
 # A driver connecting through init_ray to an explicit HOST:PORT; what Ray prints is left out.
 CONNECT = """
 import sys, ray
-from dist_ft.ray_connect import RayConnectError, init_ray
+from dist_ft.cluster.connect import RayConnectError, init_ray
 try:
     init_ray(sys.argv[1], 1)
 except RayConnectError as e:

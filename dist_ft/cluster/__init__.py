@@ -1,0 +1,64 @@
+"""Where rollout workers and learners run: the only package that knows local from Ray, and the
+only one that imports Ray.
+
+Every cluster offers the training loop the same named calls (the ``Cluster`` protocol in
+``base.py``): ``submit_rollout``/``collect``, ``train_step``, ``sync_weights``, checkpoint
+state and ``save_pretrained``. ``local.py`` runs them in this process, ``ray.py`` on Ray
+actors placed as ``placement.py`` says; ``connect.py`` finds and starts Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dist_ft.cluster.base import Cluster, PendingRollout, SyncStats, share_seed, split_prompts
+from dist_ft.cluster.local import LocalCluster
+from dist_ft.cluster.placement import ActorRequest, ActorSpec, Placement, plan_actors
+from dist_ft.cluster.ray import ActorTimeoutError, RayCluster
+from dist_ft.config import ResourcesConfig
+
+__all__ = [
+    "ActorRequest",
+    "ActorSpec",
+    "ActorTimeoutError",
+    "Cluster",
+    "LocalCluster",
+    "PendingRollout",
+    "Placement",
+    "RayCluster",
+    "SyncStats",
+    "make_cluster",
+    "plan_actors",
+    "share_seed",
+    "split_prompts",
+]
+
+
+def make_cluster(
+    worker_kwargs: dict[str, Any],
+    learner_kwargs: dict[str, Any],
+    res: ResourcesConfig,
+    judge_kwargs: dict[str, Any] | None = None,
+    judge_actors: int = 1,
+) -> Cluster:
+    if res.mode == "local":
+        if res.learners != 1:
+            raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
+        workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
+        return LocalCluster(worker_kwargs, learner_kwargs, workers, judge_kwargs)
+    return RayCluster(
+        worker_kwargs,
+        learner_kwargs,
+        res.rollout_workers,
+        res.learners,
+        res.ray_address,
+        rollout_cpus=res.rollout_cpus,
+        rollout_gpus=res.rollout_gpus,
+        learner_cpus=res.learner_cpus,
+        learner_gpus=res.learner_gpus,
+        colocate=res.colocate,
+        timeout_s=res.actor_timeout_s,
+        max_restarts=res.max_restarts,
+        judge_kwargs=judge_kwargs,
+        judge_actors=judge_actors,
+    )

@@ -1,0 +1,74 @@
+"""What every cluster offers the training loop (the ``Cluster`` protocol), and the pieces that
+local and Ray placement share: one step's pending rollout, prompt shares and their seeds."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from dist_ft.batch import ScoredBatch
+
+if TYPE_CHECKING:  # dist_ft.data imports `datasets`, which nothing here needs at run time
+    from dist_ft.data import Prompt
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    version: int
+    nbytes: int
+    seconds: float
+
+
+@dataclass
+class PendingRollout:
+    """One step's rollout, issued and not yet collected: a list of prompt shares, one per
+    worker, each with its sampling seed, and per share either its ``ScoredBatch`` (collected, or
+    computed in-process) or a Ray reference to it (in flight)."""
+
+    step: int
+    shares: list[list[Prompt]]
+    seeds: list[int]
+    versions: list[int]  # the policy version each share was issued against
+    results: list[Any]
+
+
+class Cluster(Protocol):
+    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout: ...
+
+    def collect(self, pending: PendingRollout) -> ScoredBatch: ...
+
+    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]: ...
+
+    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]: ...
+
+    def sync_weights(self) -> SyncStats: ...
+
+    def save_state(self, ckpt_dir: Path) -> None: ...
+
+    def load_state(self, ckpt_dir: Path) -> int: ...
+
+    def rng_states(self) -> list[torch.Tensor]: ...
+
+    def load_rng_states(self, states: list[torch.Tensor]) -> None: ...
+
+    def save_pretrained(self, out_dir: Path) -> None: ...
+
+    def placement(self) -> dict[str, list[Any]]: ...
+
+    def shutdown(self) -> None: ...
+
+
+def split_prompts(prompts: list[Prompt], parts: int) -> list[list[Prompt]]:
+    """Contiguous, near-equal shares of whole prompt groups (a group never spans workers)."""
+    bounds = torch.linspace(0, len(prompts), parts + 1).round().long().tolist()
+    return [prompts[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def share_seed(seed: int, step: int, share: int) -> int:
+    """Sampling seed of one share: a function of (run seed, step, share) alone, so a share
+    issued again (dead worker, resumed run) draws the same completions."""
+    return (seed * 1_000_003 + step * 1_009 + share) % 2**63

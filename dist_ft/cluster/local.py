@@ -1,0 +1,91 @@
+"""Debug mode: the rollout workers and the learner in this process, no Ray."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dist_ft.batch import ScoredBatch
+from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
+from dist_ft.sync import check_fingerprints, make_update
+
+if TYPE_CHECKING:
+    from dist_ft.data import Prompt
+
+
+class LocalCluster:
+    """Debug mode: every component in this process, called directly. Same classes as on Ray."""
+
+    def __init__(
+        self,
+        worker_kwargs: dict[str, Any],
+        learner_kwargs: dict[str, Any],
+        num_workers: int = 1,
+        judge_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
+        from dist_ft.rewards.judge import JudgeWorker
+        from dist_ft.rollout import RolloutWorker
+
+        self.seed = worker_kwargs["seed"]
+        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
+        self.learner = Learner(**learner_kwargs)
+        judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
+        self.workers = [
+            RolloutWorker(**worker_kwargs, worker_index=i, judge=judge) for i in range(num_workers)
+        ]
+
+    def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
+        # Computed now: with max_staleness > 0 the loop submits before it trains, so debug mode
+        # sees exactly the staleness that Ray's overlapped generation gives.
+        shares = split_prompts(prompts, len(self.workers))
+        seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
+        results = [w.rollout(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
+        versions = [w.version for w in self.workers[: len(shares)]]
+        return PendingRollout(step, shares, seeds, versions, results)
+
+    def collect(self, pending: PendingRollout) -> ScoredBatch:
+        return ScoredBatch.concat(pending.results)
+
+    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
+        return self.learner.step(batch, normaliser)
+
+    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
+        return self.learner.sft_step(*tensors)
+
+    def sync_weights(self) -> SyncStats:
+        t0 = time.perf_counter()
+        update = make_update(
+            self.learner.version, self.learner.export_weights(), self.rollout_dtype
+        )
+        prints = [w.set_weights(update.version, update.tensors) for w in self.workers]
+        check_fingerprints(update, prints)
+        return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
+
+    def save_state(self, ckpt_dir: Path) -> None:
+        self.learner.save_state(ckpt_dir)
+
+    def load_state(self, ckpt_dir: Path) -> int:
+        return self.learner.load_state(ckpt_dir)
+
+    def rng_states(self) -> list[torch.Tensor]:
+        return []  # the workers sample from this process's RNG, which the driver saves
+
+    def load_rng_states(self, states: list[torch.Tensor]) -> None:
+        return None
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        self.learner.save_pretrained(out_dir)
+
+    def placement(self) -> dict[str, list[Any]]:
+        local = {"node_id": "local", "pid": os.getpid()}
+        return {"rollout": [local] * len(self.workers), "learner": [local]}
+
+    def shutdown(self) -> None:
+        # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
+        # process (tests, notebooks) reuses it.
+        return None

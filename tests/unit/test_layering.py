@@ -1,0 +1,65 @@
+"""Layering rules: algos/ is pure torch; only learner.py imports deepspeed; only cluster/
+imports ray, and of it only the modules that drive Ray."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "dist_ft"
+
+
+def test_algos_import_neither_ray_nor_deepspeed():
+    code = (
+        "import sys, dist_ft.algos.grpo, dist_ft.algos.common\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed'))\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def users_of(package: str) -> set[str]:
+    return {
+        p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if package in imported_roots(p)
+    }
+
+
+def test_only_learner_imports_deepspeed():
+    assert users_of("deepspeed") == {"learner.py"}
+
+
+def test_only_cluster_imports_ray():
+    # base.py, local.py and placement.py stay Ray-free: debug mode and `dist-ft plan`'s
+    # arithmetic run without it.
+    assert users_of("ray") == {"cluster/ray.py", "cluster/connect.py"}
+
+
+def test_importing_the_cluster_package_loads_no_ray():
+    """Ray is imported where it is used, so local mode and the SLURM preflight never load it."""
+    code = (
+        "import sys, dist_ft.cluster, dist_ft.cluster.placement, dist_ft.plan\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ray')\n"
+        "print(bad[:5]); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_module_over_600_lines():
+    long = {
+        p.relative_to(PKG).as_posix(): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 600
+    }
+    assert long == {}
