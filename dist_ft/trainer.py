@@ -223,13 +223,15 @@ def train(cfg: Config) -> dict[str, Any]:
             while next_issue <= min(step + a.max_staleness, cfg.run.steps):
                 chosen = [prompts[i] for i in sampler.next(a.prompts_per_step)]
                 ledger.issue(next_issue, [p.index for p in chosen])
+                t_issue = time.perf_counter()
                 pending.append(cluster.submit_rollout(next_issue, chosen))
+                pending[-1].issue_seconds = time.perf_counter() - t_issue
                 next_issue += 1
-            t0 = time.perf_counter()
-            batch = cluster.collect(pending.popleft())
+            t0, issued = time.perf_counter(), pending.popleft()
+            batch = cluster.collect(issued)
             # at-least-once delivery and the staleness bound are enforced here, per sample id
             batch, ledger_stats = ledger.admit(batch, version, a.max_staleness)
-            t_rollout = time.perf_counter() - t0
+            t_rollout = time.perf_counter() - t0 + issued.issue_seconds
 
             # ---- train: one optimizer step; the normaliser spans the whole step's batch
             t1 = time.perf_counter()

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -29,3 +30,10 @@ def build(tiny_path: str, *overrides: str):
 
     cfg = load_config(None, ["run.wandb=disabled", *overrides])
     return cfg, *component_kwargs(cfg, tiny_path)
+
+
+def terminal_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts as a terminal's Ctrl-C would. A shell
+    without job control (a CI script, ``cmd &``) starts its children with SIGINT ignored, and
+    Python then never raises KeyboardInterrupt: a user at a terminal has the default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -34,6 +34,9 @@ class PendingRollout:
     seeds: list[int]
     versions: list[int]  # the policy version each share was issued against
     results: list[Any]
+    # Seconds the driver spent issuing it: all of the generation in debug mode, which computes
+    # at issue time; a few remote calls on Ray. Part of the step's rollout time either way.
+    issue_seconds: float = 0.0
 
 
 class Cluster(Protocol):

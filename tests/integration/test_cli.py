@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import terminal_sigint
 
 DIST_FT = Path(sys.executable).with_name("dist-ft")  # the console script pip installed
 
@@ -66,6 +67,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=terminal_sigint,
     )
     _, err = interrupt_when(proc, tmp_path / "importing", timeout_s=300)
     assert proc.returncode == 130
@@ -88,6 +90,7 @@ def test_ctrl_c_during_training_prints_no_traceback(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=terminal_sigint,
     )
     _, err = interrupt_when(proc, tmp_path / "out" / "metrics.jsonl", timeout_s=600)
     assert proc.returncode == 130, err[-3000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import terminal_sigint
 from safetensors.torch import load_file
 
 from dist_ft.config import RunConfig
@@ -32,6 +33,7 @@ def launch(out: Path, *overrides: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=terminal_sigint,
         env=ENV,
     )
 

@@ -40,6 +40,10 @@ def test_no_sample_older_than_max_staleness(tmp_path, max_staleness):
         assert ages[-1] == max_staleness
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["staleness/max"] <= max_staleness for m in metrics)
+    # Debug mode generates when a rollout is issued, not when it is collected: the step's
+    # rollout time includes it (at least the worker's own generate-and-score time).
+    for m in metrics:
+        assert m["rollout_seconds"] >= 64 / m["rollout/worker0_samples_per_s"], m
 
 
 @pytest.mark.slow
