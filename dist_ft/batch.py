@@ -207,6 +207,32 @@ class ScoredBatch:
         return {prefix + k: v for k, v in self._tensors().items()}
 
     @staticmethod
+    def supervised(
+        prompt_ids_NP: torch.Tensor,
+        prompt_mask_NP: torch.Tensor,
+        target_ids_NT: torch.Tensor,
+        target_mask_NT: torch.Tensor,
+    ) -> ScoredBatch:
+        """Demonstrations (prompt -> target) as a batch the learner trains with ``Objective.SFT``:
+        each pair its own group, every target token ``TRAINED``; no rewards, no logprobs."""
+        n = prompt_ids_NP.shape[0]
+        zeros_N = torch.zeros(n, dtype=torch.float32)
+        return ScoredBatch(
+            prompt_ids=prompt_ids_NP.to(torch.int32),
+            prompt_mask=prompt_mask_NP.bool(),
+            group_ids=torch.arange(n, dtype=torch.int32),
+            episode_ids=target_ids_NT.to(torch.int32),
+            episode_mask=(target_mask_NT.bool() * Span.TRAINED).to(torch.int8),
+            logprobs=torch.zeros(target_ids_NT.shape, dtype=torch.float32),
+            rewards=torch.zeros(n, 0),
+            reward_total=zeros_N,
+            advantages=zeros_N,
+            sample_ids=torch.zeros(n, 3, dtype=torch.int32),
+            versions=torch.zeros(n, dtype=torch.int32),
+            reward_names=[],
+        )
+
+    @staticmethod
     def from_tensors(
         tensors: dict[str, torch.Tensor], prefix: str, reward_names: list[str]
     ) -> ScoredBatch:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dist_ft.algos.grpo import LossParams, loss_normaliser, policy_loss
+from dist_ft.algos.grpo import LossParams, loss_count, normaliser_from_count, policy_loss
+from dist_ft.algos.objective import Objective
 from dist_ft.algos.sft import sft_loss
 from dist_ft.batch import ScoredBatch
 from dist_ft.config import PeftConfig
@@ -78,6 +79,13 @@ def deepspeed_config(
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+
+
+def _width(batch: ScoredBatch) -> int:
+    """Episode columns that hold a token in some row: the padding every row shares is trimmed,
+    so no compute goes to it."""
+    used = batch.attention_mask.any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
 
 
 class Learner:
@@ -170,43 +178,69 @@ class Learner:
             totals["grad_norm"] = float(grad_norm)
         return totals
 
-    def step(self, batch: ScoredBatch, normaliser: float | None = None) -> dict[str, float]:
-        """One GRPO optimizer step on this rank's share of the step's samples.
+    def step(self, batch: ScoredBatch, objective: Objective = Objective.GRPO) -> dict[str, float]:
+        """One optimizer step of ``objective`` on this rank's share of the step's samples.
 
-        ``normaliser`` is the loss denominator of the whole step (all ranks); the caller computes
-        it before splitting, so the update equals a single-process update on the full batch.
+        Every rank of the group must call it (the normaliser is a collective): each counts what
+        its share contributes to the loss denominator (sequences or tokens), the group sums the
+        counts, and every micro-batch on every rank divides by that one number, so the update
+        equals a single-process update on the whole step's batch.
         """
-        if normaliser is None:
-            normaliser = loss_normaliser(batch.loss_mask, self.loss)
-        metrics = self._accumulate(
-            len(batch), lambda idx: self.grpo_loss(batch.select(idx), normaliser)
-        )
+        if objective is Objective.GRPO:
+            count = self._sum_over_ranks(loss_count(batch.loss_mask, self.loss))
+            normaliser = normaliser_from_count(count, self.loss)
+            loss_fn = self.grpo_loss
+        elif objective is Objective.SFT:
+            normaliser = max(1.0, self._sum_over_ranks(float(batch.loss_mask.sum())))
+            loss_fn = self.sft_loss
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        metrics = self._accumulate(len(batch), lambda idx: loss_fn(batch.select(idx), normaliser))
         metrics["tokens"] = float(batch.num_tokens)
         return metrics
 
-    def grpo_loss(
-        self, batch: ScoredBatch, normaliser: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``batch``'s share of a step's policy loss, with grad (one micro-batch of :meth:`step`).
+    def _sum_over_ranks(self, count: float) -> float:
+        if self.world_size == 1:
+            return count
+        # nccl reduces CUDA tensors only; float64 keeps token counts exact
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        total = torch.tensor([count], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return float(total)
 
-        The forward attends to every episode token (context included: the model conditions on
-        env/tool turns); the loss weighs only the trained tokens of valid samples.
-        """
-        # Trim the episode padding that every sample here shares: no compute on it.
-        used = batch.attention_mask.any(0).nonzero()
-        width = int(used.max()) + 1 if len(used) else 1
+    def _logprobs(self, batch: ScoredBatch, width: int, temperature: float) -> torch.Tensor:
+        """[N, width] logprobs of the episode tokens under the current policy at
+        ``temperature``, with grad. The forward attends to every episode token (context
+        included: the model conditions on env/tool turns)."""
         prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
-        logp_NT = completion_logprobs(
+        return completion_logprobs(
             self.engine,
             prompt_ids_NP,
             prompt_mask_NP,
             batch.episode_ids[:, :width],
             batch.attention_mask[:, :width],
-            self.temperature,
+            temperature,
         )
+
+    def sft_loss(
+        self, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``batch``'s share of a step's supervised loss (NLL of the trained tokens), with grad."""
+        width = _width(batch)
+        # the model's own distribution (temperature 1): what demonstrations are scored under
+        logp_NT = self._logprobs(batch, width, 1.0)
+        return sft_loss(logp_NT, batch.loss_mask[:, :width], normaliser), {}
+
+    def grpo_loss(
+        self, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``batch``'s share of a step's policy loss, with grad (one micro-batch of :meth:`step`).
+        The loss weighs only the trained tokens of valid samples."""
+        width = _width(batch)
         ref_NT = None if batch.ref_logprobs is None else batch.ref_logprobs[:, :width]
         return policy_loss(
-            logp_NT,
+            # at the sampling temperature: the behaviour logprobs were taken at it
+            self._logprobs(batch, width, self.temperature),
             batch.logprobs[:, :width],
             # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
             batch.advantages * batch.valid,
@@ -215,33 +249,6 @@ class Learner:
             ref_NT,
             normaliser,
         )
-
-    def sft_step(
-        self,
-        prompt_ids_NP: torch.Tensor,
-        prompt_mask_NP: torch.Tensor,
-        target_ids_NT: torch.Tensor,
-        target_mask_NT: torch.Tensor,
-        normaliser: float | None = None,
-    ) -> dict[str, float]:
-        """One supervised step: NLL of the target tokens given the (left-padded) prompts.
-
-        ``normaliser`` is the whole step's target-token count (all ranks), as for :meth:`step`.
-        """
-        if normaliser is None:
-            normaliser = float(target_mask_NT.sum().clamp(min=1))
-
-        def micro_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            logp = completion_logprobs(
-                self.engine,
-                prompt_ids_NP[idx],
-                prompt_mask_NP[idx],
-                target_ids_NT[idx],
-                target_mask_NT[idx],
-            )
-            return sft_loss(logp, target_mask_NT[idx], normaliser), {}
-
-        return self._accumulate(len(prompt_ids_NP), micro_loss)
 
     def export_weights(self, adapter_only: bool | None = None) -> dict[str, torch.Tensor]:
         """What changed since the start: the adapter alone under PEFT, else all weights.

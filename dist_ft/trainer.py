@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from dist_ft import checkpoint
-from dist_ft.algos.grpo import LossParams, loss_normaliser
+from dist_ft.algos.grpo import LossParams
+from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
@@ -180,7 +181,6 @@ def train(cfg: Config) -> dict[str, Any]:
         worker_kwargs, learner_kwargs, cfg.resources, judge_kwargs(cfg), cfg.reward.judge.actors
     )
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
-    params = loss_params(cfg)
     tracker = Tracker(
         out,
         run_name=cfg.run.name,
@@ -211,7 +211,8 @@ def train(cfg: Config) -> dict[str, Any]:
             for i in range(0, len(warm), cfg.samples_per_step):
                 rows = warm[i : i + cfg.samples_per_step]
                 texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
-                cluster.sft_step(*encode_pairs(tokenizer, texts, [r["completion"] for r in rows]))
+                pairs = encode_pairs(tokenizer, texts, [r["completion"] for r in rows])
+                cluster.train_step(ScoredBatch.supervised(*pairs), Objective.SFT)
 
         # ---- first sync: the workers' adapter init is random; start them from the learner's
         version = cluster.sync_weights().version
@@ -233,9 +234,9 @@ def train(cfg: Config) -> dict[str, Any]:
             batch, ledger_stats = ledger.admit(batch, version, a.max_staleness)
             t_rollout = time.perf_counter() - t0 + issued.issue_seconds
 
-            # ---- train: one optimizer step; the normaliser spans the whole step's batch
+            # ---- train: one optimizer step; the learner group normalises over the whole step
             t1 = time.perf_counter()
-            metrics = cluster.train_step(batch, loss_normaliser(batch.loss_mask, params))
+            metrics = cluster.train_step(batch, Objective.GRPO)
             ledger.record(step, batch, version)
             t_train = time.perf_counter() - t1
             done = step

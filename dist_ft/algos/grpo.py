@@ -90,20 +90,29 @@ def kl_k3(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def loss_count(mask_NT: torch.Tensor, params: LossParams) -> float:
+    """What the loss is averaged over, counted in one batch: sequences in the loss (GRPO, GSPO,
+    Dr.GRPO) or tokens (DAPO). Additive, so a learner group sums its ranks' counts."""
+    if params.loss_type is LossType.DAPO:
+        return float(mask_NT.sum())
+    return float((mask_NT.sum(-1) > 0).sum())  # a left-out sequence has no tokens
+
+
+def normaliser_from_count(count: float, params: LossParams) -> float:
+    """The loss denominator for a whole step whose :func:`loss_count` (all ranks) is ``count``.
+    Dr.GRPO's is the constant budget, sequences x ``max_tokens``: no length bias."""
+    count = max(1.0, count)
+    return count * params.max_tokens if params.loss_type is LossType.DR_GRPO else count
+
+
 def loss_normaliser(mask_NT: torch.Tensor, params: LossParams) -> float:
     """The denominator of the loss for a whole step's batch.
 
-    The learner computes it once over the full step (all ranks, all micro-batches) and passes it
-    to :func:`policy_loss` for every micro-batch, so that gradient accumulation and data
-    parallelism give exactly the gradient of the full-batch loss.
+    The learner group computes it once over the full step (all ranks, all micro-batches) and
+    passes it to :func:`policy_loss` for every micro-batch, so that gradient accumulation and
+    data parallelism give exactly the gradient of the full-batch loss.
     """
-    # sequences in the loss (a left-out one has no tokens)
-    n = max(1, int((mask_NT.sum(-1) > 0).sum()))
-    if params.loss_type is LossType.DAPO:
-        return float(mask_NT.sum().clamp(min=1))
-    if params.loss_type is LossType.DR_GRPO:
-        return float(n * params.max_tokens)
-    return float(n)  # GRPO and GSPO average over sequences
+    return normaliser_from_count(loss_count(mask_NT, params), params)
 
 
 def policy_loss(

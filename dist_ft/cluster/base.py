@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 
 if TYPE_CHECKING:  # dist_ft.data imports `datasets`, which nothing here needs at run time
@@ -44,9 +45,7 @@ class Cluster(Protocol):
 
     def collect(self, pending: PendingRollout) -> ScoredBatch: ...
 
-    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]: ...
-
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]: ...
+    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]: ...
 
     def sync_weights(self) -> SyncStats: ...
 

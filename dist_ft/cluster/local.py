@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.sync import check_fingerprints, make_update
@@ -51,11 +52,8 @@ class LocalCluster:
     def collect(self, pending: PendingRollout) -> ScoredBatch:
         return ScoredBatch.concat(pending.results)
 
-    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
-        return self.learner.step(batch, normaliser)
-
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
-        return self.learner.sft_step(*tensors)
+    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
+        return self.learner.step(batch, objective)
 
     def sync_weights(self) -> SyncStats:
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
@@ -71,11 +72,8 @@ class LearnerHost:
 
         self.learner = Learner(**kwargs)
 
-    def step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
-        return self.learner.step(batch, normaliser)
-
-    def sft_step(self, *tensors: torch.Tensor, normaliser: float) -> dict[str, float]:
-        return self.learner.sft_step(*tensors, normaliser=normaliser)
+    def step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
+        return self.learner.step(batch, objective)
 
     def export_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         return self.learner.version, self.learner.export_weights()
@@ -358,28 +356,16 @@ class RayCluster:
         return ScoredBatch.concat(pending.results)
 
     # ------------------------------------------------------------------ learning
-    def train_step(self, batch: ScoredBatch, normaliser: float) -> dict[str, float]:
+    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
         shards = balanced_shards(batch, len(self.learners))
         per_rank = self._learners_get(
-            [h.step.remote(s, normaliser) for h, s in zip(self.learners, shards)]
+            [h.step.remote(s, objective) for h, s in zip(self.learners, shards)]
         )
         # Each rank's loss is its share of the step's loss: sum them; average the rest.
         out = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
         out["loss"] = sum(m["loss"] for m in per_rank)
         out["tokens"] = float(batch.num_tokens)
         return out
-
-    def sft_step(self, *tensors: torch.Tensor) -> dict[str, float]:
-        index = torch.arange(len(tensors[0])).chunk(len(self.learners))
-        normaliser = float(tensors[-1].sum().clamp(min=1))  # target tokens of the whole step
-        per_rank = self._learners_get(
-            [
-                h.sft_step.remote(*(t[i] for t in tensors), normaliser=normaliser)
-                for h, i in zip(self.learners, index)
-            ]
-        )
-        # Each rank's loss is its share of the step's loss.
-        return {"loss": sum(m["loss"] for m in per_rank)}
 
     def sync_weights(self) -> SyncStats:
         import ray

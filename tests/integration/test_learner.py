@@ -4,9 +4,12 @@ import pytest
 import torch
 from conftest import build
 
+from dist_ft.algos.objective import Objective
+from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import LocalCluster
+from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
-from dist_ft.models import tied_aliases
+from dist_ft.models import load_tokenizer, tied_aliases
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
@@ -112,7 +115,7 @@ def test_weight_sync_fingerprints_match(tiny_path, demo_prompts, method):
     first = cluster.sync_weights()
     batch = cluster.collect(cluster.submit_rollout(1, demo_prompts[:4]))
     batch.advantages = torch.tensor([1.0, -1.0]).repeat(len(batch) // 2)
-    cluster.train_step(batch, float(len(batch)))
+    cluster.train_step(batch, Objective.GRPO)
     second = cluster.sync_weights()
     assert second.version == first.version + 1
     learner_print = fingerprint(cluster.learner.export_weights())
@@ -125,3 +128,33 @@ def test_weight_sync_fingerprints_match(tiny_path, demo_prompts, method):
         assert second.nbytes == trainable
     else:
         assert second.nbytes >= trainable
+
+
+def test_sft_objective_is_the_token_mean_nll_of_the_targets(tiny_path, demo_prompts):
+    """The SFT objective through the same Learner.step: the loss it reports equals the NLL of
+    the target tokens computed independently from the model's logits, averaged over the
+    step's target tokens; and 4 micro-batches (of 6 rows) give the same update as 1."""
+    _, _, lk = build(tiny_path, "algo.prompts_per_step=4")
+    tok = load_tokenizer(tiny_path)
+    prompts = [p.text for p in demo_prompts[:6]]
+    targets = ["b", "cc", "ddd", "ffff", "g", "hh"]  # unequal lengths: token mean != row mean
+    batch = ScoredBatch.supervised(*encode_pairs(tok, prompts, targets))
+    out = []
+    for micro in (1, 4):
+        learner = Learner(**{**lk, "micro_batches": micro})
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for p, t in zip(prompts, targets):
+                ids = tok(p + t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                logits = learner.module(input_ids=torch.tensor([ids])).logits[0].float()
+                start = len(tok(p, add_special_tokens=False)["input_ids"])
+                logp = logits[start - 1 : -1].log_softmax(-1)
+                target = torch.tensor(ids[start:])
+                nll -= float(logp.gather(-1, target[:, None]).sum())
+                n += len(target)
+        metrics = learner.step(batch, Objective.SFT)
+        assert n == int(batch.loss_mask.sum())  # targets + EOS
+        assert metrics["loss"] == pytest.approx(nll / n, rel=1e-5)
+        out.append(learner.export_weights())
+    for name in out[0]:
+        torch.testing.assert_close(out[1][name], out[0][name], atol=1e-5, rtol=1e-4)

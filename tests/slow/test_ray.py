@@ -12,11 +12,13 @@ import pytest
 import torch
 from conftest import build
 
-from dist_ft.algos.grpo import loss_normaliser
-from dist_ft.batch import Span, balanced_shards
+from dist_ft.algos.objective import Objective
+from dist_ft.batch import ScoredBatch, Span, balanced_shards
 from dist_ft.cluster import RayCluster
 from dist_ft.config import load_config
+from dist_ft.data import demo_format_rows, encode_pairs
 from dist_ft.learner import Learner
+from dist_ft.models import load_tokenizer
 from dist_ft.plan import resolve_rollout_workers
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
@@ -174,24 +176,31 @@ def test_multi_node_grpo(two_node_cluster, tmp_path, stage, method):
 
 
 @pytest.mark.slow
-def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts):
-    """The same ScoredBatch through a 2-rank ZeRO-3 group and through one process."""
+@pytest.mark.parametrize("objective", list(Objective))
+def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective):
+    """The same batch through a 2-rank ZeRO-3 group and through one process. Each rank counts
+    its share's loss denominator and the group sums the counts: the update must not change."""
     import ray
 
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
-    batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
-    norm = loss_normaliser(batch.trainable_mask, lk["loss"])
+    if objective is Objective.GRPO:
+        batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
+        batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
+    else:  # demonstrations of unequal length, so the ranks' token counts differ
+        rows = demo_format_rows(32, seed=3)
+        targets = [r["completion"][: 1 + i % 4] for i, r in enumerate(rows)]
+        pairs = encode_pairs(load_tokenizer(tiny_path), [r["prompt"] for r in rows], targets)
+        batch = ScoredBatch.supervised(*pairs)
 
     single = Learner(**lk)
-    single.step(batch, norm)
+    single.step(batch, objective)
     expected = single.export_weights()
 
     cluster = RayCluster(
         wk, {**lk, "zero_stage": 3}, num_workers=1, num_learners=2, address="local"
     )
     try:
-        cluster.train_step(batch, norm)
+        cluster.train_step(batch, objective)
         sync = cluster.sync_weights()
         # every rank takes part in the ZeRO-3 gather; all of them return the full adapter
         (version, got), (_, got1) = ray.get([h.export_weights.remote() for h in cluster.learners])

@@ -10,7 +10,9 @@ from dist_ft.algos.grpo import (
     LossType,
     group_advantages,
     kl_k3,
+    loss_count,
     loss_normaliser,
+    normaliser_from_count,
     policy_loss,
 )
 
@@ -111,10 +113,12 @@ def test_split_batch_with_global_normaliser_sums_to_full_loss(loss_type):
     mask[:, 0] = 1
     params = LossParams(loss_type=loss_type, max_tokens=5)
     full, _ = policy_loss(new, old, adv, mask, params)
-    norm = loss_normaliser(mask, params)
+    # what each rank computes: its share's count; the group's sum gives the full normaliser
+    shares = (slice(0, 2), slice(2, 6))
+    norm = normaliser_from_count(sum(loss_count(mask[s], params) for s in shares), params)
+    assert norm == loss_normaliser(mask, params)
     parts = [
-        policy_loss(new[s], old[s], adv[s], mask[s], params, normaliser=norm)[0]
-        for s in (slice(0, 2), slice(2, 6))
+        policy_loss(new[s], old[s], adv[s], mask[s], params, normaliser=norm)[0] for s in shares
     ]
     torch.testing.assert_close(sum(parts), full)
     (g_full,) = torch.autograd.grad(full, new)
@@ -129,3 +133,12 @@ def test_on_policy_gradient_is_advantage_weighted_logprob_gradient():
     (g,) = torch.autograd.grad(loss, logp)
     expected = torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [1 / 4, 1 / 4, 0.0]])
     torch.testing.assert_close(g, expected)
+
+
+def test_normaliser_counts_by_hand():
+    # MASK: sequences with tokens 2, tokens 3 + 2 = 5; Dr.GRPO: 2 sequences x budget 3 = 6
+    assert loss_normaliser(MASK, LossParams(LossType.GRPO)) == 2.0
+    assert loss_normaliser(MASK, LossParams(LossType.DAPO)) == 5.0
+    assert loss_normaliser(MASK, LossParams(LossType.DR_GRPO, max_tokens=3)) == 6.0
+    # a step with nothing to train on divides by 1, not 0
+    assert loss_normaliser(torch.zeros(2, 3), LossParams(LossType.DAPO)) == 1.0
