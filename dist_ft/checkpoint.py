@@ -43,6 +43,7 @@ NON_SEMANTIC = (
     "run.keep_checkpoints",
     "run.resume",
     "run.overwrite",  # how a run treats an old run's outputs, not what it learns
+    "label.",  # `dist-ft label` only: never read by a training run
 )
 
 

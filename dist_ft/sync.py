@@ -1,13 +1,25 @@
-"""Versioned weight updates from learner to rollout workers, with fingerprints.
+"""Versioned weight updates from learner to rollout workers: the ``WeightTransport`` seam, and
+fingerprints.
 
 Only what training changes travels: the adapter alone under LoRA (megabytes for a 7B model),
-every weight under full fine-tuning. Both ends hash what they hold; a mismatch is an error.
+every weight under full fine-tuning. Learner rank 0 *publishes* a version (cast to the rollout
+dtype, hashed) and hands back a :class:`Published` note: version, fingerprint, byte count and
+a transport handle, never the tensors. The driver forwards that note; each rollout worker
+*receives* the tensors through the same transport, hashes what arrived, and loads it. Every
+``read_back_every``-th sync (every sync in debug mode) the worker also re-exports and hashes
+what its model holds after loading, which catches a load that silently converts or drops.
+
+Transports: :class:`InProcessTransport` (debug mode: everything in one process) here, and the Ray
+object store in ``cluster/ray.py`` (rank 0 puts the update from inside its actor; workers pull
+it). An NCCL broadcast fits the same two methods: ``publish`` on rank 0 broadcasts, ``receive``
+on a worker joins the broadcast.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -23,35 +35,66 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def to_rollout_dtype(
+    tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Cast floating tensors once, at the sender: fewer bytes on the wire, and the fingerprint
+    is of what the workers will hold."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 @dataclass(frozen=True)
-class WeightUpdate:
+class Published:
+    """One published version of the weights: what the driver holds and forwards.
+
+    ``handle`` is the transport's: the tensors themselves for :class:`InProcessTransport`, an
+    object-store reference on Ray (the driver never fetches it)."""
+
     version: int
-    tensors: dict[str, torch.Tensor]
-    fingerprint: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+    fingerprint: str  # of the tensors as sent (see fingerprint())
+    nbytes: int
+    handle: Any
 
 
-def make_update(
-    version: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-) -> WeightUpdate:
-    """Version ``version`` of the weights, cast to the rollout ``dtype`` (once, at the sender:
-    fewer bytes on the wire, and the fingerprint is of what the workers will hold)."""
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    return WeightUpdate(version, tensors, fingerprint(tensors))
+class WeightTransport(Protocol):
+    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
+        """Learner rank 0: make ``tensors`` available to the workers as ``version``."""
+        ...
+
+    def receive(self, update: Published) -> dict[str, torch.Tensor]:
+        """A rollout worker: the tensors of ``update``."""
+        ...
+
+
+def describe(version: int, tensors: dict[str, torch.Tensor], handle: Any) -> Published:
+    """The note a transport returns for ``tensors`` published under ``handle``."""
+    nbytes = sum(t.nbytes for t in tensors.values())
+    return Published(version, fingerprint(tensors), nbytes, handle)
+
+
+class InProcessTransport:
+    """Debug mode: learner and workers share the process; the update is the tensors."""
+
+    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
+        return describe(version, tensors, tensors)
+
+    def receive(self, update: Published) -> dict[str, torch.Tensor]:
+        return update.handle
 
 
 class SyncMismatchError(RuntimeError):
     """A rollout worker's weights differ from what the learner sent."""
 
 
-def check_fingerprints(update: WeightUpdate, worker_prints: list[str]) -> None:
+def check_fingerprints(update: Published, worker_prints: list[str], read_back: bool) -> None:
+    """Every worker's print must equal the published one. ``read_back``: the prints are of the
+    weights re-exported from the workers' models, else of the bytes they received."""
     bad = [i for i, fp in enumerate(worker_prints) if fp != update.fingerprint]
     if bad:
+        what = "after loading hold" if read_back else "received"
         raise SyncMismatchError(
-            f"weight sync v{update.version}: rollout workers {bad} hold fingerprints "
+            f"weight sync v{update.version}: rollout workers {bad} {what} fingerprints "
             f"{[worker_prints[i][:12] for i in bad]}, learner sent {update.fingerprint[:12]}"
         )

@@ -26,10 +26,16 @@ class Tracker:
         plot: bool = True,
         resume_step: int | None = None,
         run_id: str | None = None,
+        shown: tuple[str, ...] = ("reward/mean", "kl", "samples_per_s"),
+        plotted: tuple[str, ...] = ("reward/mean", "kl"),
+        plot_name: str = "reward.png",
     ) -> None:
         """``resume_step``: continue a run whose checkpoint holds this step; metrics logged
         after it (by the process that died) are dropped, earlier ones are kept and reloaded.
-        ``run_id``: the tracking run to continue (wandb id)."""
+        ``run_id``: the tracking run to continue (wandb id). ``shown``: the metrics on the
+        progress line; ``plotted``: one panel each in ``plot_name`` (a metric never logged, or
+        always 0 after the first, gets none)."""
+        self.shown, self.plotted, self.plot_name = shown, plotted, plot_name
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.history: list[dict[str, float]] = []
@@ -74,11 +80,9 @@ class Tracker:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
-        reward = metrics.get("reward/mean")  # absent when no sample had a valid reward
-        info = (
-            f"reward {'n/a' if reward is None else f'{reward:.3f}'}  "
-            f"kl {metrics.get('kl', math.nan):.4f}  "
-            f"{metrics.get('samples_per_s', math.nan):.0f} samples/s"
+        # a metric absent this step (no valid reward, no eval) shows as n/a, never as a number
+        info = "  ".join(
+            f"{k} {'n/a' if metrics.get(k) is None else f'{metrics[k]:.4g}'}" for k in self.shown
         )
         self._progress.update(self._task, completed=step, info=info)
 
@@ -98,11 +102,12 @@ class Tracker:
         return self._plot() if self.plot else None
 
     def _plot(self) -> Path | None:
-        # The reward is plotted whenever it was logged, even if always 0. A step with no valid
-        # reward logs none: its point is left out, not drawn as 0.
-        panels = ["reward/mean"] if any("reward/mean" in r for r in self.history) else []
-        if any(r.get("kl") for r in self.history):  # KL is exactly 0 when its term is off
-            panels.append("kl")
+        # The first metric is plotted whenever it was logged, even if always 0 (a reward that
+        # never rose is the point of the plot); the others only when they were ever nonzero (KL
+        # is exactly 0 when its term is off). A step that did not log a metric has no point.
+        first, *rest = self.plotted
+        panels = [first] if any(first in r for r in self.history) else []
+        panels += [k for k in rest if any(r.get(k) for r in self.history)]
         if not panels:
             return None
         import matplotlib
@@ -124,7 +129,7 @@ class Tracker:
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
-        path = self.output_dir / "reward.png"
+        path = self.output_dir / self.plot_name
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

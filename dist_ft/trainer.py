@@ -24,6 +24,7 @@ from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import (
     PreparedPrompts,
     PromptSampler,
+    Reject,
     demo_format_rows,
     encode_pairs,
     load_rows,
@@ -31,9 +32,12 @@ from dist_ft.data import (
     render,
     write_rejects,
 )
+from dist_ft.learner import LearnerSpec
 from dist_ft.ledger import Ledger
 from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.peft_methods import auto_lr
 from dist_ft.rewards import RewardError
+from dist_ft.rollout import GeneratorSpec, RolloutSpec
 from dist_ft.tracking import Tracker
 
 
@@ -63,45 +67,60 @@ def judge_kwargs(cfg: Config) -> dict[str, Any] | None:
     }
 
 
-def component_kwargs(cfg: Config, model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Plain constructor arguments for RolloutWorker and Learner: the config tree stops here."""
+def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:
+    """What rollout workers and learners are built from: the config tree stops here."""
     device = resolve_device(cfg.resources.device)
-    common = {
-        "model_path": model_path,
-        "dtype": cfg.model.dtype,
-        "peft": cfg.peft,
-        "device": device,
-        "seed": cfg.run.seed,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "deterministic": cfg.run.deterministic,
-    }
-    worker = {
-        **common,
-        "dtype": cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype,
-        "group_size": cfg.rollout.group_size,
-        "max_new_tokens": cfg.rollout.max_new_tokens,
-        "temperature": cfg.rollout.temperature,
-        "top_p": cfg.rollout.top_p,
-        "generator": cfg.rollout.generator,
-        "rewards": [(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
-        "reward_timeout_s": cfg.reward.timeout_s,
-        "on_reward_error": cfg.reward.on_error,
-        "scale_rewards": cfg.algo.scale_rewards,
-        "need_ref_logprobs": cfg.algo.beta > 0,
-    }
-    learner = {
-        **common,
-        "loss": loss_params(cfg),
-        "temperature": cfg.rollout.temperature,
-        "lr": cfg.learner.lr,
-        "weight_decay": cfg.learner.weight_decay,
-        "grad_clip": cfg.learner.grad_clip,
-        "zero_stage": cfg.learner.zero_stage,
-        "offload": cfg.learner.offload,
-        "samples_per_step": cfg.samples_per_step,
-        "micro_batches": cfg.learner.micro_batches,
-    }
-    return worker, learner
+    rollout = RolloutSpec(
+        generation=GeneratorSpec(
+            model_path=model_path,
+            dtype=cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype,
+            peft=cfg.peft,
+            device=device,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            need_ref_logprobs=cfg.algo.beta > 0,
+            trust_remote_code=cfg.model.trust_remote_code,
+        ),
+        generator=cfg.rollout.generator,
+        group_size=cfg.rollout.group_size,
+        rewards=[(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
+        reward_timeout_s=cfg.reward.timeout_s,
+        on_reward_error=cfg.reward.on_error,
+        scale_rewards=cfg.algo.scale_rewards,
+        seed=cfg.run.seed,
+        deterministic=cfg.run.deterministic,
+    )
+    learner = LearnerSpec(
+        model_path=model_path,
+        dtype=cfg.model.dtype,
+        peft=cfg.peft,
+        device=device,
+        loss=loss_params(cfg),
+        temperature=cfg.rollout.temperature,
+        lr=auto_lr(cfg.peft.method) if cfg.learner.lr == "auto" else cfg.learner.lr,
+        weight_decay=cfg.learner.weight_decay,
+        grad_clip=cfg.learner.grad_clip,
+        zero_stage=cfg.learner.zero_stage,
+        offload=cfg.learner.offload,
+        samples_per_step=cfg.samples_per_step,
+        micro_batches=cfg.learner.micro_batches,
+        seed=cfg.run.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+        deterministic=cfg.run.deterministic,
+        dpo=cfg.dpo,
+    )
+    return rollout, learner
+
+
+def keep_rejects(out: Path, source: str, rejects: list[Reject]) -> None:
+    """The rows ``data.on_bad_row=skip`` left out, in <output_dir>/rejects.jsonl, and said."""
+    if rejects:
+        write_rejects(out / "rejects.jsonl", rejects)
+        print(
+            f"data: skipped {len(rejects)} malformed rows of {source} "
+            f"(data.on_bad_row=skip), written to {out / 'rejects.jsonl'}"
+        )
 
 
 def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
@@ -144,54 +163,25 @@ def train(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     prepared = load_prompts(cfg, tokenizer)
     prompts = prepared.prompts
-    if prepared.rejects:
-        write_rejects(out / "rejects.jsonl", prepared.rejects)
-        print(
-            f"data: skipped {len(prepared.rejects)} malformed rows of {d.source} "
-            f"(data.on_bad_row=skip), written to {out / 'rejects.jsonl'}"
-        )
+    keep_rejects(out, d.source, prepared.rejects)
     sampler = PromptSampler(len(prompts), cfg.run.seed)
 
     # ---- resume: refuse a checkpoint of another recipe before any compute is spent
-    ckpt = checkpoint.find_resume(out, cfg.run.resume)
-    state: dict[str, Any] = {}
-    if ckpt is not None:
-        state, run_tensors = checkpoint.load_run_state(ckpt)
-        changed = checkpoint.semantic_changes(state["config"], config_to_dict(cfg))
-        if changed and not cfg.run.resume_allow_changes:
-            raise ConfigError(
-                f"{ckpt} was trained with other values of {changed}; resuming would change "
-                "training semantics (set run.resume_allow_changes=true to accept)"
-            )
-        ranks = state["config"]["resources"]["learners"]
-        if ranks != cfg.resources.learners:  # ZeRO optimizer state is partitioned per rank
-            raise ConfigError(
-                f"{ckpt} holds the state of {ranks} learner ranks; resume with "
-                f"resources.learners={ranks}"
-            )
-        print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
-    elif cfg.run.resume == "auto":
-        root = checkpoint.root(out)
-        print(f"run.resume=auto: no checkpoint in {root}; starting fresh", file=sys.stderr)
+    ckpt, state, run_tensors = open_checkpoint(cfg, out)
     ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size, fresh=ckpt is None)
 
     # ---- placement: the only line that differs between debug mode and a cluster
-    worker_kwargs, learner_kwargs = component_kwargs(cfg, model_path)
+    rollout_spec, learner_spec = component_specs(cfg, model_path)
     cluster = make_cluster(
-        worker_kwargs, learner_kwargs, cfg.resources, judge_kwargs(cfg), cfg.reward.judge.actors
+        rollout_spec,
+        learner_spec,
+        cfg.resources,
+        judge_kwargs(cfg),
+        cfg.reward.judge.actors,
+        cfg.rollout.read_back_every,
     )
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
-    tracker = Tracker(
-        out,
-        run_name=cfg.run.name,
-        total_steps=cfg.run.steps,
-        wandb_mode=cfg.run.wandb,
-        wandb_project=cfg.run.wandb_project,
-        config=config_to_dict(cfg),
-        plot=cfg.run.plot,
-        resume_step=state.get("step"),
-        run_id=state.get("run_id"),
-    )
+    tracker = make_tracker(cfg, out, state)
     watch = RewardWatch(
         [f.name for f in cfg.reward.functions],
         cfg.reward.max_error_rate,
@@ -278,7 +268,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
 # What a run writes to its output_dir that a later run must not mix with its own. wandb/ stays:
 # wandb keeps one directory per run id there.
-RUN_OUTPUTS = ("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "reward.png", "adapter", "model")
+# What a run writes (besides config.yaml and checkpoints/): run.overwrite=true removes them all,
+# so nothing of an old run (a DPO reference pass above all) is read by the new one.
+RUN_OUTPUTS = (
+    *("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "placement.json", "adapter", "model"),
+    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors"),
+)
 
 
 def prepare_output_dir(cfg: Config) -> Path:
@@ -312,6 +307,51 @@ def prepare_output_dir(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return out
+
+
+def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) -> Tracker:
+    """metrics.jsonl, wandb and the progress bar of a run (continued from ``state`` when it
+    resumes); ``display``: what the progress line shows and the plot draws (see Tracker)."""
+    return Tracker(
+        out,
+        run_name=cfg.run.name,
+        total_steps=cfg.run.steps,
+        wandb_mode=cfg.run.wandb,
+        wandb_project=cfg.run.wandb_project,
+        config=config_to_dict(cfg),
+        plot=cfg.run.plot,
+        resume_step=state.get("step"),
+        run_id=state.get("run_id"),
+        **display,
+    )
+
+
+def open_checkpoint(
+    cfg: Config, out: Path
+) -> tuple[Path | None, dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint ``run.resume`` names (None, {}, {} for a fresh run) and its run state;
+    refuses one of another recipe or another learner count before any compute is spent."""
+    ckpt = checkpoint.find_resume(out, cfg.run.resume)
+    if ckpt is None:
+        if cfg.run.resume == "auto":
+            root = checkpoint.root(out)
+            print(f"run.resume=auto: no checkpoint in {root}; starting fresh", file=sys.stderr)
+        return None, {}, {}
+    state, tensors = checkpoint.load_run_state(ckpt)
+    changed = checkpoint.semantic_changes(state["config"], config_to_dict(cfg))
+    if changed and not cfg.run.resume_allow_changes:
+        raise ConfigError(
+            f"{ckpt} was trained with other values of {changed}; resuming would change "
+            "training semantics (set run.resume_allow_changes=true to accept)"
+        )
+    ranks = state["config"]["resources"]["learners"]
+    if ranks != cfg.resources.learners:  # ZeRO optimizer state is partitioned per rank
+        raise ConfigError(
+            f"{ckpt} holds the state of {ranks} learner ranks; resume with "
+            f"resources.learners={ranks}"
+        )
+    print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
+    return ckpt, state, tensors
 
 
 def step_metrics(

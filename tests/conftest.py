@@ -24,12 +24,46 @@ def demo_prompts():
 
 
 def build(tiny_path: str, *overrides: str):
-    """RolloutWorker and Learner constructor kwargs for a config with ``overrides``."""
+    """The RolloutSpec and LearnerSpec of a config with ``overrides``."""
     from dist_ft.config import load_config
-    from dist_ft.trainer import component_kwargs
+    from dist_ft.trainer import component_specs
 
     cfg = load_config(None, ["run.wandb=disabled", *overrides])
-    return cfg, *component_kwargs(cfg, tiny_path)
+    return cfg, *component_specs(cfg, tiny_path)
+
+
+def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):
+    """``pairs`` preference pairs of the built-in letter task, as a DPO batch (pair i = group
+    i, chosen row first), with answers of unequal lengths and reference logprobs that differ
+    from the initial policy's (so the loss is not at its symmetric point)."""
+    import torch
+
+    from dist_ft.data import prepare_preferences
+    from dist_ft.models import load_tokenizer
+    from dist_ft.offline import demo_pair_rows, make_batch, with_reference
+
+    tok = load_tokenizer(tiny_path)
+    rows = demo_pair_rows(pairs, seed)
+    for i, r in enumerate(rows):  # unequal lengths: sequence sums differ from means
+        r["chosen"], r["rejected"] = r["chosen"][: 1 + i % 4], r["rejected"][: 4 - i % 3]
+    prepared = prepare_preferences(
+        rows, tok, source="test", template="plain", plain_template="{prompt}"
+    )
+    groups = [[p.chosen, p.rejected] for p in prepared.pairs]
+    batch = make_batch(groups, tok.pad_token_id)
+    g = torch.Generator().manual_seed(seed)
+    lengths = (batch.episode_mask != 0).sum(-1).tolist()  # [N] episode tokens per row
+    return with_reference(batch, [-(torch.rand(n, generator=g) * 3) for n in lengths])
+
+
+def load_learner_weights(worker, learner) -> str:
+    """Debug mode's sync of one worker: ``learner``'s export, published in-process, loaded
+    and read back; returns the worker's fingerprint."""
+    from dist_ft.sync import InProcessTransport
+
+    transport = InProcessTransport()
+    update = transport.publish(learner.version, learner.export_weights())
+    return worker.set_weights(update, transport, read_back=True)
 
 
 def terminal_sigint() -> None:

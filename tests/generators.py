@@ -5,38 +5,26 @@ exactly as a user's engine would be."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from dist_ft.batch import Span
 from dist_ft.models import export_state, import_state, is_adapter, load_policy, load_tokenizer
-from dist_ft.rollout import Generation
+from dist_ft.rollout import Generation, GeneratorSpec
 
 
 class NaiveSampler:
     calls = 0  # generate() calls in this process: proves which engine a run used
 
-    def __init__(
-        self,
-        *,
-        model_path: str,
-        dtype: str,
-        peft: Any,
-        device: str,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        need_ref_logprobs: bool,
-        trust_remote_code: bool = False,
-    ) -> None:
-        if top_p != 1.0 or need_ref_logprobs:
+    def __init__(self, spec: GeneratorSpec) -> None:
+        if spec.top_p != 1.0 or spec.need_ref_logprobs:
             raise ValueError("NaiveSampler samples the full distribution and has no reference")
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_policy(model_path, dtype, peft, torch.device(device)).eval()
+        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+        self.model = load_policy(
+            spec.model_path, spec.dtype, spec.peft, torch.device(spec.device)
+        ).eval()
         self.adapter_only = is_adapter(self.model)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
+        self.max_new_tokens = spec.max_new_tokens
+        self.temperature = spec.temperature
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         import_state(self.model, tensors, self.adapter_only)
@@ -77,3 +65,19 @@ class NaiveSampler:
             ref_logprobs=None,
             texts=tok.batch_decode(completion_ids, skip_special_tokens=True),
         )
+
+
+class DriftingLoader(NaiveSampler):
+    """NaiveSampler whose weight loads, from the second on, silently round floating tensors
+    through bfloat16: the kind of conversion only a read-back of the loaded model catches (the
+    bytes it received were right)."""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.loads = 0
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.loads += 1
+        if self.loads > 1:
+            tensors = {k: v.to(torch.bfloat16).to(v.dtype) for k, v in tensors.items()}
+        super().load_weights(tensors)

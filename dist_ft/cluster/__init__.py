@@ -9,13 +9,17 @@ actors placed as ``placement.py`` says; ``connect.py`` finds and starts Ray.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dist_ft.cluster.base import Cluster, PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.local import LocalCluster
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Placement, plan_actors
 from dist_ft.cluster.ray import ActorTimeoutError, RayCluster
 from dist_ft.config import ResourcesConfig
+
+if TYPE_CHECKING:
+    from dist_ft.learner import LearnerSpec
+    from dist_ft.rollout import RolloutSpec
 
 __all__ = [
     "ActorRequest",
@@ -35,20 +39,21 @@ __all__ = [
 
 
 def make_cluster(
-    worker_kwargs: dict[str, Any],
-    learner_kwargs: dict[str, Any],
+    rollout: RolloutSpec,
+    learner: LearnerSpec,
     res: ResourcesConfig,
     judge_kwargs: dict[str, Any] | None = None,
     judge_actors: int = 1,
+    read_back_every: int = 10,
 ) -> Cluster:
     if res.mode == "local":
         if res.learners != 1:
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
         workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
-        return LocalCluster(worker_kwargs, learner_kwargs, workers, judge_kwargs)
+        return LocalCluster(rollout, learner, workers, judge_kwargs)
     return RayCluster(
-        worker_kwargs,
-        learner_kwargs,
+        rollout,
+        learner,
         res.rollout_workers,
         res.learners,
         res.ray_address,
@@ -61,4 +66,5 @@ def make_cluster(
         max_restarts=res.max_restarts,
         judge_kwargs=judge_kwargs,
         judge_actors=judge_actors,
+        read_back_every=read_back_every,
     )

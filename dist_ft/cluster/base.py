@@ -47,7 +47,20 @@ class Cluster(Protocol):
 
     def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]: ...
 
+    def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
+        """[N, T] logprobs of ``batch``'s trained tokens under the learner's current weights,
+        in ``batch``'s row order (0 elsewhere); no update. DPO's reference pass, evaluation."""
+        ...
+
     def sync_weights(self) -> SyncStats: ...
+
+    def compare(
+        self, prompts: list[str], firsts: list[str], seconds: list[str]
+    ) -> tuple[list[float], list[list[float]]]:
+        """The RLAIF judge's position-debiased preference of ``firsts[i]`` over ``seconds[i]``
+        ([P] margins in [-1, 1], [P][C] per principle; ``JudgeWorker.compare``), judged where
+        the judges run. RLAIF labelling; the cluster must have been built with a judge."""
+        ...
 
     def save_state(self, ckpt_dir: Path) -> None: ...
 

@@ -12,10 +12,12 @@ import torch
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
-from dist_ft.sync import check_fingerprints, make_update
+from dist_ft.sync import InProcessTransport, check_fingerprints, to_rollout_dtype
 
 if TYPE_CHECKING:
     from dist_ft.data import Prompt
+    from dist_ft.learner import LearnerSpec
+    from dist_ft.rollout import RolloutSpec
 
 
 class LocalCluster:
@@ -23,8 +25,8 @@ class LocalCluster:
 
     def __init__(
         self,
-        worker_kwargs: dict[str, Any],
-        learner_kwargs: dict[str, Any],
+        rollout: RolloutSpec,
+        learner: LearnerSpec,
         num_workers: int = 1,
         judge_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -32,12 +34,13 @@ class LocalCluster:
         from dist_ft.rewards.judge import JudgeWorker
         from dist_ft.rollout import RolloutWorker
 
-        self.seed = worker_kwargs["seed"]
-        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
-        self.learner = Learner(**learner_kwargs)
-        judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
+        self.seed = rollout.seed
+        self.rollout_dtype = getattr(torch, rollout.generation.dtype)
+        self.learner = Learner(learner)
+        self.transport = InProcessTransport()
+        self.judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
         self.workers = [
-            RolloutWorker(**worker_kwargs, worker_index=i, judge=judge) for i in range(num_workers)
+            RolloutWorker(rollout, worker_index=i, judge=self.judge) for i in range(num_workers)
         ]
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
@@ -55,13 +58,24 @@ class LocalCluster:
     def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
         return self.learner.step(batch, objective)
 
+    def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
+        return self.learner.logprobs(batch)
+
+    def compare(
+        self, prompts: list[str], firsts: list[str], seconds: list[str]
+    ) -> tuple[list[float], list[list[float]]]:
+        if self.judge is None:
+            raise RuntimeError("this cluster has no judge: name reward function 'judge'")
+        return self.judge.compare(prompts, firsts, seconds)
+
     def sync_weights(self) -> SyncStats:
+        # Debug mode reads every sync back from the workers' models: it is where a new
+        # generator or PEFT method is tried first, and the re-export costs little here.
         t0 = time.perf_counter()
-        update = make_update(
-            self.learner.version, self.learner.export_weights(), self.rollout_dtype
-        )
-        prints = [w.set_weights(update.version, update.tensors) for w in self.workers]
-        check_fingerprints(update, prints)
+        tensors = to_rollout_dtype(self.learner.export_weights(), self.rollout_dtype)
+        update = self.transport.publish(self.learner.version, tensors)
+        prints = [w.set_weights(update, self.transport, read_back=True) for w in self.workers]
+        check_fingerprints(update, prints, read_back=True)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 
     def save_state(self, ckpt_dir: Path) -> None:

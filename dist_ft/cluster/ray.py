@@ -21,10 +21,12 @@ from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, plan_actors
-from dist_ft.sync import check_fingerprints, make_update
+from dist_ft.sync import Published, check_fingerprints, describe, to_rollout_dtype
 
 if TYPE_CHECKING:
     from dist_ft.data import Prompt
+    from dist_ft.learner import LearnerSpec
+    from dist_ft.rollout import RolloutSpec
 
 
 def cluster_nodes() -> list[dict[str, Any]]:
@@ -67,16 +69,24 @@ class LearnerHost:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def start(self, **kwargs: Any) -> None:
+    def start(self, spec: LearnerSpec, rank: int, world_size: int, addr: str, port: int) -> None:
         from dist_ft.learner import Learner
 
-        self.learner = Learner(**kwargs)
+        self.learner = Learner(spec, rank, world_size, addr, port)
 
     def step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
         return self.learner.step(batch, objective)
 
-    def export_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        return self.learner.version, self.learner.export_weights()
+    def publish_weights(self, dtype: torch.dtype, transport: Any) -> Published | None:
+        """Every rank exports (ZeRO-3 gathers are collective); rank 0 publishes its copy from
+        here, so the tensors go from this actor to the object store and never to the driver."""
+        tensors = self.learner.export_weights()
+        if self.learner.rank != 0:
+            return None
+        return transport.publish(self.learner.version, to_rollout_dtype(tensors, dtype))
+
+    def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
+        return self.learner.logprobs(batch)
 
     def save_state(self, ckpt_dir: str) -> None:
         self.learner.save_state(ckpt_dir)
@@ -112,6 +122,22 @@ class RemoteJudge:
         return ray.get(ref, timeout=self.timeout_s)
 
 
+class ObjectStoreTransport:
+    """Weights through Ray's object store: ``publish`` runs inside learner rank 0's actor, which
+    puts the tensors once and owns them; each worker's ``receive`` pulls them to its node. The
+    driver only ever holds the reference."""
+
+    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
+        import ray
+
+        return describe(version, tensors, ray.put(tensors))
+
+    def receive(self, update: Published) -> dict[str, torch.Tensor]:
+        import ray
+
+        return ray.get(update.handle)
+
+
 class ActorTimeoutError(TimeoutError):
     """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
 
@@ -133,8 +159,8 @@ class RayCluster:
 
     def __init__(
         self,
-        worker_kwargs: dict[str, Any],
-        learner_kwargs: dict[str, Any],
+        rollout: RolloutSpec,
+        learner: LearnerSpec,
         num_workers: int | str,
         num_learners: int,
         address: str = "auto",
@@ -148,12 +174,15 @@ class RayCluster:
         max_restarts: int = 3,
         judge_kwargs: dict[str, Any] | None = None,
         judge_actors: int = 1,
+        read_back_every: int = 10,
     ) -> None:
         import ray
 
         self.timeout_s = timeout_s
-        self.seed = worker_kwargs["seed"]
-        self.rollout_dtype = getattr(torch, worker_kwargs["dtype"])
+        self.read_back_every = read_back_every
+        self.transport = ObjectStoreTransport()
+        self.seed = rollout.seed
+        self.rollout_dtype = getattr(torch, rollout.generation.dtype)
         spec = ActorSpec(
             num_workers,
             num_learners,
@@ -163,7 +192,7 @@ class RayCluster:
             learner_cpus,
             learner_gpus,
             colocate,
-            gpu=learner_kwargs["device"] == "cuda",
+            gpu=learner.device == "cuda",
         )
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # before Ray runs: what a one-node Ray must hold
@@ -197,7 +226,7 @@ class RayCluster:
                 a,
                 max_restarts=max_restarts,
                 max_task_retries=0,  # a lost share is issued again by collect(), not by Ray
-            ).remote(**worker_kwargs, worker_index=a.index, judge=self._judge_for(a.index))
+            ).remote(rollout, worker_index=a.index, judge=self._judge_for(a.index))
             for a in self.requests.of("rollout")
         ]
         self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
@@ -209,9 +238,9 @@ class RayCluster:
             )
             for kind, group in actors.items()
         }
-        self._start_learners(learner_kwargs)
-        self._update_ref: Any = None  # the latest weights in the object store
-        self._update: Any = None
+        self._start_learners(learner)
+        self._update: Published | None = None  # the latest weights, as published
+        self._syncs = 0
         # The weights version each worker holds; None: unknown (Ray restarted it)
         self._worker_version: list[int | None] = [0] * len(self.workers)
 
@@ -242,18 +271,13 @@ class RayCluster:
             return None
         return RemoteJudge(self.judges[i % len(self.judges)], self.timeout_s)
 
-    def _start_learners(self, learner_kwargs: dict[str, Any]) -> None:
+    def _start_learners(self, spec: LearnerSpec) -> None:
         """Rank 0's node address and a free port there form the DeepSpeed rendezvous."""
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
+        n = len(self.learners)
         self._learners_get(
             [
-                host.start.remote(
-                    **learner_kwargs,
-                    rank=rank,
-                    world_size=len(self.learners),
-                    master_addr=master_addr,
-                    master_port=master_port,
-                )
+                host.start.remote(spec, rank, n, master_addr, master_port)
                 for rank, host in enumerate(self.learners)
             ]
         )
@@ -299,11 +323,12 @@ class RayCluster:
         """Bring worker ``k`` to the latest weights if it is not known to hold them."""
         if self._update is None or self._worker_version[k] == self._version:
             return
-        w = self.workers[k]
+        # Read back: the worker was restarted or missed a sync, the rare case worth the cost.
         fp = self._get(
-            w.set_weights.remote(self._update.version, self._update_ref), self._name("rollout", k)
+            self.workers[k].set_weights.remote(self._update, self.transport, read_back=True),
+            self._name("rollout", k),
         )
-        check_fingerprints(self._update, [fp])
+        check_fingerprints(self._update, [fp], read_back=True)
         self._worker_version[k] = self._update.version
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
@@ -357,7 +382,7 @@ class RayCluster:
 
     # ------------------------------------------------------------------ learning
     def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
-        shards = balanced_shards(batch, len(self.learners))
+        shards = balanced_shards(batch, len(self.learners), objective.whole_groups)
         per_rank = self._learners_get(
             [h.step.remote(s, objective) for h, s in zip(self.learners, shards)]
         )
@@ -367,25 +392,62 @@ class RayCluster:
         out["tokens"] = float(batch.num_tokens)
         return out
 
+    def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
+        # Contiguous shares, so the results concatenate back in row order. Every rank runs a
+        # forward (ZeRO-3 gathers are collective): one with no rows of its own scores row 0
+        # again, and that result is dropped.
+        shares = torch.arange(len(batch)).tensor_split(len(self.learners))
+        refs = [
+            h.logprobs.remote(batch.select(idx if len(idx) else [0]))
+            for h, idx in zip(self.learners, shares)
+        ]
+        out = self._learners_get(refs)
+        return torch.cat([o for o, idx in zip(out, shares) if len(idx)])
+
+    def compare(
+        self, prompts: list[str], firsts: list[str], seconds: list[str]
+    ) -> tuple[list[float], list[list[float]]]:
+        """Contiguous shares of the pairs, one per judge actor, judged in parallel."""
+        if not self.judges:
+            raise RuntimeError("this cluster has no judge: name reward function 'judge'")
+        spans = [
+            (int(idx[0]), int(idx[-1]) + 1)
+            for idx in torch.arange(len(prompts)).tensor_split(len(self.judges))
+            if len(idx)
+        ]
+        refs = [
+            judge.compare.remote(prompts[a:b], firsts[a:b], seconds[a:b])
+            for judge, (a, b) in zip(self.judges, spans)
+        ]
+        margins: list[float] = []
+        per_principle: list[list[float]] = []
+        for m, per in self._get(refs, "judge actors"):
+            margins += m
+            per_principle += per
+        return margins, per_principle
+
     def sync_weights(self) -> SyncStats:
-        import ray
         from ray.exceptions import RayActorError
 
         t0 = time.perf_counter()
-        # Every rank takes part (ZeRO-3 gathers are collective); rank 0's copy is published.
-        version, tensors = self._learners_get([h.export_weights.remote() for h in self.learners])[0]
-        self._update = make_update(version, tensors, self.rollout_dtype)
-        self._update_ref = ray.put(self._update.tensors)  # once; every worker reads it
-        refs = [w.set_weights.remote(version, self._update_ref) for w in self.workers]
+        published = self._learners_get(
+            [h.publish_weights.remote(self.rollout_dtype, self.transport) for h in self.learners]
+        )
+        update = self._update = published[0]
+        # Workers always hash what they received; every read_back_every-th sync (the first
+        # included) they also hash what their model holds after loading.
+        read_back = self._syncs % self.read_back_every == 0
+        self._syncs += 1
+        refs = [w.set_weights.remote(update, self.transport, read_back) for w in self.workers]
         prints = []
         for k, ref in enumerate(refs):
             try:
                 prints.append(self._get(ref, self._name("rollout", k)))
-                self._worker_version[k] = version
+                self._worker_version[k] = update.version
             except RayActorError:  # restarted by Ray; loads the weights before its next share
                 self._worker_version[k] = None
-        check_fingerprints(self._update, prints)
-        return SyncStats(version, self._update.nbytes, time.perf_counter() - t0)
+        check_fingerprints(update, prints, read_back)
+        return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 
     def save_state(self, ckpt_dir: Path) -> None:
         self._learners_get([h.save_state.remote(str(ckpt_dir)) for h in self.learners])

@@ -9,15 +9,21 @@ reward is continuous and deterministic:
   the reward of completion i is the probability that label i is named best. A group's G scores
   sum to 1, so they rank the group (what GRPO's group-relative advantage uses anyway).
 
+``compare`` (RLAIF labelling, ``dist-ft label``) judges pairs instead: each pair is shown as a
+group of two in both orders and the two verdicts are averaged, since a group judge favours some
+slots whatever they hold.
+
 ``JudgeWorker`` is a plain class; ``cluster/ray.py`` wraps it as a Ray actor. Shapes: Q = judge
 queries (N completions in pointwise mode, Bg groups in group mode), L = tokens, V = vocabulary,
-K = choice tokens (ratings or labels).
+K = choice tokens (ratings or labels); in ``compare``, P = pairs, R = readings of the
+constitution (whole, then each principle alone), U = distinct queries.
 """
 
 from __future__ import annotations
 
 import difflib
 import enum
+import hashlib
 import inspect
 import re
 import string
@@ -67,6 +73,11 @@ class Constitution:
     def render(self) -> str:
         """Numbered principles, one a line: "1. ...\\n2. ..."."""
         return "\n".join(f"{i}. {p}" for i, p in enumerate(self.principles, 1))
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of :meth:`render`, the principles as the judge reads them: it names what a
+        label was judged against, and a file's comments, layout or format do not change it."""
+        return hashlib.sha256(self.render().encode()).hexdigest()
 
 
 _CONSTITUTION_KEYS = ("name", "principles")
@@ -166,9 +177,10 @@ class JudgeWorker:
         trust_remote_code: bool = False,
     ) -> None:
         """``ratings`` are the pointwise choices (valued ``float(r)``, or 1..K when any is not a
-        number); ``labels`` name the completions in group mode (G <= len(labels)). Every choice
-        must be one token. ``template`` defaults to ``POINTWISE_TEMPLATE`` / ``GROUP_TEMPLATE``.
-        ``max_length`` caps a judge query in tokens (default: the model's position limit)."""
+        number); ``labels`` name the completions in group mode (G <= len(labels)) and, the first
+        two, the pair in :meth:`compare` (any mode). Every choice must be one token.
+        ``template`` defaults to ``POINTWISE_TEMPLATE`` / ``GROUP_TEMPLATE``. ``max_length``
+        caps a judge query in tokens (default: the model's position limit)."""
         try:
             self.mode = JudgeMode(mode)
         except ValueError:
@@ -186,6 +198,12 @@ class JudgeWorker:
             raise JudgeError(f"judge {what} must be distinct and non-empty, got {self.choices}")
         self.template = template or (POINTWISE_TEMPLATE if pointwise else GROUP_TEMPLATE)
         _check_template(self.template, self.mode)
+        # compare() shows a pair as a group of two: a group judge's own template and labels,
+        # else the built-in group template. Checked on first use, so a pointwise judge that is
+        # never asked to compare never fails on labels it does not use.
+        self._pair_template = GROUP_TEMPLATE if pointwise else self.template
+        self._pair_labels = list(labels[:2])
+        self._pair_ids: list[int] | None = None
         self.model_path = model_path
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -214,7 +232,7 @@ class JudgeWorker:
         # Only the last position's logits are read: [Q, L, V] would be 16 x 2048 x 152k floats
         # (20 GB) for a Qwen judge, [Q, 1, V] is 10 MB.
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._overhead: dict[int, int] = {}
+        self._overhead: dict[tuple[int, bool, str | None], int] = {}
         if pointwise:
             self._budget(1)  # fail now if the template and constitution alone do not fit
 
@@ -294,6 +312,53 @@ class JudgeWorker:
         shared by several rollout workers serves one call at a time."""
         return self.score(prompts, completions, group_ids), self.stats(last_call=True)
 
+    @torch.inference_mode()
+    def compare(
+        self, prompts: list[str], firsts: list[str], seconds: list[str]
+    ) -> tuple[list[float], list[list[float]]]:
+        """How much the judge prefers ``firsts[i]`` to ``seconds[i]`` as the answer to
+        ``prompts[i]``: a margin in [-1, 1] per pair, and per pair one per principle.
+
+        Position-debiased: the judge reads each pair as a group of two in both orders ("[1] a
+        [2] b", then "[1] b [2] a") and the margin is ``P(1 | a, b) - P(1 | b, a)``, a's lead
+        over b averaged over the two orders. A judge that favours a slot whatever it holds
+        gives 0, and swapping a and b negates the margin exactly. Per principle: the same with
+        the constitution cut to that principle alone; rows [P][C] in constitution order (a
+        one-principle constitution repeats the overall margin rather than judge it twice).
+        """
+        n = len(prompts)
+        if len(firsts) != n or len(seconds) != n:
+            raise JudgeError(
+                f"judge compare got {n} prompts, {len(firsts)} firsts, {len(seconds)} seconds"
+            )
+        self._last = dict.fromkeys(self._last, 0)
+        choice_ids = self._pair_choice_ids()
+        principles = self.constitution.principles
+        readings: list[str | None] = [None]  # None: the whole constitution
+        if len(principles) > 1:
+            readings += [Constitution(self.constitution.name, [p]).render() for p in principles]
+        # [R, P, 2 orders] keys, reading-major; identical queries are judged once
+        keys = [
+            (reading, prompt, shown)
+            for reading in readings
+            for prompt, a, b in zip(prompts, firsts, seconds)
+            for shown in ((a, b), (b, a))
+        ]
+        unique = list(dict.fromkeys(keys))
+        row = {key: i for i, key in enumerate(unique)}
+        self._add("requests", len(keys))
+        self._add("cache_hits", len(keys) - len(unique))
+        if not unique:
+            return [], []
+        rendered = [self._render(p, list(shown), True, r) for r, p, shown in unique]
+        self._add("truncated", sum(cut for _, cut in rendered))
+        first_U = self._choice_probs([text for text, _ in rendered], choice_ids)[:, 0]
+        first_RP2 = first_U[[row[key] for key in keys]].view(len(readings), n, 2)  # P(label 1)
+        margin_RP = first_RP2[..., 0] - first_RP2[..., 1]
+        margins = margin_RP[0].tolist()
+        per_principle = margin_RP[1:].T.tolist() if len(readings) > 1 else [[m] for m in margins]
+        return margins, per_principle
+
     def render(self, prompt: str, completions: list[str]) -> str:
         """The judge's input for one query (one completion in pointwise mode, the group in group
         mode). When the query would pass ``max_length`` tokens, the prompt keeps its end (the
@@ -340,45 +405,73 @@ class JudgeWorker:
             self._add("tokens", int(mask_QL.sum()))
         return out_QK
 
-    def _render(self, prompt: str, completions: list[str]) -> tuple[str, bool]:
-        """The judge's input and whether anything was cut to fit."""
-        budget = self._budget(len(completions))
+    def _pair_choice_ids(self) -> list[int]:
+        """The token ids of the two labels :meth:`compare` reads, checked on first use."""
+        if self._pair_ids is None:
+            if len(set(self._pair_labels)) != 2:
+                raise JudgeError(
+                    f"judge compare needs two distinct labels, got {self._pair_labels}"
+                )
+            probe = self._fill("x", ["y", "y"], pair=True)
+            self._pair_ids = [self._choice_token(c, probe) for c in self._pair_labels]
+            self._budget(2, pair=True)  # the template and constitution alone must fit
+        return self._pair_ids
+
+    def _render(
+        self,
+        prompt: str,
+        completions: list[str],
+        pair: bool = False,
+        principles: str | None = None,
+    ) -> tuple[str, bool]:
+        """The judge's input and whether anything was cut to fit. ``pair``: a :meth:`compare`
+        query; ``principles``: the rendered principles to show (default: all)."""
+        budget = self._budget(len(completions), pair, principles)
         ids = [self._encode(t) for t in (prompt, *completions)]
         caps = _fair_caps([len(x) for x in ids], budget)
         if all(cap == len(x) for cap, x in zip(caps, ids)):
-            return self._fill(prompt, completions), False
+            return self._fill(prompt, completions, pair, principles), False
         decode = self.tokenizer.decode
         prompt = decode(ids[0][len(ids[0]) - caps[0] :]) if caps[0] else ""
         completions = [decode(x[:cap]) for x, cap in zip(ids[1:], caps[1:])]
-        return self._fill(prompt, completions), True
+        return self._fill(prompt, completions, pair, principles), True
 
-    def _fill(self, prompt: str, completions: list[str]) -> str:
-        if self.mode is JudgeMode.POINTWISE:
+    def _fill(
+        self,
+        prompt: str,
+        completions: list[str],
+        pair: bool = False,
+        principles: str | None = None,
+    ) -> str:
+        principles = self._principles if principles is None else principles
+        if self.mode is JudgeMode.POINTWISE and not pair:
             return self.template.format(
-                principles=self._principles,
+                principles=principles,
                 prompt=prompt,
                 completion=completions[0],
                 scale=f"{self.choices[0]}-{self.choices[-1]}",
             )
-        labels = self.choices[: len(completions)]
+        template = self._pair_template if pair else self.template
+        labels = (self._pair_labels if pair else self.choices)[: len(completions)]
         block = "\n".join(f"[{label}] {c}" for label, c in zip(labels, completions))
-        return self.template.format(
-            principles=self._principles,
+        return template.format(
+            principles=principles,
             prompt=prompt,
             completions=block,
             labels=f"{labels[0]}-{labels[-1]}",
         )
 
-    def _budget(self, n_completions: int) -> int:
+    def _budget(self, n_completions: int, pair: bool = False, principles: str | None = None) -> int:
         """Tokens left for the prompt and completions once the fixed text is in."""
-        if n_completions not in self._overhead:
-            fixed = self._fill("", [""] * n_completions)
-            self._overhead[n_completions] = len(self.tokenizer(fixed)["input_ids"])
-        budget = self.max_length - self._overhead[n_completions]
+        key = (n_completions, pair, principles)
+        if key not in self._overhead:
+            fixed = self._fill("", [""] * n_completions, pair, principles)
+            self._overhead[key] = len(self.tokenizer(fixed)["input_ids"])
+        budget = self.max_length - self._overhead[key]
         if budget < 1 + n_completions:
             raise JudgeError(
                 f"judge template and constitution '{self.constitution.name}' take "
-                f"{self._overhead[n_completions]} tokens with {n_completions} completion(s), "
+                f"{self._overhead[key]} tokens with {n_completions} completion(s), "
                 f"leaving no room within max_length={self.max_length}: shorten them"
             )
         return budget

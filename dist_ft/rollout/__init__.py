@@ -4,7 +4,14 @@
 the transformers ``generate`` engine.
 """
 
-from dist_ft.rollout.base import Generation, Generator, GeneratorKind
-from dist_ft.rollout.worker import RolloutWorker
+from dist_ft.rollout.base import Generation, Generator, GeneratorKind, GeneratorSpec
+from dist_ft.rollout.worker import RolloutSpec, RolloutWorker
 
-__all__ = ["Generation", "Generator", "GeneratorKind", "RolloutWorker"]
+__all__ = [
+    "Generation",
+    "Generator",
+    "GeneratorKind",
+    "GeneratorSpec",
+    "RolloutSpec",
+    "RolloutWorker",
+]

@@ -19,9 +19,27 @@ from typing import Protocol
 
 import torch
 
+from dist_ft.models import PeftSpec
+
 
 class GeneratorKind(str, enum.Enum):
     HF = "hf"  # transformers ``generate``, then one scoring forward for the logprobs
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What an engine is built from: ``Engine(spec)`` for every generator, built-in or a
+    user's ``package.module:Class``."""
+
+    model_path: str
+    dtype: str  # the rollout dtype: "float32" | "bfloat16" | "float16"
+    peft: PeftSpec  # the same method as the learner: the weights it receives are its tensors
+    device: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    need_ref_logprobs: bool  # the KL term is on: return the reference policy's logprobs
+    trust_remote_code: bool = False
 
 
 @dataclass

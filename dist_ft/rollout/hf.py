@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from dist_ft.batch import Span
-from dist_ft.config import PeftConfig, PeftMethod
 from dist_ft.models import (
+    DTYPES,
+    PeftMethod,
+    PeftSpec,
     completion_logprobs,
     export_state,
     import_state,
@@ -19,38 +21,39 @@ from dist_ft.models import (
     load_policy,
     load_tokenizer,
 )
-from dist_ft.rollout.base import Generation
+from dist_ft.peft_methods import reference_mode
+from dist_ft.rollout.base import Generation, GeneratorSpec
 
 
 class HFGenerator:
-    def __init__(
-        self,
-        *,
-        model_path: str,
-        dtype: str,
-        peft: PeftConfig,
-        device: str,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        need_ref_logprobs: bool,
-        trust_remote_code: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_policy(model_path, dtype, peft, self.device, trust_remote_code).eval()
+    def __init__(self, spec: GeneratorSpec) -> None:
+        self.device = torch.device(spec.device)
+        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+        self.model = load_policy(
+            spec.model_path, spec.dtype, spec.peft, self.device, spec.trust_remote_code
+        ).eval()
         self.adapter_only = is_adapter(self.model)
+        self.dtype = DTYPES[spec.dtype]  # every weight, the adapter's too (models.hold_in_dtype)
         self.ref_model = None
-        if need_ref_logprobs and not self.adapter_only:
+        if spec.need_ref_logprobs and not self.adapter_only:
             # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start.
-            no_peft = PeftConfig(method=PeftMethod.NONE)
-            self.ref_model = load_policy(model_path, dtype, no_peft, self.device).eval()
-        self.need_ref = need_ref_logprobs
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
+            no_peft = PeftSpec(method=PeftMethod.NONE)
+            self.ref_model = load_policy(spec.model_path, spec.dtype, no_peft, self.device).eval()
+        self.need_ref = spec.need_ref_logprobs
+        self.max_new_tokens = spec.max_new_tokens
+        self.temperature = spec.temperature
+        self.top_p = spec.top_p
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        # load_state_dict converts dtypes silently: this worker would hold other bytes than the
+        # learner sent, seen on Ray only at the next read-back (rollout.read_back_every).
+        sent = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if sent - {self.dtype}:
+            raise TypeError(
+                f"weight sync sends {sorted(map(str, sent))} tensors to a rollout worker that "
+                f"holds its policy in {self.dtype}: syncs must be cast to the rollout dtype "
+                "before they are published (sync.to_rollout_dtype)"
+            )
         import_state(self.model, tensors, self.adapter_only)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
@@ -81,8 +84,8 @@ class HFGenerator:
         if self.need_ref:
             if self.ref_model is not None:
                 ref_logprobs = completion_logprobs(self.ref_model, *args)
-            else:  # LoRA: the base model is the policy with its adapter switched off
-                with self.model.disable_adapter():
+            else:  # PEFT: the policy acting as its start, no second copy (peft_methods)
+                with reference_mode(self.model):
                     ref_logprobs = completion_logprobs(self.model, *args)
             ref_logprobs = (ref_logprobs * completion_mask).float()
         return Generation(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,88 +16,77 @@ import torch
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
 from dist_ft.batch import ScoredBatch
-from dist_ft.config import PeftConfig
 from dist_ft.data import Prompt
 from dist_ft.rewards import RewardError, RewardSet
-from dist_ft.rollout.base import Generator, GeneratorKind
-from dist_ft.sync import fingerprint
+from dist_ft.rollout.base import Generator, GeneratorKind, GeneratorSpec
+from dist_ft.sync import Published, WeightTransport, fingerprint
 
 
-def make_generator(name: str, **kwargs: Any) -> Generator:
+def make_generator(name: str, spec: GeneratorSpec) -> Generator:
     """A built-in engine by :class:`GeneratorKind` value, or a user's ``package.module:Class``."""
     if name == GeneratorKind.HF.value:
         from dist_ft.rollout.hf import HFGenerator
 
-        return HFGenerator(**kwargs)
+        return HFGenerator(spec)
     module_name, _, cls_name = name.partition(":")
     if not cls_name:
         known = [k.value for k in GeneratorKind]
         raise ValueError(
             f"rollout.generator={name!r}: use one of {known} or 'package.module:Class'"
         )
-    return getattr(importlib.import_module(module_name), cls_name)(**kwargs)
+    return getattr(importlib.import_module(module_name), cls_name)(spec)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Everything a rollout worker is built from (its index and judge come separately)."""
+
+    generation: GeneratorSpec
+    generator: str  # a GeneratorKind value, or "package.module:Class"
+    group_size: int  # G
+    rewards: list[tuple[str, float, dict[str, Any]]]  # (name or module:function, weight, kwargs)
+    reward_timeout_s: float
+    on_reward_error: str  # "error" | "skip" (see RewardConfig)
+    scale_rewards: bool  # divide advantages by the group's std
+    seed: int
+    deterministic: bool = False
 
 
 class RolloutWorker:
-    def __init__(
-        self,
-        *,
-        model_path: str,
-        dtype: str,
-        peft: PeftConfig,
-        device: str,
-        group_size: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        rewards: list[tuple[str, float, dict[str, Any]]],
-        reward_timeout_s: float,
-        on_reward_error: str,
-        scale_rewards: bool,
-        need_ref_logprobs: bool,
-        seed: int,
-        worker_index: int = 0,
-        trust_remote_code: bool = False,
-        deterministic: bool = False,
-        judge: Any = None,
-        generator: str = GeneratorKind.HF.value,
-    ) -> None:
+    def __init__(self, spec: RolloutSpec, worker_index: int = 0, judge: Any = None) -> None:
         """``judge``: an RLAIF judge (``JudgeWorker``, or a handle to one on Ray) that the
         reward function named ``judge`` calls through ``score_with_stats``."""
-        torch.use_deterministic_algorithms(deterministic)
-        self.deterministic = deterministic
+        torch.use_deterministic_algorithms(spec.deterministic)
+        self.deterministic = spec.deterministic
         # Each worker samples its own stream: one seed on every worker would duplicate groups.
-        torch.manual_seed(seed * 1000 + worker_index)
-        self.generator = make_generator(
-            generator,
-            model_path=model_path,
-            dtype=dtype,
-            peft=peft,
-            device=device,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            need_ref_logprobs=need_ref_logprobs,
-            trust_remote_code=trust_remote_code,
-        )
-        self.group_size = group_size
-        self.scale_rewards = scale_rewards
+        torch.manual_seed(spec.seed * 1000 + worker_index)
+        self.generator = make_generator(spec.generator, spec.generation)
+        self.group_size = spec.group_size
+        self.scale_rewards = spec.scale_rewards
         self.judge = judge
         self._counters: dict[str, float] = {}
         self._group_ids: list[int] = []  # [N] of the rollout being scored, for the judge
         extra = {"judge": self._judge_reward} if judge is not None else None
-        self.rewards = RewardSet(rewards, timeout_s=reward_timeout_s, extra=extra)
-        self.on_reward_error = on_reward_error
+        self.rewards = RewardSet(spec.rewards, timeout_s=spec.reward_timeout_s, extra=extra)
+        self.on_reward_error = spec.on_reward_error
         self.worker_index = worker_index
         self.version = 0
 
     # ------------------------------------------------------------------ weights
-    def set_weights(self, version: int, tensors: dict[str, torch.Tensor]) -> str:
-        """Load a weight sync as policy ``version``; returns the fingerprint read back from the
-        generator itself, so the caller can prove the worker holds what the learner sent."""
+    def set_weights(self, update: Published, transport: WeightTransport, read_back: bool) -> str:
+        """Receive ``update`` through ``transport`` and load it as policy ``update.version``.
+
+        Returns the fingerprint of the bytes received, or with ``read_back`` of the weights
+        re-exported from the generator after loading (a load that converts or drops anything
+        shows up there). Bytes that arrived damaged are not loaded; the caller's check fails.
+        """
+        tensors = transport.receive(update)
+        received = fingerprint(tensors)
+        if received != update.fingerprint:
+            return received
         self.generator.load_weights(tensors)
-        self.version = version
-        return self.fingerprint()
+        self.version = update.version
+        return self.fingerprint() if read_back else received
 
     def fingerprint(self) -> str:
         return fingerprint(self.generator.export_weights())

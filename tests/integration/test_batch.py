@@ -131,7 +131,7 @@ def multi_turn(tiny_path):
     """A full fine-tuning learner and one group of two samples: sample 0 is multi-turn (model
     span, env span, model span), sample 1 single-turn and shorter (right padding)."""
     _, _, lk = build(tiny_path, "peft.method=none")
-    learner = Learner(**lk)
+    learner = Learner(lk)
     tok = load_tokenizer(tiny_path)
 
     def ids(text: str) -> list[int]:

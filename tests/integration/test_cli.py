@@ -30,7 +30,7 @@ def test_help_imports_nothing_heavy():
 
 def test_help_describes_every_subcommand():
     r = subprocess.run([str(DIST_FT), "--help"], capture_output=True, text=True, check=True)
-    commands = re.search(r"\{([\w,]+)\}", r.stdout).group(1).split(",")
+    commands = re.search(r"\{([\w,-]+)\}", r.stdout).group(1).split(",")
     description = r.stdout.split("positional arguments")[0].split("\n", 1)[1]
     assert {"train", "plan", "demo"} <= set(commands)
     assert [c for c in commands if c not in description] == []

@@ -1,6 +1,6 @@
 """The Generator seam: a second engine, chosen by config, trains end to end."""
 
-from conftest import build
+from conftest import build, load_learner_weights
 from generators import NaiveSampler
 
 from dist_ft.learner import Learner
@@ -12,10 +12,10 @@ def test_a_second_generator_matches_the_learner_at_ratio_one(tiny_path, demo_pro
     _, wk, lk = build(
         tiny_path, "algo.prompts_per_step=4", "rollout.generator=generators:NaiveSampler"
     )
-    learner = Learner(**lk)
-    worker = RolloutWorker(**wk)
+    learner = Learner(lk)
+    worker = RolloutWorker(wk)
     assert isinstance(worker.generator, NaiveSampler)
-    worker.set_weights(0, learner.export_weights())
+    load_learner_weights(worker, learner)
     batch = worker.rollout(1, demo_prompts[:4], seed=0)
     m = batch.trainable_mask
     assert (batch.logprobs[m] < 0).all() and (batch.logprobs[~m] == 0).all()

@@ -1,5 +1,7 @@
 """Real DeepSpeed engines (world size 1, gloo) on the tiny model; no mocks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import build
@@ -14,9 +16,9 @@ from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
 
-def scored_batch(worker_kwargs, prompts, n_prompts=4):
+def scored_batch(rollout_spec, prompts, n_prompts=4):
     """A real rollout, with advantages set to fixed +-1 so every step has a gradient."""
-    worker = RolloutWorker(**worker_kwargs)
+    worker = RolloutWorker(rollout_spec)
     batch = worker.rollout(1, prompts[:n_prompts], seed=0)
     batch.advantages = torch.tensor([1.0, -1.0]).repeat(len(batch) // 2)
     return batch
@@ -30,7 +32,7 @@ def snapshot(module, trainable):
 
 def test_lora_step_changes_every_adapter_parameter_and_no_base_parameter(tiny_path, demo_prompts):
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
-    learner = Learner(**lk)
+    learner = Learner(lk)
     batch = scored_batch(wk, demo_prompts)
     adapter0 = snapshot(learner.module, True)
     base0 = snapshot(learner.module, False)
@@ -51,7 +53,7 @@ def test_lora_step_changes_every_adapter_parameter_and_no_base_parameter(tiny_pa
 
 def test_full_finetuning_step_changes_the_parameters(tiny_path, demo_prompts):
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", "peft.method=none")
-    learner = Learner(**lk)
+    learner = Learner(lk)
     batch = scored_batch(wk, demo_prompts)
     before = snapshot(learner.module, True)
     learner.step(batch)
@@ -69,7 +71,7 @@ def test_zero3_partitions_and_matches_zero0(tiny_path, demo_prompts):
     batch = scored_batch(wk, demo_prompts)
     results = {}
     for stage in (0, 3):
-        learner = Learner(**{**lk, "zero_stage": stage})
+        learner = Learner(replace(lk, zero_stage=stage))
         if stage == 3:  # ZeRO-3 really partitions: outside a gather a parameter is empty
             assert all(p.numel() == 0 for p in learner.module.parameters())
         learner.step(batch)
@@ -85,7 +87,7 @@ def test_micro_batches_give_the_same_update(tiny_path, demo_prompts):
     batch = scored_batch(wk, demo_prompts)
     out = []
     for micro in (1, 4):
-        learner = Learner(**{**lk, "micro_batches": micro})
+        learner = Learner(replace(lk, micro_batches=micro))
         learner.step(batch)
         out.append(learner.export_weights())
     for name in out[0]:
@@ -99,7 +101,7 @@ def test_micro_batches_that_do_not_divide_the_batch_give_the_same_update(tiny_pa
     batch = scored_batch(wk, demo_prompts).select(torch.arange(6))
     out = []
     for micro in (1, 4):
-        learner = Learner(**{**lk, "micro_batches": micro})
+        learner = Learner(replace(lk, micro_batches=micro))
         learner.step(batch)
         learner.step(batch)
         assert learner.engine.global_steps == 2  # one optimizer step per call, no spill-over
@@ -141,7 +143,7 @@ def test_sft_objective_is_the_token_mean_nll_of_the_targets(tiny_path, demo_prom
     batch = ScoredBatch.supervised(*encode_pairs(tok, prompts, targets))
     out = []
     for micro in (1, 4):
-        learner = Learner(**{**lk, "micro_batches": micro})
+        learner = Learner(replace(lk, micro_batches=micro))
         nll, n = 0.0, 0
         with torch.no_grad():
             for p, t in zip(prompts, targets):

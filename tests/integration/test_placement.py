@@ -147,7 +147,7 @@ def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, mo
     from dist_ft.config import load_config
     from dist_ft.models import resolve_model_path
     from dist_ft.plan import actor_spec, describe_plan
-    from dist_ft.trainer import component_kwargs, judge_kwargs
+    from dist_ft.trainer import component_specs, judge_kwargs
 
     # defined here, so Ray ships it by value (actors cannot import tests)
     def held(_self):
@@ -166,13 +166,13 @@ def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, mo
         ROOT / "configs" / config,
         ["resources.mode=ray", "resources.ray_address=local", "run.wandb=disabled", *overrides],
     )
-    wk, lk = component_kwargs(cfg, resolve_model_path(cfg.model.path, cfg.model.tiny))
+    wk, lk = component_specs(cfg, resolve_model_path(cfg.model.path, cfg.model.tiny))
     judges = judge_kwargs(cfg)
     # what trainer.train builds: the real construction path
     cluster = make_cluster(wk, lk, cfg.resources, judges, cfg.reward.judge.actors)
     try:
         nodes = cluster_nodes()
-        planned = plan_actors(actor_spec(cfg, gpu=lk["device"] == "cuda"), nodes)
+        planned = plan_actors(actor_spec(cfg, gpu=lk.device == "cuda"), nodes)
         assert cluster.requests == planned  # RayCluster placed from this very plan
         assert len(planned.of("judge")) == (1 if judges else 0)
         groups = {"judge": cluster.judges, "rollout": cluster.workers, "learner": cluster.learners}

@@ -3,13 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import build
+from transformers import AutoConfig
 
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.placement import ActorSpec, plan_actors
-from dist_ft.config import PeftConfig
-from dist_ft.models import export_state, load_policy
+from dist_ft.models import PeftMethod, PeftSpec, export_state, load_policy, sync_bytes
 from dist_ft.plan import predict_placement
 from dist_ft.rollout import RolloutWorker
 
@@ -42,7 +43,7 @@ def test_rollout_workers_go_where_the_rollout_resource_is():
 
 def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "algo.beta=0.1")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:2], seed=0)
+    batch = RolloutWorker(wk).rollout(1, demo_prompts[:2], seed=0)
     g = len(batch) // len(batch.prompt_ids)
     widths = (batch.prompt_ids.shape[1], batch.episode_ids.shape[1], len(batch.reward_names))
     bound = ScoredBatch.bytes_per_sample(*widths, ref=True, group_size=g)
@@ -60,5 +61,19 @@ def test_plan_cli_reports_the_bytes_a_sync_really_sends(tiny_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "8 prompts x 8 completions = 64 samples per step" in r.stdout
     sync = int(re.search(r"learner -> rollout: ([\d,]+) bytes", r.stdout).group(1).replace(",", ""))
-    model = load_policy(tiny_path, "float32", PeftConfig(), torch.device("cpu"))
+    model = load_policy(tiny_path, "float32", PeftSpec(), torch.device("cpu"))
     assert sync == sum(t.nbytes for t in export_state(model, adapter_only=True).values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", [m.value for m in PeftMethod])
+def test_sync_bytes_predicts_every_methods_real_export(tiny_path, method, dtype):
+    # the meta-device estimate `dist-ft plan` reports, against a real policy's sync
+    spec = PeftSpec(method=PeftMethod(method))
+    sizes = sync_bytes(AutoConfig.from_pretrained(tiny_path), spec, dtype)
+    model = load_policy(tiny_path, dtype, spec, torch.device("cpu"))
+    adapter_only = spec.method is not PeftMethod.NONE
+    sent = sum(t.nbytes for t in export_state(model, adapter_only=adapter_only).values())
+    assert (sizes["adapter"] if adapter_only else sizes["full"]) == sent
+    base = load_policy(tiny_path, dtype, PeftSpec(method=PeftMethod.NONE), torch.device("cpu"))
+    assert sizes["full"] == sum(t.nbytes for t in export_state(base, adapter_only=False).values())

@@ -30,7 +30,7 @@ def worker(tiny_path, fn: str, policy: str, timeout: float = 30.0) -> RolloutWor
         f"reward.on_error={policy}",
         f"reward.timeout_s={timeout}",
     )
-    return RolloutWorker(**wk)
+    return RolloutWorker(wk)
 
 
 def test_nan_reward_is_masked_and_groups_use_valid_samples_only(tiny_path, demo_prompts):

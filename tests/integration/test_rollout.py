@@ -1,17 +1,18 @@
 """RolloutWorker on the tiny model: real HF generate, real peft."""
 
-import torch
-from conftest import build
+from dataclasses import replace
 
-from dist_ft.config import PeftConfig, PeftMethod
+import torch
+from conftest import build, load_learner_weights
+
 from dist_ft.learner import Learner
-from dist_ft.models import completion_logprobs, load_policy
+from dist_ft.models import PeftMethod, PeftSpec, completion_logprobs, load_policy
 from dist_ft.rollout import RolloutWorker
 
 
 def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
     cfg, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=6")
-    worker = RolloutWorker(**wk)
+    worker = RolloutWorker(wk)
     batch = worker.rollout(7, demo_prompts[:3], seed=0)
     n = 3 * 4
     assert len(batch) == n
@@ -41,9 +42,9 @@ def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
 def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
     """On-policy, the learner's recomputed logprobs give an importance ratio of exactly ~1."""
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
-    learner = Learner(**lk)
-    worker = RolloutWorker(**wk)
-    worker.set_weights(0, learner.export_weights())
+    learner = Learner(lk)
+    worker = RolloutWorker(wk)
+    load_learner_weights(worker, learner)
     batch = worker.rollout(1, demo_prompts[:4], seed=0)
     metrics = learner.step(batch)
     assert abs(metrics["ratio"] - 1.0) < 1e-5
@@ -51,7 +52,7 @@ def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
 
 def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "algo.beta=0.05")
-    worker = RolloutWorker(**wk)
+    worker = RolloutWorker(wk)
     assert worker.generator.ref_model is None  # LoRA: the adapter is switched off instead
     # move the adapter away from its no-op init so policy and reference differ
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
                 p.normal_(0, 0.5)
     batch = worker.rollout(1, demo_prompts[:2], seed=0)
     base = load_policy(
-        tiny_path, "float32", PeftConfig(method=PeftMethod.NONE), torch.device("cpu")
+        tiny_path, "float32", PeftSpec(method=PeftMethod.NONE), torch.device("cpu")
     ).eval()
     with torch.no_grad():
         expected = completion_logprobs(
@@ -73,7 +74,7 @@ def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_pr
 
 def test_completion_is_masked_after_eos(tiny_path):
     _, wk, _ = build(tiny_path, "rollout.max_new_tokens=5")
-    worker = RolloutWorker(**wk)
+    worker = RolloutWorker(wk)
     eos, pad = worker.generator.tokenizer.eos_token_id, worker.generator.tokenizer.pad_token_id
     # generate stops early only once every row has ended; later tokens are junk or padding
     generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, eos]])
@@ -94,7 +95,7 @@ def test_group_judge_compares_the_samples_of_each_group(tiny_path, demo_prompts)
     constitution = Path(__file__).resolve().parents[2] / "configs/constitutions/default.yaml"
     judge = JudgeWorker(model_path=tiny_path, constitution=str(constitution), mode="group")
     _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
-    worker = RolloutWorker(**{**wk, "rewards": [("judge", 1.0, {})]}, judge=judge)
+    worker = RolloutWorker(replace(wk, rewards=[("judge", 1.0, {})]), judge=judge)
     batch = worker.rollout(1, demo_prompts[:3], seed=0)
     sums = torch.zeros(3).index_add_(0, batch.group_ids.long(), batch.rewards[:, 0])
     torch.testing.assert_close(sums, torch.ones(3), atol=1e-5, rtol=0)

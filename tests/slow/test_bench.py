@@ -38,3 +38,27 @@ def test_payload_bytes_bench_reports_the_ratio_to_the_minimum():
     out = run("payload_bytes.py")
     assert re.search(r"payload: +\d+\.\d B/sample", out)
     assert re.search(r"ratio: +\d+\.\d\dx", out)
+
+
+@pytest.mark.slow
+def test_sync_seconds_bench_reports_both_paths_for_lora_and_full():
+    out = run("sync_seconds.py", "--layers", "2", "--repeats", "1")
+    span = r"\d+\.\d{3} \[\d+\.\d{3}-\d+\.\d{3}\]"
+    for method in ("lora", "none"):
+        assert re.search(
+            rf"^{method} +[\d,]+ +{span} +{span} +\d+\.\d\dx +\d+\.\d / +\d+\.\d$", out, re.M
+        ), out
+        assert re.search(
+            rf"^{method} +read-back +new \d+\.\d{{3}} s +old \d+\.\d{{3}} s", out, re.M
+        ), out
+
+
+@pytest.mark.slow
+def test_peft_memory_bench_reports_a_row_per_method():
+    out = run("peft_memory.py", "--methods", "lora,none", "--samples", "2", "--tokens", "16")
+    mib = r"\d+\.\d"
+    for method in ("lora", "none"):
+        assert re.search(
+            rf"^{method} +[\d,]+ +\d+\.\d{{3}}% +[\d,]+ +{mib} +([+-]{mib}|n/a) +{mib}$", out, re.M
+        ), out
+    assert re.search(r"^none +[\d,]+ +100\.000% ", out, re.M), out

@@ -6,11 +6,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, dpo_batch
 
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch, Span, balanced_shards
@@ -184,26 +185,34 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective
 
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
     if objective is Objective.GRPO:
-        batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
+        batch = RolloutWorker(wk).rollout(1, demo_prompts[:4], seed=0)
         batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
-    else:  # demonstrations of unequal length, so the ranks' token counts differ
+    elif objective is Objective.SFT:  # unequal lengths, so the ranks' token counts differ
         rows = demo_format_rows(32, seed=3)
         targets = [r["completion"][: 1 + i % 4] for i, r in enumerate(rows)]
         pairs = encode_pairs(load_tokenizer(tiny_path), [r["prompt"] for r in rows], targets)
         batch = ScoredBatch.supervised(*pairs)
+    else:  # 6 pairs of answers of unequal length; reference logprobs perturbed off the policy
+        batch = dpo_batch(tiny_path, 6)
 
-    single = Learner(**lk)
+    single = Learner(lk)
     single.step(batch, objective)
     expected = single.export_weights()
 
     cluster = RayCluster(
-        wk, {**lk, "zero_stage": 3}, num_workers=1, num_learners=2, address="local"
+        wk, replace(lk, zero_stage=3), num_workers=1, num_learners=2, address="local"
     )
     try:
         cluster.train_step(batch, objective)
         sync = cluster.sync_weights()
         # every rank takes part in the ZeRO-3 gather; all of them return the full adapter
-        (version, got), (_, got1) = ray.get([h.export_weights.remote() for h in cluster.learners])
+        exports = [
+            h.__ray_call__.remote(
+                lambda host: (host.learner.version, host.learner.export_weights())
+            )
+            for h in cluster.learners
+        ]
+        (version, got), (_, got1) = ray.get(exports)
         assert fingerprint(got) == fingerprint(got1)
         assert version == 1 and sync.version == 1
         assert sync.nbytes == sum(t.nbytes for t in expected.values())  # adapter only
@@ -278,7 +287,7 @@ def test_auto_rollout_workers_resolve_from_the_cluster():
 
 def test_balanced_shards_split_evenly_by_tokens(tiny_path, demo_prompts):
     _, wk, _ = build(tiny_path, "rollout.max_new_tokens=8")
-    batch = RolloutWorker(**wk).rollout(1, demo_prompts[:4], seed=0)
+    batch = RolloutWorker(wk).rollout(1, demo_prompts[:4], seed=0)
     lengths = torch.arange(len(batch)) % 8 + 1
     trained = torch.arange(8).expand(len(batch), 8) < lengths[:, None]
     batch.episode_mask = (trained * Span.TRAINED).to(torch.int8)

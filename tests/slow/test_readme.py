@@ -47,12 +47,54 @@ def test_every_readme_command_is_run_by_a_test():
         assert "make test" in text if owner == ".ci/run" else "readme" in text, owner
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Finished runs for the README's export and merge commands, named as there (runs/demo,
+    runs/a, runs/b): short SFT runs of the tiny LoRA recipe, a and b from different seeds."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("demo", 0), ("a", 1), ("b", 2)):
+        r = subprocess.run(
+            [
+                str(BIN / "dist-ft"),
+                "sft",
+                "configs/sft_demo.yaml",
+                "run.steps=1",
+                "run.eval_every=0",
+                f"run.seed={seed}",
+                "run.wandb=disabled",
+                f"run.output_dir={root / name}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def rlaif(tmp_path_factory) -> Path:
+    """runs/rlaif_dpo_demo for the README's `dist-ft label` and for the `dist-ft dpo` after it,
+    which trains on what label wrote (the two run in README order)."""
+    return tmp_path_factory.mktemp("rlaif_dpo_demo")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", DIST_FT, ids=[" ".join(a[1:3]) for a in DIST_FT])
-def test_readme_dist_ft_command(argv, tmp_path):
+def test_readme_dist_ft_command(argv, tmp_path, request):
     extra: list[str] = []
     argv = [a.replace("HOST:PORT", "local") for a in argv]  # plan: describe this machine
-    if "--print-config" not in argv and argv[1] in ("train", "demo"):
+    if argv[1] in ("export", "merge"):  # the README's run and output paths, made here
+        root = request.getfixturevalue("runs")
+        argv = [a.replace("runs/", f"{root}/").replace("out/", f"{tmp_path}/out/") for a in argv]
+    if argv[1] == "label" or any(a.startswith("data.source=runs/rlaif_dpo_demo/") for a in argv):
+        rlaif = request.getfixturevalue("rlaif")
+        argv = [a.replace("runs/rlaif_dpo_demo/", f"{rlaif}/") for a in argv]
+        if argv[1] == "label":  # a smaller run: 16 prompts x 4 samples
+            extra += [f"label.output={rlaif}/labels.jsonl", "label.prompts=16"]
+            extra.append("rollout.group_size=4")
+    if "--print-config" not in argv and argv[1] in ("train", "demo", "sft", "dpo"):
         extra.append(f"run.output_dir={tmp_path / 'run'}")
         if not any(a.startswith("run.steps=") for a in argv):
             extra.append("run.steps=3")
@@ -65,6 +107,13 @@ def test_readme_dist_ft_command(argv, tmp_path):
         assert "model:" in r.stdout
     elif argv[1] == "plan":
         assert "rollout" in r.stdout
+    elif argv[1] in ("sft", "dpo"):
+        assert f"{argv[1]} loss: first" in r.stdout
+        assert (tmp_path / "run" / "metrics.jsonl").exists()
+    elif argv[1] in ("export", "merge"):
+        assert any((tmp_path / "out").rglob("*.safetensors")), r.stdout
+    elif argv[1] == "label":
+        assert " pairs from 16 prompts -> " in r.stdout
     else:
         assert "mean reward: first" in r.stdout
         assert (tmp_path / "run" / "metrics.jsonl").exists()

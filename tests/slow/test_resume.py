@@ -146,3 +146,43 @@ def test_resume_refuses_changed_recipe_and_names_the_key(tmp_path):
     finish(launch(out, "run.resume=auto", "run.steps=4"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_sft_killed_mid_run_resumes_bit_exact(tmp_path):
+    """`dist-ft sft`, SIGKILLed after its step-3 checkpoint, resumed: the same losses and the
+    same adapter, bit for bit, as the run that was never stopped."""
+
+    def sft(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                DIST_FT,
+                "sft",
+                str(ROOT / "configs" / "sft_demo.yaml"),
+                "run.steps=6",
+                "run.checkpoint_every=3",
+                "run.eval_every=0",
+                "run.deterministic=true",
+                "run.wandb=disabled",
+                "run.plot=false",
+                f"run.output_dir={out}",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    finish(sft(ref))
+    proc = sft(run)
+    kill_when(proc, lambda: (run / "checkpoints" / "step-00000003" / "COMMIT").exists())
+    finish(sft(run, "run.resume=auto"))
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (ref, run)
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    a = load_file(ref / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

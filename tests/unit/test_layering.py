@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[2] / "dist_ft"
 
 def test_algos_import_neither_ray_nor_deepspeed():
     code = (
-        "import sys, dist_ft.algos.grpo, dist_ft.algos.common\n"
+        "import sys, dist_ft.algos.grpo, dist_ft.algos.common, dist_ft.algos.dpo\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed'))\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -63,3 +63,46 @@ def test_no_module_over_600_lines():
         if (n := len(p.read_text().splitlines())) > 600
     }
     assert long == {}
+
+
+def modules_importing(module: str) -> set[str]:
+    """dist_ft modules with an import of ``module`` (at any depth of the file)."""
+    out = set()
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if module in names:
+                out.add(p.relative_to(PKG).as_posix())
+    return out
+
+
+def test_components_take_typed_specs_not_the_config():
+    """The config tree stops at the driver modules that turn it into specs (trainer.py builds
+    RolloutSpec and LearnerSpec; the loops, the CLI, the plan and the cluster factory read
+    their sections).
+    Learners, rollout workers, generators, models, rewards and the payload never see it."""
+    assert modules_importing("dist_ft.config") == {
+        "cli.py",
+        "export.py",  # reads a finished run's config.yaml
+        "label.py",  # the RLAIF labelling driver
+        "offline.py",  # the SFT/DPO loop
+        "plan.py",
+        "trainer.py",
+        "cluster/__init__.py",
+        "cluster/connect.py",
+    }
+
+
+def test_the_driver_builds_specs_without_loading_deepspeed():
+    code = (
+        "import sys, dist_ft.trainer, dist_ft.learner\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')\n"
+        "print(bad[:5]); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

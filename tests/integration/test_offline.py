@@ -1,0 +1,132 @@
+"""SFT and DPO on the GRPO learners: the DPO step's loss against the model's own logits, pairs
+kept whole across micro-batches, the demos' learning (loss, held-out loss, preference accuracy),
+the reference pass done once per pair, and the commands as a user runs them."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build, dpo_batch
+
+from dist_ft.algos.dpo import DPOLoss, DPOParams, dpo_loss
+from dist_ft.algos.objective import Objective
+from dist_ft.config import load_config
+from dist_ft.learner import Learner
+from dist_ft.offline import REFERENCE_FILE, train_offline
+
+ROOT = Path(__file__).resolve().parents[2]
+DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
+QUICK = ["run.wandb=disabled", "run.plot=false", "run.overwrite=true"]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def sequence_sums(learner: Learner, batch) -> torch.Tensor:
+    """[N] summed logprobs of each row's trained tokens, from the model's logits directly."""
+    prompt_ids, prompt_mask = batch.sample_prompts()
+    out = []
+    with torch.no_grad():
+        for i in range(len(batch)):
+            p = prompt_ids[i][prompt_mask[i]].long()
+            keep = batch.episode_mask[i] != 0
+            e = batch.episode_ids[i][keep].long()
+            logits = learner.module(input_ids=torch.cat([p, e])[None]).logits[0].float()
+            logp = logits[len(p) - 1 : -1].log_softmax(-1).gather(-1, e[:, None]).squeeze(-1)
+            out.append(float(logp[batch.episode_mask[i][keep] == 2].sum()))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("loss", [DPOLoss.SIGMOID, DPOLoss.IPO, DPOLoss.SIMPO])
+def test_dpo_step_loss_equals_the_loss_of_the_models_own_logprobs(tiny_path, loss):
+    """Learner.step(batch, DPO) reports the loss of algos/dpo.py applied to sequence logprobs
+    computed here from the model's logits; 2 micro-batches (pairs kept whole) give the same
+    update as 1."""
+    params = DPOParams(loss=loss, beta=2.0 if loss is DPOLoss.SIMPO else 0.1)
+    _, _, lk = build(tiny_path, "algo.prompts_per_step=4")
+    batch = dpo_batch(tiny_path, 6)
+    mask = batch.loss_mask
+    out = []
+    for micro in (1, 2):
+        learner = Learner(replace(lk, dpo=params, micro_batches=micro))
+        seq = sequence_sums(learner, batch)
+        ref = (batch.ref_logprobs * mask).sum(-1)
+        n = mask.sum(-1).float()
+        expected, _ = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], params, n[0::2], n[1::2])
+        got = learner.step(batch, Objective.DPO)
+        assert got["loss"] == pytest.approx(float(expected), rel=1e-5)
+        out.append(learner.export_weights())
+    for name in out[0]:
+        # Adam normalises: a float-rounding gradient difference moves a near-zero update
+        torch.testing.assert_close(out[1][name], out[0][name], atol=5e-5, rtol=1e-4)
+
+
+def test_sft_demo_loss_and_held_out_loss_fall(tmp_path):
+    cfg = load_config(
+        ROOT / "configs" / "sft_demo.yaml",
+        [*QUICK, "run.steps=20", f"run.output_dir={tmp_path}", "data.eval_rows=16"],
+    )
+    summary = train_offline(cfg)
+    rows = metrics(tmp_path)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2  # steps 10 and 20
+    assert summary["last_loss"] < summary["first_loss"] / 3
+    assert evals[1] < evals[0] < rows[0]["loss"]
+    assert all(r["truncated"] == 0 for r in rows)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_dpo_demo_learns_and_the_reference_is_computed_once_per_pair(tmp_path):
+    overrides = [*QUICK, f"run.output_dir={tmp_path}", "data.eval_rows=32", "data.demo_size=96"]
+    first = load_config(
+        ROOT / "configs" / "dpo_demo.yaml",
+        [*overrides, "run.steps=24", "run.checkpoint_every=12"],
+    )
+    summary = train_offline(first)
+    assert summary["reference_forwards"] == 96  # every pair, train and held out, once
+    rows = metrics(tmp_path)
+    first5 = sum(r["accuracy"] for r in rows[:5]) / 5
+    last5 = sum(r["accuracy"] for r in rows[-5:]) / 5
+    assert last5 >= first5 + 0.3 and last5 >= 0.8
+    assert rows[-1]["eval_accuracy"] >= 0.7
+    ref_bytes = (tmp_path / REFERENCE_FILE).read_bytes()
+
+    # Resumed (with trained weights), the run reads the reference; it never recomputes it.
+    resumed = load_config(
+        ROOT / "configs" / "dpo_demo.yaml",
+        [*overrides, "run.steps=28", "run.resume=auto", "run.overwrite=false"],
+    )
+    summary = train_offline(resumed)
+    assert summary["reference_forwards"] == 0
+    assert (tmp_path / REFERENCE_FILE).read_bytes() == ref_bytes
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 29))
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_the_commands_run_the_shipped_recipes(tmp_path, command):
+    out = tmp_path / command
+    r = subprocess.run(
+        [
+            DIST_FT,
+            command,
+            str(ROOT / "configs" / f"{command}_demo.yaml"),
+            "run.steps=3",
+            "run.eval_every=3",
+            "data.eval_rows=8",
+            f"run.output_dir={out}",
+            *QUICK,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{command} loss: first 5 steps" in r.stdout
+    rows = metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
+    assert json.loads((out / "placement.json").read_text())["rollout"] == []  # learners only

@@ -1,0 +1,130 @@
+"""The weight transport: rank 0 publishes from inside its actor, the driver forwards a note
+(never the tensors), workers hash what they receive, and a read-back every Nth sync (every sync
+in debug mode) catches a load that silently converts what it was given."""
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build
+
+from dist_ft.cluster.local import LocalCluster
+from dist_ft.rollout import RolloutWorker
+from dist_ft.sync import InProcessTransport, Published, SyncMismatchError, fingerprint
+
+
+def tensors_in(obj) -> list[str]:
+    """Paths of every torch.Tensor reachable from ``obj`` (dataclasses, dicts, sequences)."""
+    if isinstance(obj, torch.Tensor):
+        return ["."]
+    if is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        return []
+    return [f"{k}/{p}" for k, v in items for p in tensors_in(v)]
+
+
+def test_the_driver_never_holds_a_weight_tensor_during_a_ray_sync(tiny_path):
+    import ray
+    from ray.core.generated.common_pb2 import Address
+
+    from dist_ft.cluster.ray import RayCluster
+
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=2")
+    cluster = RayCluster(wk, lk, num_workers=2, num_learners=1, address="local")
+    try:
+        sync = cluster.sync_weights()
+        # What the driver received from the learner, and forwarded to the workers: a note.
+        update = cluster._update
+        assert isinstance(update, Published) and tensors_in(update) == []
+        assert isinstance(update.handle, ray.ObjectRef)
+        # The object was put by the learner actor, which owns it, not by the driver.
+        owner = Address()
+        owner.ParseFromString(update.handle.owner_address())
+        learner_worker = ray.get(
+            cluster.learners[0].__ray_call__.remote(
+                lambda _s: ray.get_runtime_context().get_worker_id()
+            )
+        )
+        assert owner.worker_id.hex() == learner_worker
+        assert owner.worker_id.hex() != ray.get_runtime_context().get_worker_id()
+        # ... and the workers hold exactly what the learner exports.
+        exported = ray.get(
+            cluster.learners[0].__ray_call__.remote(
+                lambda h: fingerprint(h.learner.export_weights())
+            )
+        )
+        assert update.fingerprint == exported
+        assert ray.get([w.fingerprint.remote() for w in cluster.workers]) == [exported] * 2
+        assert sync.nbytes == sum(
+            t.nbytes for t in ray.get(update.handle).values()
+        )  # a test may fetch it; the cluster never does
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def ray_sees_tests():
+    """A local Ray whose workers can import tests/generators.py, as a user's engine module
+    would be importable on their cluster."""
+    import ray
+
+    tests = str(Path(__file__).resolve().parents[1])
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests}})
+    yield
+    ray.shutdown()
+
+
+def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(tiny_path, ray_sees_tests):
+    from dist_ft.cluster.ray import RayCluster
+
+    _, wk, lk = build(
+        tiny_path, "algo.prompts_per_step=2", "rollout.generator=generators:DriftingLoader"
+    )
+    cluster = RayCluster(wk, lk, num_workers=1, num_learners=1, address="local", read_back_every=2)
+    try:
+        cluster.sync_weights()  # sync 0: read back, the load was exact
+        cluster.sync_weights()  # sync 1: bytes hashed on arrival (right); the load drifts unseen
+        with pytest.raises(SyncMismatchError, match=r"workers \[0\] after loading hold"):
+            cluster.sync_weights()  # sync 2: read back
+    finally:
+        cluster.shutdown()
+
+
+def test_debug_mode_reads_back_every_sync(tiny_path):
+    _, wk, lk = build(
+        tiny_path, "algo.prompts_per_step=2", "rollout.generator=generators:DriftingLoader"
+    )
+    cluster = LocalCluster(wk, lk)
+    cluster.sync_weights()
+    with pytest.raises(SyncMismatchError, match="after loading hold"):
+        cluster.sync_weights()
+
+
+class DamagingTransport(InProcessTransport):
+    """Delivers the update with one value changed, as a faulty link would."""
+
+    def receive(self, update: Published) -> dict[str, torch.Tensor]:
+        got = {k: v.clone() for k, v in update.handle.items()}
+        name = sorted(got)[0]
+        got[name].view(-1)[0] += 1.0
+        return got
+
+
+def test_a_worker_does_not_load_damaged_bytes(tiny_path):
+    _, wk, _ = build(tiny_path, "algo.prompts_per_step=2")
+    worker = RolloutWorker(wk)
+    before = worker.fingerprint()
+    sent = {k: v + 0.5 for k, v in worker.generator.export_weights().items()}
+    update = InProcessTransport().publish(1, sent)
+    print_ = worker.set_weights(update, DamagingTransport(), read_back=False)
+    assert print_ != update.fingerprint
+    assert worker.fingerprint() == before and worker.version == 0  # nothing was loaded
+    # the same update through an intact transport loads, and is read back exactly
+    assert worker.set_weights(update, InProcessTransport(), read_back=True) == update.fingerprint
+    assert worker.version == 1
