@@ -179,8 +179,12 @@ def run_child(
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
     (out / "result.json").unlink(missing_ok=True)
+    # Each run is a single process of its own: a torch.distributed rendezvous left in this
+    # environment (a learner started earlier in the calling process sets MASTER_PORT) would make
+    # accelerate, inside TRL, try to listen on a port that process still holds.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in rendezvous},
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
         "TOKENIZERS_PARALLELISM": "false",
