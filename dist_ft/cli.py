@@ -1,4 +1,4 @@
-"""dist-ft commands: train, sft, dpo, label, plan, demo, fetch-model, export, merge.
+"""dist-ft commands: train, sft, dpo, label, plan, demo, fetch-model, export, merge, compare.
 
 Exit codes: 2 and a one-line message for a bad config, data or environment (found before any
 model loads where it can be), 1 for a run stopped by a failing reward or checkpoint, 130 on Ctrl-C.
@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -18,6 +19,9 @@ import yaml
 # `dist-ft --help` or a typo in a config should not wait for them.
 if TYPE_CHECKING:
     from dist_ft.config import Config
+
+
+RUN_DIR_HELP = "a run's run.output_dir (config.yaml + adapter/ or model/)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,9 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="a finished run's weights as a merged HF model and/or the adapter alone"
     )
-    export.add_argument("run_dir", help="a run's run.output_dir (config.yaml + adapter/ or model/)")
+    export.add_argument("run_dir", help=RUN_DIR_HELP)
     export.add_argument("--merge", metavar="OUT", help="write base + adapter merged (safetensors)")
     export.add_argument("--adapter", metavar="OUT", help="write the adapter files alone")
+    compare = sub.add_parser(
+        "compare", help="a finished run's base and trained policy side by side, greedy, scored"
+    )
+    compare.add_argument("run_dir", help=RUN_DIR_HELP)
+    compare.add_argument("--prompts", type=int, default=64, help="prompts scored (0 = all)")
+    compare.add_argument("--show", type=int, default=8, help="prompts shown side by side")
     merge = sub.add_parser("merge", help="combine LoRA adapters into one (peft weighted merging)")
     merge.add_argument(
         "paths", nargs="+", metavar="PATH", help="ADAPTER ADAPTER [...] OUT: adapter or run dirs"
@@ -99,6 +109,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command in ("export", "merge"):
         return _export(args)
+    if args.command == "compare":
+        from dist_ft.compare import compare_run
+
+        table = compare_run(args.run_dir, args.prompts).table(args.show)
+        (Path(args.run_dir) / "compare.md").write_text(table)
+        print(table, end="")
+        return 0
     if args.command == "fetch-model":
         from dist_ft.real_models import real_model_path
 

@@ -30,6 +30,7 @@ from dist_ft.algos.objective import Objective
 from dist_ft.models import PeftSpec
 from dist_ft.peft_methods import config_errors as peft_config_errors
 from dist_ft.ranges import NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from dist_ft.tasks import SOURCES as DEMO_SOURCES
 
 
 class ConfigError(ValueError):
@@ -62,10 +63,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "demo" (built-in letter-repeat task), or a .jsonl / .parquet file / save_to_disk folder.
+    # "demo" (built-in letter-repeat task; "demo_next", "demo_mix": see dist_ft.tasks), or a
+    # .jsonl / .parquet file / save_to_disk folder.
     source: str = "demo"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    task_field: str = "task"  # which reward functions score a row; rows without it: "default"
     template: Literal["plain", "chat"] = "plain"
     plain_template: str = "{prompt}"
     max_prompt_tokens: PosInt = 256
@@ -77,7 +80,8 @@ class DataConfig:
     # and counted (metric "truncated").
     max_length: PosInt = 1024
     # SFT and DPO: the last this many good rows are held out and evaluated every
-    # run.eval_every steps (SFT: loss; DPO: loss and preference accuracy), never trained on.
+    # run.eval_every steps (SFT: loss, and for rows with an answer the reward.functions' mean
+    # over sampled answers; DPO: loss and preference accuracy), never trained on.
     eval_rows: NonNegInt = 0
 
 
@@ -106,6 +110,7 @@ class RewardFnConfig:
     name: str
     weight: Annotated[float, Range()] = 1.0  # any finite number; < 0 penalises
     kwargs: dict[str, Any] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)  # the tasks it scores; [] = every task
 
 
 def _demo_rewards() -> list[RewardFnConfig]:
@@ -161,7 +166,7 @@ class AlgoConfig:
     eps_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     eps_high: NonNegFloat = 0.2  # DAPO's clip-higher uses 0.28
     beta: NonNegFloat = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
-    # SFT steps on answer-*shaped* targets before RL (built-in demo task only): a random-init
+    # SFT steps on answer-*shaped* targets before RL (built-in demo sources only): a random-init
     # model first learns to answer with four identical letters, then RL learns which letter.
     sft_warmup_steps: NonNegInt = 40
     # Async rollouts: workers generate up to this many policy versions ahead of the learner.
@@ -184,6 +189,10 @@ class LearnerConfig:
     offload: Literal["none", "cpu"] = "none"
     # Gradient accumulation: the per-rank batch is split into this many micro-batches.
     micro_batches: PosInt = 1
+    # SFT and DPO pack each micro-batch's rows into fewer (block-causal mask): the same loss to
+    # float error, 2.0x faster a step on the tiny model at 19-130 tokens a row. GRPO and prefix
+    # tuning run padded (Learner._logprobs says why).
+    pack: bool = True
 
 
 @dataclass(frozen=True)
@@ -293,7 +302,7 @@ class Config:
                     "learner.micro_batches",
                 ),
             )
-        if grpo and self.algo.sft_warmup_steps and self.data.source != "demo":
+        if grpo and self.algo.sft_warmup_steps and self.data.source not in DEMO_SOURCES:
             raise ConfigError(
                 f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
                 f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}",

@@ -9,7 +9,6 @@ the field; with ``"skip"`` every bad row becomes a :class:`Reject` (see :func:`w
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,13 +18,7 @@ import datasets
 import torch
 
 from dist_ft.batch import Span
-
-# Eight letters that the instruction "Repeat" does not contain. With a..h, RL runs kept
-# collapsing prompts onto "a": copying the "a" of "Repeat" (a fixed position) is a shortcut that
-# pays on the "a" prompts, and a prompt whose G samples are all wrong has zero advantage, so it
-# never escapes. Without a distractor in the instruction, the only paying copy is the right one.
-DEMO_LETTERS = "bcdfghjk"
-DEMO_REPEAT = 4
+from dist_ft.tasks import DEFAULT_TASK, SOURCES, demo_rows
 
 
 class DatasetError(ValueError):
@@ -37,6 +30,7 @@ class Prompt:
     index: int  # row index in the source: the stable id used by the sample ledger
     text: str  # rendered (template applied): what the policy sees
     answer: str | None  # reference answer for verifiers, if the dataset has one
+    task: str = DEFAULT_TASK  # the row's task column: which reward functions score it
 
 
 @dataclass(frozen=True)
@@ -84,30 +78,6 @@ Rows = datasets.Dataset | Sequence[dict[str, Any] | BadLine]
 _T = TypeVar("_T")
 
 
-def demo_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """The built-in task: "Repeat c:" -> "cccc". Verifiable by string comparison, and learnable
-    by a random-init tiny model within a minute of CPU time."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        c = rng.choice(DEMO_LETTERS)
-        rows.append({"prompt": f"Repeat {c}:", "answer": c * DEMO_REPEAT})
-    return rows
-
-
-def demo_format_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Format-only warm-up targets for the demo task: four copies of a *random* demo letter.
-
-    They teach the shape of an answer (four identical letters) without the task itself (which
-    letter): the policy leaves warm-up scoring about 1/8 and RL has to learn the rest.
-    """
-    rng = random.Random(seed + 1)
-    return [
-        {"prompt": row["prompt"], "completion": rng.choice(DEMO_LETTERS) * DEMO_REPEAT}
-        for row in demo_rows(n, seed)
-    ]
-
-
 def _parse_line(raw: bytes) -> dict[str, Any] | BadLine:
     try:
         line = raw.decode("utf-8")
@@ -132,13 +102,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any] | BadLine]:
 
 
 def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> Rows:
-    """Raw rows from ``"demo"``, a .jsonl or .parquet file, or a ``save_to_disk`` folder.
+    """Raw rows from a built-in source (``tasks.SOURCES``), a .jsonl or .parquet file, or a
+    ``save_to_disk`` folder.
 
     A jsonl line that is not a JSON object comes back as a :class:`BadLine` in its place; it is
     :func:`prepare_prompts` that raises or skips it, like any other bad row.
     """
-    if source == "demo":
-        return demo_rows(demo_size, seed)
+    if source in SOURCES:
+        return demo_rows(demo_size, seed, source)
     path = Path(source)
     if not path.exists():
         raise DatasetError(f"data.source not found: {source}")
@@ -265,12 +236,14 @@ def prepare_prompts(
     plain_template: str,
     max_prompt_tokens: int,
     on_bad_row: Literal["error", "skip"] = "error",
+    task_field: str = "task",
 ) -> PreparedPrompts:
     """Validate and render every row up front, in source order.
 
     ``on_bad_row="error"``: the first bad row raises :class:`DatasetError`. ``"skip"``: bad rows
     become :class:`Reject` records and the rest become prompts. Either way, no usable row at all
-    raises. ``Prompt.index`` is the row's index in the source, bad rows included.
+    raises. ``Prompt.index`` is the row's index in the source, bad rows included. A row without
+    ``task_field`` is task ``"default"``.
     """
 
     def build(index: int, row: dict[str, Any]) -> Prompt:
@@ -288,7 +261,8 @@ def prepare_prompts(
                 prompt_field,
                 f"{n_tokens} tokens exceeds data.max_prompt_tokens={max_prompt_tokens}",
             )
-        return Prompt(index, rendered, None if answer is None else str(answer))
+        task = DEFAULT_TASK if row.get(task_field) is None else _text(row, task_field)
+        return Prompt(index, rendered, None if answer is None else str(answer), task)
 
     prompts, rejects = _validate_rows(rows, source, on_bad_row, build)
     return PreparedPrompts(prompts, rejects)

@@ -23,7 +23,16 @@ from dist_ft.algos.grpo import LossParams, loss_count, normaliser_from_count, po
 from dist_ft.algos.objective import Objective
 from dist_ft.algos.sft import sft_loss
 from dist_ft.batch import ScoredBatch
-from dist_ft.models import PeftSpec, completion_logprobs, export_state, is_adapter, load_policy
+from dist_ft.models import (
+    DTYPES,
+    PeftMethod,
+    PeftSpec,
+    completion_logprobs,
+    export_state,
+    is_adapter,
+    load_policy,
+    packed_completion_logprobs,
+)
 
 
 def free_port() -> int:
@@ -70,6 +79,7 @@ class LearnerSpec:
     trust_remote_code: bool = False
     deterministic: bool = False
     dpo: DPOParams = field(default_factory=DPOParams)  # the DPO objective's loss variant and knobs
+    pack: bool = True  # SFT and DPO forwards pack rows (see Learner._logprobs)
 
 
 def deepspeed_config(spec: LearnerSpec, world_size: int) -> dict[str, Any]:
@@ -126,6 +136,9 @@ class Learner:
         self.temperature = spec.temperature
         self.micro_batches = spec.micro_batches
         self.zero_stage = spec.zero_stage
+        # peft's prefix tuning concatenates its prefix's columns to a 2D attention mask, which
+        # the packed forward's 4D block mask cannot take: prefix keeps the padded forward.
+        self.pack = spec.pack and spec.peft.method is not PeftMethod.PREFIX
         model = load_policy(
             spec.model_path,
             spec.dtype,
@@ -218,11 +231,31 @@ class Learner:
         dist.all_reduce(total)
         return float(total)
 
-    def _logprobs(self, batch: ScoredBatch, width: int, temperature: float) -> torch.Tensor:
+    def _logprobs(
+        self, batch: ScoredBatch, width: int, temperature: float, pack: bool
+    ) -> torch.Tensor:
         """[N, width] logprobs of the episode tokens under the current policy at
         ``temperature``, with grad. The forward attends to every episode token (context
-        included: the model conditions on env/tool turns)."""
+        included: the model conditions on env/tool turns).
+
+        ``pack``: one forward over the rows packed (``models.packed_completion_logprobs``), the
+        same logprobs to float error with no compute spent on padding. SFT and DPO pack (when
+        ``self.pack``); GRPO never does: its importance ratio divides by the rollout worker's
+        logprobs, which ``rollout/hf.py`` computes with ``completion_logprobs`` on the padded
+        rows, and the same function on the same layout is what keeps on-policy ratios at 1 to
+        the bit (tests/integration/test_dtypes.py holds them to 1e-5, bf16 included).
+        """
         prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
+        if pack:
+            return packed_completion_logprobs(
+                self.engine,
+                prompt_ids_NP,
+                prompt_mask_NP,
+                batch.episode_ids[:, :width],
+                batch.episode_mask[:, :width],
+                temperature,
+                DTYPES[self.spec.dtype],
+            )
         return completion_logprobs(
             self.engine,
             prompt_ids_NP,
@@ -238,7 +271,7 @@ class Learner:
         """``batch``'s share of a step's supervised loss (NLL of the trained tokens), with grad."""
         width = _width(batch)
         # the model's own distribution (temperature 1): what demonstrations are scored under
-        logp_NT = self._logprobs(batch, width, 1.0)
+        logp_NT = self._logprobs(batch, width, 1.0, self.pack)
         return sft_loss(logp_NT, batch.loss_mask[:, :width], normaliser), {}
 
     def dpo_loss(
@@ -249,7 +282,7 @@ class Learner:
         the reference policy's token logprobs (computed once per pair, before training)."""
         width = _width(batch)
         mask_NT = batch.loss_mask[:, :width]
-        seq_N, count_N = sequence_logps(self._logprobs(batch, width, 1.0), mask_NT)
+        seq_N, count_N = sequence_logps(self._logprobs(batch, width, 1.0, self.pack), mask_NT)
         ref_N = None
         if batch.ref_logprobs is not None:
             ref_N, _ = sequence_logps(batch.ref_logprobs[:, :width], mask_NT)
@@ -278,7 +311,7 @@ class Learner:
         Collective under ZeRO-3 (every rank runs one forward, on its own share)."""
         self.engine.eval()
         width = _width(batch)
-        logp_NT = self._logprobs(batch, width, 1.0).float()
+        logp_NT = self._logprobs(batch, width, 1.0, self.pack).float()
         out_NT = torch.zeros(batch.episode_ids.shape, dtype=torch.float32)
         out_NT[:, :width] = torch.where(batch.loss_mask[:, :width], logp_NT.cpu(), 0.0)
         return out_NT
@@ -292,7 +325,7 @@ class Learner:
         ref_NT = None if batch.ref_logprobs is None else batch.ref_logprobs[:, :width]
         return policy_loss(
             # at the sampling temperature: the behaviour logprobs were taken at it
-            self._logprobs(batch, width, self.temperature),
+            self._logprobs(batch, width, self.temperature, pack=False),
             batch.logprobs[:, :width],
             # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
             batch.advantages * batch.valid,

@@ -3,7 +3,10 @@
 The loop reads rows, not rollouts: each step takes ``algo.prompts_per_step`` examples (SFT) or
 pairs (DPO) from a resumable sampler, builds a ``ScoredBatch`` of whole sequences (prompt, then
 the answer's tokens marked TRAINED) and asks the cluster for one ``train_step`` of the objective.
-Nothing is generated, so no rollout worker is started.
+Training generates nothing. SFT's held-out rows that carry an answer (``data.answer_field``)
+are also answered by the policy at each evaluation: only then does the cluster start rollout
+workers, which receive the learner's weights by the same versioned, fingerprinted sync as GRPO's
+and score their samples with ``reward.functions`` (the verifiers).
 
 DPO's reference: before the first update the policy *is* the reference, so one pass of
 ``cluster.logprobs`` over every pair, before step 1, gives each pair's reference logprobs
@@ -33,10 +36,12 @@ from dist_ft.cluster import Cluster, make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import (
     Example,
+    Prompt,
     PromptSampler,
     demo_rows,
     load_rows,
     prepare_preferences,
+    prepare_prompts,
     prepare_sft,
 )
 from dist_ft.models import load_tokenizer, resolve_model_path
@@ -54,8 +59,12 @@ REFERENCE_FILE = "reference_logprobs.safetensors"
 
 
 def demo_sft_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """The built-in letter task as demonstrations: the prompt and its right answer."""
-    return [{"prompt": r["prompt"], "completion": r["answer"]} for r in demo_rows(n, seed)]
+    """The built-in letter task as demonstrations: the prompt and its right answer, once to
+    train on and once for the verifiers of the held-out evaluation."""
+    return [
+        {"prompt": r["prompt"], "completion": r["answer"], "answer": r["answer"]}
+        for r in demo_rows(n, seed)
+    ]
 
 
 def demo_pair_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -69,9 +78,10 @@ def demo_pair_rows(n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
-def load_sequences(cfg: Config, tokenizer: Any, out: Path) -> tuple[list[list[Example]], int]:
+def load_sequences(cfg: Config, tokenizer: Any, out: Path) -> tuple[list[list[Example]], int, Any]:
     """The rows as groups of sequences (SFT: one example; DPO: chosen, rejected), validated
-    (bad rows raise, or are skipped into rejects.jsonl), and how many were truncated."""
+    (bad rows raise, or are skipped into rejects.jsonl), how many were truncated, and the rows
+    themselves (``Example.index`` indexes them)."""
     d = cfg.data
     dpo = cfg.algo.objective is Objective.DPO
     if d.source == "demo":
@@ -93,7 +103,39 @@ def load_sequences(cfg: Config, tokenizer: Any, out: Path) -> tuple[list[list[Ex
         groups = [[p.chosen, p.rejected] for p in prepared.pairs]  # type: ignore[union-attr]
     else:
         groups = [[e] for e in prepared.examples]  # type: ignore[union-attr]
-    return groups, prepared.num_truncated
+    return groups, prepared.num_truncated, rows
+
+
+def answer_prompts(
+    cfg: Config, tokenizer: Any, rows: Any, held_out: list[list[Example]]
+) -> list[Prompt]:
+    """SFT's held-out rows that carry an answer (``data.answer_field``), as prompts for the
+    rollout workers: rendered as their training context was, so the policy is asked what it
+    was taught. Chat rows (``messages``) have no one prompt to ask and are left out. An answer
+    the verifiers cannot take fails the run before any model loads (the message counts rows
+    among these held-out ones)."""
+    d = cfg.data
+    sft = cfg.algo.objective is Objective.SFT
+    if not (sft and cfg.run.eval_every and cfg.reward.functions):
+        return []
+    index = [
+        i
+        for i in (g[0].index for g in held_out)
+        if rows[i].get(d.answer_field) is not None and rows[i].get("messages") is None
+    ]
+    if not index:
+        return []
+    prepared = prepare_prompts(
+        [rows[i] for i in index],
+        tokenizer,
+        source=f"{d.source} (held-out rows with an answer)",
+        prompt_field="prompt",  # SFT's prompt/completion rows name it so (data.prepare_sft)
+        answer_field=d.answer_field,
+        template=d.template,
+        plain_template=d.plain_template,
+        max_prompt_tokens=d.max_length,  # a prompt longer than this failed prepare_sft already
+    )
+    return [dataclasses.replace(p, index=i) for p, i in zip(prepared.prompts, index)]
 
 
 def make_batch(groups: list[list[Example]], pad_id: int) -> ScoredBatch:
@@ -142,16 +184,36 @@ def with_reference(batch: ScoredBatch, ref: list[torch.Tensor]) -> ScoredBatch:
 
 
 def evaluate(
-    cluster: Cluster, cfg: Config, groups: list[list[Example]], refs: Any, pad_id: int
+    cluster: Cluster,
+    cfg: Config,
+    groups: list[list[Example]],
+    refs: Any,
+    pad_id: int,
+    step: int,
+    prompts: list[Prompt],
 ) -> dict[str, float]:
-    """Held-out metrics with the current weights: SFT token-mean NLL; DPO loss and accuracy."""
+    """Held-out metrics with the current weights: SFT token-mean NLL; DPO loss and accuracy.
+
+    SFT with ``prompts`` (:func:`answer_prompts`) also reports ``eval_accuracy``: the policy
+    answers each prompt ``rollout.group_size`` times, sampled at ``rollout.temperature`` (the
+    sampler has no greedy mode), and it is the mean over all those samples of the weighted
+    reward total: with one 0/1 verifier (exact_match), the share of answers it accepts, an
+    estimate of the probability that the policy answers a held-out prompt right.
+    """
     if cfg.algo.objective is Objective.SFT:
         total, count = 0.0, 0.0
         for start in range(0, len(groups), cfg.samples_per_step):
             batch = make_batch(groups[start : start + cfg.samples_per_step], pad_id)
             total -= float(cluster.logprobs(batch).sum())
             count += float(batch.loss_mask.sum())
-        return {"eval_loss": total / max(count, 1.0)}
+        out = {"eval_loss": total / max(count, 1.0)}
+        if prompts:
+            # ---- generate with this step's weights: sync them first, as GRPO does
+            out["eval_version"] = cluster.sync_weights().version
+            scored = cluster.collect(cluster.submit_rollout(step, prompts))
+            if scored.valid.any():  # reward errors (reward.on_error=mask) are left out
+                out["eval_accuracy"] = float(scored.reward_total[scored.valid].mean())
+        return out
     chosen, rejected, ref_c, ref_r, len_c, len_r = [], [], [], [], [], []
     for start in range(0, len(groups), cfg.algo.prompts_per_step):
         part = groups[start : start + cfg.algo.prompts_per_step]
@@ -187,7 +249,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
     # ---- data: every row validated and tokenized before any model loads
     model_path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    groups, truncated = load_sequences(cfg, tokenizer, out)
+    groups, truncated, rows = load_sequences(cfg, tokenizer, out)
     n_eval = cfg.data.eval_rows
     if n_eval >= len(groups):
         raise ConfigError(
@@ -196,16 +258,23 @@ def train_offline(cfg: Config) -> dict[str, Any]:
             keys=("data.eval_rows",),
         )
     train_rows, eval_rows = groups[: len(groups) - n_eval], groups[len(groups) - n_eval :]
+    eval_prompts = answer_prompts(cfg, tokenizer, rows, eval_rows)
     sampler = PromptSampler(len(train_rows), cfg.run.seed)
     pad_id = tokenizer.pad_token_id
     ckpt, state, run_tensors = open_checkpoint(cfg, out)
 
-    # ---- learners only: nothing is generated, so no rollout worker is started
+    # ---- learners, and rollout workers only to answer the held-out prompts
     rollout_spec, learner_spec = component_specs(cfg, model_path)
-    resources = dataclasses.replace(cfg.resources, rollout_workers=0, colocate=False)
+    resources = cfg.resources
+    if not eval_prompts:
+        resources = dataclasses.replace(resources, rollout_workers=0, colocate=False)
     cluster = make_cluster(rollout_spec, learner_spec, resources)
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
-    shown = ("loss", "eval_loss") + (("accuracy", "eval_accuracy") if dpo else ("tokens_per_s",))
+    if dpo:
+        shown: tuple[str, ...] = ("loss", "eval_loss", "accuracy", "eval_accuracy")
+    else:
+        shown = ("loss", "eval_loss", *(("eval_accuracy",) if eval_prompts else ()))
+        shown += ("tokens_per_s",)
     tracker = make_tracker(
         cfg,
         out,
@@ -259,7 +328,9 @@ def train_offline(cfg: Config) -> dict[str, Any]:
                 and (step % cfg.run.eval_every == 0 or step == cfg.run.steps)
             ):
                 eval_refs = refs[len(train_rows) :] if dpo else None
-                metrics.update(evaluate(cluster, cfg, eval_rows, eval_refs, pad_id))
+                metrics.update(
+                    evaluate(cluster, cfg, eval_rows, eval_refs, pad_id, step, eval_prompts)
+                )
             tracker.log(step, metrics)
             if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                 tmp = checkpoint.begin(checkpoint.root(out), step)

@@ -23,10 +23,14 @@ and checked on the tiny Llama on CPU, sdpa and eager, by tests/integration/test_
 - Restarting ``position_ids`` alone isolate examples only when ``attention_mask`` is None and
   there is no cache: then ``find_packed_sequence_indices`` infers the blocks from the position
   resets. But ``LlamaConfig.use_cache`` defaults to True, so a plain training forward builds an
-  empty ``DynamicCache`` and skips that inference, and a 2D ``attention_mask`` (as the learner's
+  empty ``DynamicCache`` and skips that inference, and a 2D ``attention_mask`` (as the padded
   forward passes) skips it too. Either way attention leaks across examples, silently (only an
   explicit ``use_cache=False`` with no mask isolates them). Hence the explicit 4D mask, which
   depends on neither.
+
+:func:`pack_episodes` packs a ``ScoredBatch``'s rows this way: the learner's SFT and DPO forward
+(``models.packed_completion_logprobs``), which reads each episode token's logprob back into the
+batch's [N, T] layout, so the losses do not change.
 
 A row's logits at t score token t + 1 (:func:`scored_targets`): the last token of one example
 must not score the first of the next, so each example's first token is never scored. The data
@@ -164,3 +168,51 @@ def example_sums(
     ``example_ids_NT[:, 1:]`` with :func:`scored_targets`'s mask)."""
     sums_E = torch.zeros(num_examples, dtype=values_NT.dtype, device=values_NT.device)
     return sums_E.index_add(0, example_ids_NT[mask_NT], values_NT[mask_NT])
+
+
+def pack_episodes(
+    prompt_ids_NP: torch.Tensor,
+    prompt_mask_NP: torch.Tensor,
+    episode_ids_NT: torch.Tensor,
+    episode_spans_NT: torch.Tensor,
+    pad_id: int = 0,
+) -> tuple[PackedRows, torch.Tensor]:
+    """A :class:`~dist_ft.batch.ScoredBatch`'s rows (left-padded prompts, right-padded episodes)
+    packed for one forward: each row's real tokens, prompt then episode, are one example.
+
+    Examples go in longest first (first-fit decreasing packs tighter than input order) into
+    rows of at most the longest example's length: a packed row is never longer than the padded
+    rows the batch would otherwise need, so attention cost and activation memory per row do not
+    grow; only the row count drops.
+
+    Returns the packed rows and source_NT [N, T] long: for each real episode token, the flat
+    index into the packed [R x T'] grid of the token before it (whose logits score it), -1 on
+    padding. Every row with episode tokens needs a prompt token: an example's first token has
+    no token before it in its own block.
+    """
+    real_NP = prompt_mask_NP.bool()
+    real_NT = episode_spans_NT != Span.PAD
+    prompt_len_N = real_NP.sum(-1)
+    length_N = prompt_len_N + real_NT.sum(-1)
+    if bool(((prompt_len_N == 0) & (length_N > 0)).any()):
+        raise ValueError("a row has episode tokens but no prompt token to score the first from")
+    order_E = torch.argsort(length_N, descending=True, stable=True)  # example e is row order[e]
+    ids_E, spans_E = [], []
+    for n in order_E.tolist():
+        ids_E.append(torch.cat([prompt_ids_NP[n][real_NP[n]], episode_ids_NT[n][real_NT[n]]]))
+        prompt_spans = torch.full((int(prompt_len_N[n]),), int(Span.CONTEXT), dtype=torch.int8)
+        spans_E.append(torch.cat([prompt_spans, episode_spans_NT[n][real_NT[n]].to(torch.int8)]))
+    packed = pack_examples(ids_E, spans_E, int(length_N.max()), pad_id)
+    # Flat grid positions grouped by example, in row order within each (padding, id -1, first):
+    # example e's k-th token sits at flat_pos[pads + start_E[e] + k].
+    flat_pos = torch.argsort(packed.example_ids_NT.flatten(), stable=True)
+    pads = int((packed.example_ids_NT < 0).sum())
+    lengths_E = length_N[order_E]
+    start_E = lengths_E.cumsum(0) - lengths_E
+    start_N = torch.empty_like(start_E)
+    start_N[order_E] = start_E
+    # the j-th real episode token of row n is token prompt_len_N[n] + j of its example
+    rank_NT = real_NT.long().cumsum(-1) - 1
+    at_NT = (pads + start_N + prompt_len_N)[:, None] + rank_NT
+    source_NT = torch.where(real_NT, flat_pos[at_NT.clamp(min=0)] - 1, -1)
+    return packed, source_NT

@@ -29,13 +29,16 @@ class Tracker:
         shown: tuple[str, ...] = ("reward/mean", "kl", "samples_per_s"),
         plotted: tuple[str, ...] = ("reward/mean", "kl"),
         plot_name: str = "reward.png",
+        breakdown: str = "",
     ) -> None:
         """``resume_step``: continue a run whose checkpoint holds this step; metrics logged
         after it (by the process that died) are dropped, earlier ones are kept and reloaded.
         ``run_id``: the tracking run to continue (wandb id). ``shown``: the metrics on the
         progress line; ``plotted``: one panel each in ``plot_name`` (a metric never logged, or
-        always 0 after the first, gets none)."""
+        always 0 after the first, gets none). ``breakdown``: a prefix; each metric under it is
+        one more line in the first panel (``reward/task/``: the reward of each task)."""
         self.shown, self.plotted, self.plot_name = shown, plotted, plot_name
+        self.breakdown = breakdown
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.history: list[dict[str, float]] = []
@@ -115,15 +118,17 @@ class Tracker:
         matplotlib.use("Agg")  # no display on cluster nodes
         import matplotlib.pyplot as plt
 
+        named = {k for r in self.history for k in r}
+        parts = sorted(k for k in named if k.startswith(self.breakdown)) if self.breakdown else []
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
         for ax, key in zip(axes[:, 0], panels):
-            steps = [r["step"] for r in self.history if key in r]
-            values = [r[key] for r in self.history if key in r]
+            steps, values = self._series(key)
             ax.plot(steps, values, alpha=0.35, label="per step")
             k = max(1, len(values) // 30)  # moving average over ~1/30 of the run
-            windows = [values[max(0, i - k + 1) : i + 1] for i in range(len(values))]
-            smooth = [sum(w) / len(w) for w in windows]
-            ax.plot(steps, smooth, label=f"mean of {k}")
+            ax.plot(steps, _smooth(values, k), label=f"mean of {k}")
+            for part in parts if key == first else []:  # smoothed: per step they'd hide the rest
+                part_steps, part_values = self._series(part)
+                ax.plot(part_steps, _smooth(part_values, k), label=part[len(self.breakdown) :])
             ax.legend(loc="best")
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
@@ -133,3 +138,14 @@ class Tracker:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+    def _series(self, key: str) -> tuple[list[int], list[float]]:
+        """The steps that logged ``key``, and its values there."""
+        rows = [r for r in self.history if key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def _smooth(values: list[float], k: int) -> list[float]:
+    """Trailing moving average over ``k`` values (fewer at the start)."""
+    windows = [values[max(0, i - k + 1) : i + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]

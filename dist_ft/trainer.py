@@ -25,7 +25,6 @@ from dist_ft.data import (
     PreparedPrompts,
     PromptSampler,
     Reject,
-    demo_format_rows,
     encode_pairs,
     load_rows,
     prepare_prompts,
@@ -36,9 +35,12 @@ from dist_ft.learner import LearnerSpec
 from dist_ft.ledger import Ledger
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.peft_methods import auto_lr
-from dist_ft.rewards import RewardError
+from dist_ft.rewards import RewardError, applies, task_mismatch
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
+from dist_ft.tasks import demo_format_rows
 from dist_ft.tracking import Tracker
+
+TASK_METRIC = "reward/task/"  # + a task name: its mean total reward, when the data has several
 
 
 def resolve_device(device: str) -> str:
@@ -85,6 +87,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,
         rewards=[(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
+        reward_tasks=[f.tasks for f in cfg.reward.functions],
         reward_timeout_s=cfg.reward.timeout_s,
         on_reward_error=cfg.reward.on_error,
         scale_rewards=cfg.algo.scale_rewards,
@@ -109,6 +112,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         trust_remote_code=cfg.model.trust_remote_code,
         deterministic=cfg.run.deterministic,
         dpo=cfg.dpo,
+        pack=cfg.learner.pack,
     )
     return rollout, learner
 
@@ -136,6 +140,7 @@ def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
         plain_template=d.plain_template,
         max_prompt_tokens=d.max_prompt_tokens,
         on_bad_row=d.on_bad_row,
+        task_field=d.task_field,
     )
 
 
@@ -165,6 +170,11 @@ def train(cfg: Config) -> dict[str, Any]:
     prompts = prepared.prompts
     keep_rejects(out, d.source, prepared.rejects)
     sampler = PromptSampler(len(prompts), cfg.run.seed)
+    task_of = {p.index: p.task for p in prompts}  # dataset row -> its task
+    reward_tasks = [f.tasks for f in cfg.reward.functions]
+    names = [f.name for f in cfg.reward.functions]
+    if mismatch := task_mismatch(names, reward_tasks, set(task_of.values()), d.source):
+        raise ConfigError(mismatch, keys=("reward.functions", "data.source"))
 
     # ---- resume: refuse a checkpoint of another recipe before any compute is spent
     ckpt, state, run_tensors = open_checkpoint(cfg, out)
@@ -181,9 +191,9 @@ def train(cfg: Config) -> dict[str, Any]:
         cfg.rollout.read_back_every,
     )
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
-    tracker = make_tracker(cfg, out, state)
+    tracker = make_tracker(cfg, out, state, breakdown=TASK_METRIC)
     watch = RewardWatch(
-        [f.name for f in cfg.reward.functions],
+        names,
         cfg.reward.max_error_rate,
         cfg.reward.error_patience,
         state.get("error_streak", 0),
@@ -197,7 +207,8 @@ def train(cfg: Config) -> dict[str, Any]:
             pending.extend(restore_checkpoint(ckpt, state, run_tensors, cluster, sampler, ledger))
         else:
             # ---- format warm-up (demo only): SFT on answer-shaped targets, not on the answers
-            warm = demo_format_rows(a.sft_warmup_steps * cfg.samples_per_step, cfg.run.seed)
+            n_warm = a.sft_warmup_steps * cfg.samples_per_step
+            warm = demo_format_rows(n_warm, cfg.run.seed, d.source)
             for i in range(0, len(warm), cfg.samples_per_step):
                 rows = warm[i : i + cfg.samples_per_step]
                 texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
@@ -236,7 +247,10 @@ def train(cfg: Config) -> dict[str, Any]:
             version = sync.version
 
             # ---- log, then stop if the rewards keep failing rather than quietly shrink batches
-            tracker.log(step, step_metrics(metrics, batch, ledger_stats, sync, t_rollout, t_train))
+            row = step_metrics(
+                metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
+            )
+            tracker.log(step, row)
             watch.check(step, batch)
 
             # ---- checkpoint: learner state and run state, atomically
@@ -361,15 +375,27 @@ def step_metrics(
     sync: SyncStats,
     t_rollout: float,
     t_train: float,
+    task_of: dict[int, str],
+    reward_tasks: list[list[str]],
 ) -> dict[str, float]:
     """One step's row of metrics.jsonl: the learner's metrics, then the rest. A reward with no
-    valid value this step is left out, never NaN: a NaN would pass for a score."""
+    valid value this step is left out, never NaN: a NaN would pass for a score.
+
+    ``task_of``: dataset row -> task. A reward function's mean is over the samples of its tasks
+    (``reward_tasks``); with several tasks in the data, each task's mean total reward is
+    ``reward/task/<task>``."""
     metrics = dict(learner)
+    tasks_N = [task_of[i] for i in batch.sample_ids[:, 1].tolist()]  # [N], by prompt row
+    scored_NK = applies(reward_tasks, tasks_N) & ~batch.reward_errors  # [N, K]
     for k, name in enumerate(batch.reward_names):
-        ok_N = ~batch.reward_errors[:, k]
-        if ok_N.any():
-            metrics[f"reward/{name}"] = float(batch.rewards[ok_N, k].mean())
-        metrics[f"reward/errors/{name}"] = float((~ok_N).sum())
+        if scored_NK[:, k].any():
+            metrics[f"reward/{name}"] = float(batch.rewards[scored_NK[:, k], k].mean())
+        metrics[f"reward/errors/{name}"] = float(batch.reward_errors[:, k].sum())
+    if len(set(task_of.values())) > 1:
+        for task in sorted(set(tasks_N)):
+            in_task_N = torch.tensor([t == task for t in tasks_N]) & batch.valid
+            if in_task_N.any():
+                metrics[TASK_METRIC + task] = float(batch.reward_total[in_task_N].mean())
     for w, (n, sec) in batch.worker_stats.items():
         metrics[f"rollout/worker{w}_samples_per_s"] = n / sec
     total = batch.reward_total[batch.valid]  # [valid samples]

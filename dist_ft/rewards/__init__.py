@@ -1,6 +1,8 @@
 """Reward functions: built-in verifiers, ``module:function`` user rewards, extra named scorers.
 
-Shapes: N = scored samples (prompts x group), K = reward functions, in spec order.
+Multi-task: each function scores the tasks it names (none named: every task); a sample's total
+is the weighted sum of the functions of its task. Shapes: N = scored samples (prompts x group),
+K = reward functions, in spec order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from dist_ft.rewards import rules, sandbox
+from dist_ft.tasks import DEFAULT_TASK
 
 
 class RewardFn(Protocol):
@@ -70,13 +73,43 @@ def resolve(name: str, extra: Mapping[str, Callable[..., Any]] | None = None) ->
     return fn
 
 
+def applies(fn_tasks: Sequence[Sequence[str]], tasks: Sequence[str]) -> torch.Tensor:
+    """bool [N, K]: function k scores sample n, i.e. names its task ``tasks[n]`` or no task."""
+    return torch.tensor(
+        [[not named or task in named for named in fn_tasks] for task in tasks], dtype=torch.bool
+    ).reshape(len(tasks), len(fn_tasks))
+
+
+def task_mismatch(
+    names: Sequence[str], fn_tasks: Sequence[Sequence[str]], data_tasks: Set[str], source: str
+) -> str | None:
+    """What ties the data's tasks and the reward functions wrongly, checked before step 1: a
+    task of the data that no function scores, or a task a function names that the data lacks
+    (a misspelt name would leave its function idle). None when every task is covered."""
+    for task, covered in zip(sorted(data_tasks), applies(fn_tasks, sorted(data_tasks)).any(1)):
+        if not covered:
+            unnamed = f" (its rows have no task column: task '{DEFAULT_TASK}')"
+            return (
+                f"{source}: task '{task}' has no reward function"
+                f"{unnamed if task == DEFAULT_TASK else ''}; name it in the tasks of one of "
+                f"reward.functions {list(names)}, or add one without tasks"
+            )
+    for name, named in zip(names, fn_tasks):
+        if absent := sorted(set(named) - data_tasks):
+            return (
+                f"reward '{name}' names tasks {absent} that {source} does not have "
+                f"(its tasks: {sorted(data_tasks)})"
+            )
+    return None
+
+
 @dataclass
 class RewardScores:
     """Per-function scores of one batch. A failed entry is NaN in ``rewards_NK`` and True in
     ``errors_NK``; what to do with it (drop the sample, score it 0, stop the run) is the caller's
-    policy."""
+    policy. A function adds 0 to a sample of a task it does not score, and cannot fail on it."""
 
-    rewards_NK: torch.Tensor  # float32 [N, K], NaN where errors_NK
+    rewards_NK: torch.Tensor  # float32 [N, K], NaN where errors_NK, 0 where k skips n's task
     errors_NK: torch.Tensor  # bool [N, K], True where function k failed for sample n
     messages: dict[str, str]  # reward name -> its first error message, failing functions only
 
@@ -198,7 +231,8 @@ class RewardSet:
     """Reward functions scored side by side, each call under a timeout.
 
     ``specs`` are ``(name, weight, kwargs)``; a name is looked up by ``resolve`` (``extra`` first).
-    ``names`` [K] and ``weights`` (float32 [K]) follow spec order.
+    ``tasks[k]``: the tasks function k scores, ``[]`` (or ``tasks=None``) every task. ``names``
+    [K] and ``weights`` (float32 [K]) follow spec order.
     """
 
     def __init__(
@@ -206,11 +240,15 @@ class RewardSet:
         specs: list[tuple[str, float, dict[str, Any]]],
         timeout_s: float = 30.0,
         extra: Mapping[str, Callable[..., Any]] | None = None,
+        tasks: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if not specs:
             raise RewardError("no reward functions configured (reward.functions is empty)")
         if not timeout_s > 0:
             raise RewardError(f"reward timeout must be positive, got {timeout_s} s")
+        if tasks is not None and len(tasks) != len(specs):
+            raise ValueError(f"{len(tasks)} task lists for {len(specs)} reward functions")
+        self.tasks = [list(t) for t in tasks] if tasks is not None else [[] for _ in specs]
         self.timeout_s = timeout_s
         self.names = [name for name, _, _ in specs]
         self.weights = torch.tensor([w for _, w, _ in specs], dtype=torch.float32)  # [K]
@@ -218,31 +256,47 @@ class RewardSet:
         self._reported: set[tuple[str, str]] = set()  # (name, failure kind) already printed
 
     def score(
-        self, prompts: list[str], completions: list[str], answers: list[str | None]
+        self,
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str | None],
+        tasks: list[str] | None = None,
     ) -> RewardScores:
         """Scores N samples with all K functions at once, each under ``timeout_s``.
 
+        ``tasks``: each sample's task (None: every function scores every sample). A function is
+        called with the samples of its tasks only, and not at all when there are none.
+
         Never raises for a failing function: one that raises, times out, or returns anything
-        but a list (or tuple, generator, array) of N scores fails its whole column; a NaN, inf,
-        None or non-number fails only its sample. Failures are NaN in ``rewards_NK``, True in
-        ``errors_NK``, named in ``messages``, and each kind is printed to stderr once.
+        but a list (or tuple, generator, array) of one score per sample fails its whole column;
+        a NaN, inf, None or non-number fails only its sample. Failures are NaN in
+        ``rewards_NK``, True in ``errors_NK``, named in ``messages``, and each kind is printed
+        to stderr once.
         """
         n, k = len(completions), len(self.names)
-        if len(prompts) != n or len(answers) != n:
+        if len(prompts) != n or len(answers) != n or (tasks is not None and len(tasks) != n):
             raise ValueError(
-                f"{len(prompts)} prompts, {n} completions, {len(answers)} answers: must be equal"
+                f"{len(prompts)} prompts, {n} completions, {len(answers)} answers"
+                + ("" if tasks is None else f", {len(tasks)} tasks")
+                + ": must be equal"
             )
-        rewards_NK = torch.full((n, k), math.nan, dtype=torch.float32)
-        errors_NK = torch.ones((n, k), dtype=torch.bool)
+        applies_NK = torch.ones((n, k), dtype=torch.bool) if tasks is None else self.applies(tasks)
+        rewards_NK = torch.zeros((n, k)).masked_fill(applies_NK, math.nan)  # float32
+        errors_NK = applies_NK.clone()
         messages: dict[str, str] = {}
-        if n == 0:
-            return RewardScores(rewards_NK, errors_NK, messages)
-        # Each call gets its own copies: an abandoned call must not see the caller's lists change.
+        rows_K = [applies_NK[:, j].nonzero().squeeze(1).tolist() for j in range(k)]
+
+        def args(rows: list[int]) -> tuple[list[Any], ...]:
+            # Copies: an abandoned call must not see the caller's lists change.
+            return tuple([xs[i] for i in rows] for xs in (prompts, completions, answers))
+
         calls = [
-            _Call(fn, (list(prompts), list(completions), list(answers)), kwargs, self.timeout_s)
-            for fn, kwargs in self._fns
+            _Call(fn, args(rows), kwargs, self.timeout_s) if rows else None
+            for (fn, kwargs), rows in zip(self._fns, rows_K)
         ]
-        for j, (name, call) in enumerate(zip(self.names, calls)):
+        for j, (name, call, rows) in enumerate(zip(self.names, calls, rows_K)):
+            if call is None:
+                continue
             failure = None
             try:
                 out, error = call.outcome()
@@ -253,13 +307,17 @@ class RewardSet:
                     kind = f"raised {type(error).__name__}"
                     failure = _Failure(f"reward '{name}' {kind}: {error}", kind)
                 else:
-                    scores, failed, failure = _check_values(name, out, n)
-                    rewards_NK[:, j] = torch.tensor(scores, dtype=torch.float32)
-                    errors_NK[:, j] = torch.tensor(failed, dtype=torch.bool)
+                    scores, failed, failure = _check_values(name, out, len(rows))
+                    rewards_NK[rows, j] = torch.tensor(scores, dtype=torch.float32)
+                    errors_NK[rows, j] = torch.tensor(failed, dtype=torch.bool)
             if failure is not None:
                 messages.setdefault(name, failure.message)
                 self._report(name, failure)
         return RewardScores(rewards_NK, errors_NK, messages)
+
+    def applies(self, tasks: Sequence[str]) -> torch.Tensor:
+        """bool [N, K]: function k scores sample n of task ``tasks[n]``."""
+        return applies(self.tasks, tasks)
 
     def _report(self, name: str, failure: _Failure) -> None:
         """Print a failure the first time its kind occurs, whatever the reward.on_error policy:

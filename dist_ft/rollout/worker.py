@@ -45,6 +45,7 @@ class RolloutSpec:
     generator: str  # a GeneratorKind value, or "package.module:Class"
     group_size: int  # G
     rewards: list[tuple[str, float, dict[str, Any]]]  # (name or module:function, weight, kwargs)
+    reward_tasks: list[list[str]]  # [K] the tasks each reward function scores; [] = every task
     reward_timeout_s: float
     on_reward_error: str  # "error" | "skip" (see RewardConfig)
     scale_rewards: bool  # divide advantages by the group's std
@@ -65,9 +66,11 @@ class RolloutWorker:
         self.scale_rewards = spec.scale_rewards
         self.judge = judge
         self._counters: dict[str, float] = {}
-        self._group_ids: list[int] = []  # [N] of the rollout being scored, for the judge
+        self._group_ids: list[int] = []  # of each sample the judge scores in this rollout
         extra = {"judge": self._judge_reward} if judge is not None else None
-        self.rewards = RewardSet(spec.rewards, timeout_s=spec.reward_timeout_s, extra=extra)
+        self.rewards = RewardSet(
+            spec.rewards, timeout_s=spec.reward_timeout_s, extra=extra, tasks=spec.reward_tasks
+        )
         self.on_reward_error = spec.on_reward_error
         self.worker_index = worker_index
         self.version = 0
@@ -109,9 +112,12 @@ class RolloutWorker:
 
         prompt_texts = [prompts[i].text for i in group_N.tolist()]
         answers = [prompts[i].answer for i in group_N.tolist()]
+        tasks = [prompts[i].task for i in group_N.tolist()]
         self._counters = {}
-        self._group_ids = group_N.tolist()
-        scores = self.rewards.score(prompt_texts, gen.texts, answers)
+        if "judge" in self.rewards.names:  # it is called with the samples of its tasks only
+            judged_N = self.rewards.applies(tasks)[:, self.rewards.names.index("judge")]
+            self._group_ids = group_N[judged_N].tolist()
+        scores = self.rewards.score(prompt_texts, gen.texts, answers, tasks)
         errors_N = scores.errors_NK.any(1)
         if errors_N.any() and self.on_reward_error == "abort":
             raise RewardError(f"step {step}: " + "; ".join(scores.messages.values()))

@@ -99,10 +99,10 @@ def test_method_trains_syncs_and_reloads(tiny_path, demo_prompts, tmp_path, meth
     torch.testing.assert_close(logits(fresh, ids), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_stage_matches_zero0(tiny_path, demo_prompts, method, stage):
-    """Every method trains under ZeRO-2 and ZeRO-3 (which really partitions) to the weights
+    """Every method trains under ZeRO-1, 2 and 3 (which really partitions) to the weights
     ZeRO-0 reaches: none is refused on CPU (QLoRA under ZeRO-3 included)."""
     _, wk, lk = build(tiny_path, *SMALL, f"peft.method={method}")
     worker = RolloutWorker(wk)

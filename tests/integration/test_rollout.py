@@ -16,7 +16,10 @@ def test_scored_batch_shapes_ids_and_masks(tiny_path, demo_prompts):
     batch = worker.rollout(7, demo_prompts[:3], seed=0)
     n = 3 * 4
     assert len(batch) == n
-    assert batch.episode_ids.shape == batch.episode_mask.shape == batch.logprobs.shape == (n, 6)
+    t = batch.episode_ids.shape[1]
+    assert batch.episode_ids.shape == batch.episode_mask.shape == batch.logprobs.shape == (n, t)
+    # trimmed to the longest completion: no column is padding in every row, none past the budget
+    assert t <= 6 and batch.trainable_mask[:, -1].any()
     # the prompt travels once per group; group ids say which samples share it
     assert batch.prompt_ids.shape[0] == batch.prompt_mask.shape[0] == 3
     assert batch.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -79,8 +82,8 @@ def test_completion_is_masked_after_eos(tiny_path):
     # generate stops early only once every row has ended; later tokens are junk or padding
     generated = torch.tensor([[10, eos, 11, 12], [10, 11, 12, eos]])
     ids, mask = worker.generator._completion(generated)
-    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
-    assert ids.tolist() == [[10, eos, pad, pad, pad], [10, 11, 12, eos, pad]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]  # not padded to max_new_tokens
+    assert ids.tolist() == [[10, eos, pad, pad], [10, 11, 12, eos]]
     # a completion cut at max_new_tokens without EOS is kept whole
     ids, mask = worker.generator._completion(torch.tensor([[10, 11, 12, 13, 14]]))
     assert mask.tolist() == [[1, 1, 1, 1, 1]]
@@ -95,7 +98,9 @@ def test_group_judge_compares_the_samples_of_each_group(tiny_path, demo_prompts)
     constitution = Path(__file__).resolve().parents[2] / "configs/constitutions/default.yaml"
     judge = JudgeWorker(model_path=tiny_path, constitution=str(constitution), mode="group")
     _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
-    worker = RolloutWorker(replace(wk, rewards=[("judge", 1.0, {})]), judge=judge)
+    worker = RolloutWorker(
+        replace(wk, rewards=[("judge", 1.0, {})], reward_tasks=[[]]), judge=judge
+    )
     batch = worker.rollout(1, demo_prompts[:3], seed=0)
     sums = torch.zeros(3).index_add_(0, batch.group_ids.long(), batch.rewards[:, 0])
     torch.testing.assert_close(sums, torch.ones(3), atol=1e-5, rtol=0)

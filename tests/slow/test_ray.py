@@ -17,12 +17,13 @@ from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch, Span, balanced_shards
 from dist_ft.cluster import RayCluster
 from dist_ft.config import load_config
-from dist_ft.data import demo_format_rows, encode_pairs
+from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
 from dist_ft.models import load_tokenizer
 from dist_ft.plan import resolve_rollout_workers
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
+from dist_ft.tasks import demo_format_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -177,13 +178,17 @@ def test_multi_node_grpo(two_node_cluster, tmp_path, stage, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", list(Objective))
-def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective):
+@pytest.mark.parametrize(
+    ("objective", "method"),
+    [(o, "lora") for o in Objective] + [(Objective.GRPO, "dora"), (Objective.GRPO, "qlora")],
+)
+def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective, method):
     """The same batch through a 2-rank ZeRO-3 group and through one process. Each rank counts
-    its share's loss denominator and the group sums the counts: the update must not change."""
+    its share's loss denominator and the group sums the counts: the update must not change.
+    DoRA (its magnitude vectors are partitioned too) and QLoRA (the 4-bit base is not)."""
     import ray
 
-    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", f"peft.method={method}")
     if objective is Objective.GRPO:
         batch = RolloutWorker(wk).rollout(1, demo_prompts[:4], seed=0)
         batch.advantages = torch.linspace(-1.5, 1.5, len(batch))
@@ -196,6 +201,7 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective
         batch = dpo_batch(tiny_path, 6)
 
     single = Learner(lk)
+    start = single.export_weights()
     single.step(batch, objective)
     expected = single.export_weights()
 
@@ -217,7 +223,13 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective
         assert version == 1 and sync.version == 1
         assert sync.nbytes == sum(t.nbytes for t in expected.values())  # adapter only
         for name in expected:
-            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0)
+            # Adam's first update is lr * g / (|g| + eps), eps = 1e-8: an element whose gradient
+            # is itself near eps moves by less than lr, and there two summation orders of so
+            # small a sum differ in relative terms (seen once: a QLoRA element, |g| ~ 7e-9, off
+            # by 6.6e-5). Elements the gradient moved by a full step are held to 1e-5.
+            full_step = (expected[name] - start[name]).abs() > 0.5 * lk.lr
+            tol = torch.where(full_step, 1e-5, 1e-4)
+            assert ((got[name] - expected[name]).abs() <= tol).all(), name
         # and the rollout worker holds exactly what rank 0 exported
         assert ray.get(cluster.workers[0].fingerprint.remote()) == fingerprint(got)
     finally:

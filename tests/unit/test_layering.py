@@ -88,6 +88,7 @@ def test_components_take_typed_specs_not_the_config():
     Learners, rollout workers, generators, models, rewards and the payload never see it."""
     assert modules_importing("dist_ft.config") == {
         "cli.py",
+        "compare.py",  # reads a finished run's config.yaml
         "export.py",  # reads a finished run's config.yaml
         "label.py",  # the RLAIF labelling driver
         "offline.py",  # the SFT/DPO loop
