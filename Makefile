@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-unit test-fast lint format bench bench-sync real-model bench-peer clean
+.PHONY: setup demo demo-real test test-unit test-fast lint format bench bench-sync real-model bench-peer clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ bench-sync: $(STAMP)
 # (no model hub): prints the path, e.g. for model.path=$$(make -s real-model).
 real-model: $(STAMP)
 	@$(VENV)/bin/dist-ft fetch-model smollm2
+
+# GRPO + LoRA on a real pretrained model (SmolLM2-135M-Instruct, built once by real-model) on
+# one-digit sums; then the base model and the trained adapter side by side (dist-ft compare).
+demo-real: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dist-ft train configs/demo_real.yaml \
+	    model.path=$$($(VENV)/bin/dist-ft fetch-model smollm2) run.overwrite=true
+	$(VENV)/bin/dist-ft compare runs/demo-real --prompts 0
 
 # TRL's GRPOTrainer vs dist_ft on one model (PEER_MODEL=tiny or smollm2), runs interleaved.
 PEER_MODEL ?= smollm2

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("run_dir", help=RUN_DIR_HELP)
     compare.add_argument("--prompts", type=int, default=64, help="prompts scored (0 = all)")
+    compare.add_argument("--samples", type=int, default=4, help="answers sampled per prompt")
     compare.add_argument("--show", type=int, default=8, help="prompts shown side by side")
     merge = sub.add_parser("merge", help="combine LoRA adapters into one (peft weighted merging)")
     merge.add_argument(
@@ -112,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from dist_ft.compare import compare_run
 
-        table = compare_run(args.run_dir, args.prompts).table(args.show)
+        table = compare_run(args.run_dir, args.prompts, args.samples).table(args.show)
         (Path(args.run_dir) / "compare.md").write_text(table)
         print(table, end="")
         return 0
@@ -233,8 +234,11 @@ def preflight(cfg: Config, samples: bool = False) -> None:
         from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
         check_address(cfg.resources.ray_address)
-    # The reward functions score samples: GRPO's, and those `dist-ft label` judges (``samples``)
-    scored = samples or cfg.algo.objective.value == "grpo"
+    # The reward functions score samples: GRPO's, those `dist-ft label` judges (``samples``), and
+    # SFT's held-out answers when it evaluates (offline.answer_prompts)
+    objective = cfg.algo.objective.value
+    sft_eval = objective == "sft" and cfg.run.eval_every > 0 and cfg.data.eval_rows > 0
+    scored = samples or objective == "grpo" or sft_eval
     names = [f.name for f in cfg.reward.functions] if scored else []
     # Local mode scores in this process. On Ray the workers import the functions, possibly from
     # a package installed only where they run.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,46 +24,69 @@ from dist_ft.models import (
 
 
 @dataclass
+class Answers:
+    """One policy's answers to the M prompts."""
+
+    greedy: list[str]  # [M]
+    sampled: list[str]  # [M * S]: S samples per prompt at the run's temperature, prompt-major
+    reward_greedy: list[float]  # [M] weighted total reward of each answer
+    reward_sampled: list[float]  # [M * S]
+
+
+@dataclass
 class Comparison:
-    prompts: list[str]  # [M] rendered prompts, in data order
+    questions: list[str]  # [M] the rows' prompts as written (before any template)
     answers: list[str | None]  # [M] reference answers
-    before: list[str]  # [M] the base model's greedy completions
-    after: list[str]  # [M] the trained policy's
-    reward_before: list[float]  # [M] weighted total reward of each completion
-    reward_after: list[float]
+    samples: int  # S
+    temperature: float
+    before: Answers  # the base model
+    after: Answers  # the trained policy
 
     def table(self, show: int) -> str:
-        """Markdown: the mean rewards, then the first ``show`` prompts side by side."""
+        """Markdown: mean rewards, then ``show`` prompts spread over the set, each with its first
+        sampled answer before and after (what the run's rollouts looked like)."""
 
         def cell(text: str | None) -> str:
             return "" if text is None else text.replace("|", "\\|").replace("\n", " ").strip()
 
-        n = len(self.prompts)
-        mean_b = sum(self.reward_before) / n
-        mean_a = sum(self.reward_after) / n
+        def mean(x: list[float]) -> str:
+            return f"{sum(x) / len(x):.3f}"
+
+        m, s, b, a = len(self.questions), self.samples, self.before, self.after
         lines = [
-            f"Mean reward over {n} prompts (greedy): before {mean_b:.3f}, after {mean_a:.3f}",
+            f"Mean reward over {m} prompts: sampled ({s} per prompt, temperature "
+            f"{self.temperature:g}) before {mean(b.reward_sampled)}, after "
+            f"{mean(a.reward_sampled)}; greedy before {mean(b.reward_greedy)}, after "
+            f"{mean(a.reward_greedy)}",
             "",
-            "| prompt | answer | before | reward | after | reward |",
+            "| prompt | answer | before (sampled) | reward | after (sampled) | reward |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        for i in range(min(show, n)):
+        for i in sorted({k * m // min(show, m) for k in range(min(show, m))}):
             lines.append(
-                f"| {cell(self.prompts[i])} | {cell(self.answers[i])} | {cell(self.before[i])} "
-                f"| {self.reward_before[i]:.2f} | {cell(self.after[i])} "
-                f"| {self.reward_after[i]:.2f} |"
+                f"| {cell(self.questions[i])} | {cell(self.answers[i])} "
+                f"| {cell(b.sampled[i * s])} | {b.reward_sampled[i * s]:.2f} "
+                f"| {cell(a.sampled[i * s])} | {a.reward_sampled[i * s]:.2f} |"
             )
         return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
-def greedy(
-    model: nn.Module, tokenizer: object, prompts: list[str], max_new_tokens: int, batch: int
+def complete(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch: int,
+    temperature: float | None = None,
+    n: int = 1,
 ) -> list[str]:
-    """Greedy completions of ``prompts``, special tokens removed."""
+    """Completions of ``prompts`` (special tokens removed): greedy, or ``n`` per prompt sampled
+    at ``temperature`` from the full distribution (no top-k), prompt-major."""
     out: list[str] = []
+    sample = temperature is not None
     for start in range(0, len(prompts), batch):
-        enc = tokenizer(  # type: ignore[operator]
+        enc = tokenizer(
             prompts[start : start + batch],
             return_tensors="pt",
             padding=True,
@@ -70,19 +94,26 @@ def greedy(
         ).to(next(model.parameters()).device)
         ids = model.generate(
             **enc,
-            do_sample=False,
+            do_sample=sample,
+            **(
+                {"temperature": temperature, "top_k": 0, "num_return_sequences": n}
+                if sample
+                else {}
+            ),
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,  # type: ignore[attr-defined]
+            pad_token_id=tokenizer.pad_token_id,
         )
-        completions = ids[:, enc["input_ids"].shape[1] :]
-        out += tokenizer.batch_decode(completions, skip_special_tokens=True)  # type: ignore[attr-defined]
+        out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
-def compare_run(run_dir: str | Path, max_prompts: int = 64, batch: int = 16) -> Comparison:
+def compare_run(
+    run_dir: str | Path, max_prompts: int = 64, samples: int = 4, batch: int = 16, seed: int = 0
+) -> Comparison:
     """Score the base and the trained policy of the finished run in ``run_dir`` on the first
-    ``max_prompts`` good rows of its data (0 = all)."""
+    ``max_prompts`` good rows of its data (0 = all): greedy, and ``samples`` per prompt."""
     from dist_ft.config import ConfigError, load_config
+    from dist_ft.data import load_rows
     from dist_ft.peft_methods import load_artefact
     from dist_ft.rewards import RewardSet
     from dist_ft.trainer import component_specs, load_prompts, resolve_device
@@ -104,14 +135,22 @@ def compare_run(run_dir: str | Path, max_prompts: int = 64, batch: int = 16) -> 
     dtype, remote, new = cfg.model.dtype, cfg.model.trust_remote_code, cfg.rollout.max_new_tokens
 
     no_peft = PeftSpec(method=PeftMethod.NONE)
-    model = load_policy(base, dtype, no_peft, device, remote).eval()
-    before = greedy(model, tokenizer, texts, new, batch)
-    if method is PeftMethod.NONE:
-        model = load_policy(str(weights), dtype, no_peft, device, remote).eval()
-    else:
-        model = load_policy(base, dtype, cfg.peft, device, remote).eval()
-        load_artefact(model, weights)
-    after = greedy(model, tokenizer, texts, new, batch)
+    outputs = []
+    for trained in (False, True):
+        if not trained:
+            model = load_policy(base, dtype, no_peft, device, remote).eval()
+        elif method is PeftMethod.NONE:
+            model = load_policy(str(weights), dtype, no_peft, device, remote).eval()
+        else:
+            model = load_policy(base, dtype, cfg.peft, device, remote).eval()
+            load_artefact(model, weights)
+        torch.manual_seed(seed)  # both policies sample from the same stream
+        outputs.append(
+            (
+                complete(model, tokenizer, texts, new, batch),
+                complete(model, tokenizer, texts, new, batch, cfg.rollout.temperature, samples),
+            )
+        )
 
     rollout, _ = component_specs(cfg, base)
     if any(name == "judge" for name, _, _ in rollout.rewards):
@@ -125,7 +164,15 @@ def compare_run(run_dir: str | Path, max_prompts: int = 64, batch: int = 16) -> 
     tasks = [p.task for p in prompts]
 
     def totals(completions: list[str]) -> list[float]:
-        scores = rewards.score(texts, completions, answers, tasks)
+        k = len(completions) // len(texts)  # answers per prompt, prompt-major
+
+        def each(xs: list[Any]) -> list[Any]:
+            return [x for x in xs for _ in range(k)]
+
+        scores = rewards.score(each(texts), completions, each(answers), each(tasks))
         return scores.total(rewards.weights, fill=0.0).tolist()
 
-    return Comparison(texts, answers, before, after, totals(before), totals(after))
+    rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)
+    questions = [str(rows[p.index][cfg.data.prompt_field]) for p in prompts]
+    before, after = (Answers(g, s, totals(g), totals(s)) for g, s in outputs)
+    return Comparison(questions, answers, samples, cfg.rollout.temperature, before, after)

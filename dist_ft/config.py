@@ -95,7 +95,7 @@ class RolloutConfig:
     # Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
     # (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # The generation engine: "hf" (transformers generate, then a scoring forward), or a
+    # The generation engine: "hf" (transformers generate; logprobs from its own pass), or a
     # "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec).
     generator: str = "hf"
     # Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the

@@ -38,13 +38,13 @@ from dist_ft.data import (
     Example,
     Prompt,
     PromptSampler,
-    demo_rows,
     load_rows,
     prepare_preferences,
     prepare_prompts,
     prepare_sft,
 )
 from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.tasks import SOURCES, demo_rows
 from dist_ft.trainer import (
     component_specs,
     finish_tracking,
@@ -58,21 +58,18 @@ from dist_ft.trainer import (
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
 
-def demo_sft_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """The built-in letter task as demonstrations: the prompt and its right answer, once to
-    train on and once for the verifiers of the held-out evaluation."""
-    return [
-        {"prompt": r["prompt"], "completion": r["answer"], "answer": r["answer"]}
-        for r in demo_rows(n, seed)
-    ]
+def demo_sft_rows(n: int, seed: int, source: str = "demo") -> list[dict[str, str]]:
+    """A built-in letter task (``tasks.SOURCES``) as demonstrations: the prompt and its right
+    answer, once to train on and once for the verifiers of the held-out evaluation."""
+    return [{**r, "completion": r["answer"]} for r in demo_rows(n, seed, source)]
 
 
-def demo_pair_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """The built-in letter task as preferences: the right answer over the same shape of answer
+def demo_pair_rows(n: int, seed: int, source: str = "demo") -> list[dict[str, str]]:
+    """A built-in letter task as preferences: the right answer over the same shape of answer
     with another letter (what GRPO's reward tells apart)."""
     rng = random.Random(seed)
     out = []
-    for r in demo_rows(n, seed):
+    for r in demo_rows(n, seed, source):
         wrong = rng.choice([c for c in "bcdfghjk" if c != r["answer"][0]])
         out.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": wrong * 4})
     return out
@@ -84,8 +81,8 @@ def load_sequences(cfg: Config, tokenizer: Any, out: Path) -> tuple[list[list[Ex
     themselves (``Example.index`` indexes them)."""
     d = cfg.data
     dpo = cfg.algo.objective is Objective.DPO
-    if d.source == "demo":
-        rows: Any = (demo_pair_rows if dpo else demo_sft_rows)(d.demo_size, cfg.run.seed)
+    if d.source in SOURCES:
+        rows: Any = (demo_pair_rows if dpo else demo_sft_rows)(d.demo_size, cfg.run.seed, d.source)
     else:
         rows = load_rows(d.source, d.demo_size, cfg.run.seed)
     prepare = prepare_preferences if dpo else prepare_sft
@@ -134,6 +131,7 @@ def answer_prompts(
         template=d.template,
         plain_template=d.plain_template,
         max_prompt_tokens=d.max_length,  # a prompt longer than this failed prepare_sft already
+        task_field=d.task_field,
     )
     return [dataclasses.replace(p, index=i) for p, i in zip(prepared.prompts, index)]
 

@@ -207,8 +207,8 @@ def train(cfg: Config) -> dict[str, Any]:
             pending.extend(restore_checkpoint(ckpt, state, run_tensors, cluster, sampler, ledger))
         else:
             # ---- format warm-up (demo only): SFT on answer-shaped targets, not on the answers
-            n_warm = a.sft_warmup_steps * cfg.samples_per_step
-            warm = demo_format_rows(n_warm, cfg.run.seed, d.source)
+            n_warm = a.sft_warmup_steps * cfg.samples_per_step  # 0 unless data.source is built in
+            warm = demo_format_rows(n_warm, cfg.run.seed, d.source) if n_warm else []
             for i in range(0, len(warm), cfg.samples_per_step):
                 rows = warm[i : i + cfg.samples_per_step]
                 texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]

@@ -7,8 +7,8 @@ GPUs, a multi-turn environment wrapping generation) is one new file plus one
 :class:`GeneratorKind` value.
 
 Shapes: N = B x G samples (B prompts, G completions each), P = prompt tokens (left-padded),
-T = episode tokens after the prompt (right-padded; single-turn: the completion, padded to
-``max_new_tokens``).
+T = episode tokens after the prompt (right-padded; single-turn: the completions, T the longest
+of them, at most ``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dist_ft.models import PeftSpec
 
 
 class GeneratorKind(str, enum.Enum):
-    HF = "hf"  # transformers ``generate``, then one scoring forward for the logprobs
+    HF = "hf"  # transformers ``generate``; logprobs from its own logits in fp32
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from dist_ft.compare import compare_run, greedy
+from dist_ft.compare import compare_run, complete
 from dist_ft.models import load_tokenizer
 from dist_ft.rewards.rules import char_match
 
@@ -22,16 +22,20 @@ def test_compare_shows_what_training_changed(tiny_path, tmp_path):
     ]  # fmt: skip
     subprocess.run(train, check=True, capture_output=True, cwd=ROOT)
 
-    got = compare_run(out, max_prompts=12)
-    # "before" is the base model's own greedy decoding, whatever dist_ft loaded
+    got = compare_run(out, max_prompts=12, samples=3)
+    # "before" is the base model's own decoding, whatever dist_ft loaded
     tok = load_tokenizer(tiny_path)
     base = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
-    assert got.before == greedy(base, tok, got.prompts, 8, batch=5)
+    prompts = [f"{q}" for q in got.questions]  # the demo's plain template is "{prompt}"
+    assert got.before.greedy == complete(base, tok, prompts, 8, batch=5)
+    assert len(got.after.sampled) == 12 * 3
     # the format warm-up and 3 GRPO steps at lr 1e-3 changed what the policy says
-    assert got.after != got.before
+    assert got.after.greedy != got.before.greedy
     # each completion is scored by the run's reward functions (char_match at weight 1)
-    assert got.reward_after == char_match(got.prompts, got.after, got.answers)
-    assert got.reward_before == char_match(got.prompts, got.before, got.answers)
+    for side in (got.before, got.after):
+        assert side.reward_greedy == char_match(prompts, side.greedy, got.answers)
+        answers = [a for a in got.answers for _ in range(3)]
+        assert side.reward_sampled == char_match([], side.sampled, answers)
 
     r = subprocess.run(
         [sys.executable, "-m", "dist_ft.cli", "compare", str(out), "--prompts", "12"],
@@ -41,5 +45,5 @@ def test_compare_shows_what_training_changed(tiny_path, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == (out / "compare.md").read_text()
-    assert r.stdout.startswith("Mean reward over 12 prompts (greedy): before ")
+    assert r.stdout.startswith("Mean reward over 12 prompts: sampled (4 per prompt, temperature 1)")
     assert r.stdout.count("\n| Repeat ") == 8  # --show's default

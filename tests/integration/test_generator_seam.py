@@ -8,7 +8,7 @@ from dist_ft.rollout import RolloutWorker
 
 
 def test_a_second_generator_matches_the_learner_at_ratio_one(tiny_path, demo_prompts):
-    # Its logprobs come from its own sampling pass, not from the scoring forward of "hf".
+    # Its logprobs come from its own naive sampling loop, not from transformers' generate.
     _, wk, lk = build(
         tiny_path, "algo.prompts_per_step=4", "rollout.generator=generators:NaiveSampler"
     )

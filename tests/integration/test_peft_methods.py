@@ -9,12 +9,16 @@ import pytest
 import torch
 from conftest import build, load_learner_weights
 
+from dist_ft.algos.objective import Objective
+from dist_ft.batch import ScoredBatch
 from dist_ft.config import ConfigError, load_config
+from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
-from dist_ft.models import PeftMethod, PeftSpec, completion_logprobs, load_policy
+from dist_ft.models import PeftMethod, PeftSpec, completion_logprobs, load_policy, load_tokenizer
 from dist_ft.peft_methods import CONFIG_FILE, load_artefact
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
+from dist_ft.tasks import demo_rows
 
 METHODS = [m.value for m in PeftMethod]
 CPU = torch.device("cpu")
@@ -97,6 +101,26 @@ def test_method_trains_syncs_and_reloads(tiny_path, demo_prompts, tmp_path, meth
     ids = batch.prompt_ids[:2]
     expected = logits(learner.module, ids)
     torch.testing.assert_close(logits(fresh, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_with_sft_on_packed_rows(tiny_path, method):
+    """SFT on the same learners: short and long demonstrations share packed rows (prefix tuning
+    keeps the padded forward: peft's prefix code takes no 4D mask); two steps move every
+    trainable tensor and no frozen one."""
+    _, _, lk = build(tiny_path, f"peft.method={method}")
+    learner = Learner(lk)
+    assert learner.pack == (method != "prefix")
+    rows = demo_rows(8, seed=0)
+    targets = [r["answer"][0] * (1 if i % 2 else 12) for i, r in enumerate(rows)]
+    pairs = encode_pairs(load_tokenizer(tiny_path), [r["prompt"] for r in rows], targets)
+    batch = ScoredBatch.supervised(*pairs)
+    trainable0, frozen0 = tensors(learner.module, True), tensors(learner.module, False)
+    for _ in range(2):
+        assert learner.step(batch, Objective.SFT)["loss"] > 0
+    trainable, frozen = tensors(learner.module, True), tensors(learner.module, False)
+    assert [n for n in trainable0 if torch.equal(trainable[n], trainable0[n])] == []
+    assert [n for n in frozen0 if not torch.equal(frozen[n], frozen0[n])] == []
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

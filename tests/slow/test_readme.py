@@ -85,7 +85,7 @@ def rlaif(tmp_path_factory) -> Path:
 def test_readme_dist_ft_command(argv, tmp_path, request):
     extra: list[str] = []
     argv = [a.replace("HOST:PORT", "local") for a in argv]  # plan: describe this machine
-    if argv[1] in ("export", "merge"):  # the README's run and output paths, made here
+    if argv[1] in ("export", "merge", "compare"):  # the README's run and output paths, made here
         root = request.getfixturevalue("runs")
         argv = [a.replace("runs/", f"{root}/").replace("out/", f"{tmp_path}/out/") for a in argv]
     if argv[1] == "label" or any(a.startswith("data.source=runs/rlaif_dpo_demo/") for a in argv):
@@ -112,6 +112,8 @@ def test_readme_dist_ft_command(argv, tmp_path, request):
         assert (tmp_path / "run" / "metrics.jsonl").exists()
     elif argv[1] in ("export", "merge"):
         assert any((tmp_path / "out").rglob("*.safetensors")), r.stdout
+    elif argv[1] == "compare":
+        assert r.stdout.startswith("Mean reward over "), r.stdout
     elif argv[1] == "label":
         assert " pairs from 16 prompts -> " in r.stdout
     else:
