@@ -10,7 +10,7 @@ one method to the next. Per method:
   moments (allocated at the first step) and activations. This is where methods differ.
 - peak: the child's peak RSS over its whole life (``os.wait4``'s ``ru_maxrss``).
 
-    python bench/peft_memory.py [--model tiny|smollm2] [--methods lora,none] [--samples 8]
+    python bench/peft_memory.py [--model tiny|smollm2|DIR] [--methods lora,none] [--samples 8]
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     cfg = load_config(None, overrides)
     if model == "tiny":
         path = resolve_model_path("tiny", cfg.model.tiny)
+    elif Path(model).is_dir():  # e.g. sync_seconds.py's 0.5B-shaped model
+        path = model
     else:
         from dist_ft.real_models import real_model_path
 
@@ -120,7 +122,7 @@ def run_child(method: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, or a real model name (smollm2)")
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a local HF directory")
     parser.add_argument("--methods", default=",".join(m.value for m in PeftMethod))
     parser.add_argument("--samples", type=int, default=8, help="sequences in the step's batch")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (half prompt)")

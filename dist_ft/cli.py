@@ -112,8 +112,12 @@ def _run(args: argparse.Namespace) -> int:
         return _export(args)
     if args.command == "compare":
         from dist_ft.compare import compare_run
+        from dist_ft.export import ExportError
 
-        table = compare_run(args.run_dir, args.prompts, args.samples).table(args.show)
+        try:
+            table = compare_run(args.run_dir, args.prompts, args.samples).table(args.show)
+        except ExportError as e:
+            return _fail(e, 2)
         (Path(args.run_dir) / "compare.md").write_text(table)
         print(table, end="")
         return 0

@@ -1,8 +1,9 @@
-"""``dist-ft compare RUN_DIR``: what a GRPO run changed, in words and in reward.
+"""``dist-ft compare RUN_DIR``: what a run changed, in words and in reward.
 
-The base model and the run's trained policy each answer the run's prompts greedily (so the
-comparison does not depend on sampling luck), the run's own reward functions score both, and the
-first few prompts are shown side by side. Written to ``RUN_DIR/compare.md`` and printed.
+The base model and the run's trained policy each answer the run's prompts, greedily and by
+sampling at the run's temperature from the same seed (what the rollouts saw); the run's own
+reward functions score both, and a few prompts are shown side by side. Written to
+``RUN_DIR/compare.md`` and printed.
 """
 
 from __future__ import annotations
@@ -112,20 +113,15 @@ def compare_run(
 ) -> Comparison:
     """Score the base and the trained policy of the finished run in ``run_dir`` on the first
     ``max_prompts`` good rows of its data (0 = all): greedy, and ``samples`` per prompt."""
-    from dist_ft.config import ConfigError, load_config
+    from dist_ft.config import ConfigError
     from dist_ft.data import load_rows
+    from dist_ft.export import finished_run
     from dist_ft.peft_methods import load_artefact
     from dist_ft.rewards import RewardSet
     from dist_ft.trainer import component_specs, load_prompts, resolve_device
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory: it has no config.yaml")
-    cfg = load_config(run / "config.yaml")
-    method = cfg.peft.method
-    weights = run / ("model" if method is PeftMethod.NONE else "adapter")
-    if not weights.is_dir():
-        raise FileNotFoundError(f"{run} has no {weights.name}/: the run has not finished")
+    cfg, weights = finished_run(run_dir)
+    run, method = Path(run_dir), cfg.peft.method
     base = resolve_model_path(cfg.model.path, cfg.model.tiny)
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg, tokenizer).prompts

@@ -71,25 +71,32 @@ class ExportError(ValueError):
     """An export or merge dist_ft refuses, or a run directory that lacks what it needs."""
 
 
-def export_run(
-    run_dir: str | Path, merge_to: str | Path | None = None, adapter_to: str | Path | None = None
-) -> dict[str, str]:
-    """Write a finished run's result: ``merge_to`` a plain HF model (safetensors + tokenizer)
-    with the adapter merged in, ``adapter_to`` the adapter files alone. Returns what was
-    written, ``{"merged": dir, "adapter": dir}``."""
+def finished_run(run_dir: str | Path) -> tuple[Any, Path]:
+    """A finished run's resolved config (``Config``) and its final weights: ``adapter/`` under
+    PEFT, ``model/`` for full fine-tuning."""
     from dist_ft.config import load_config
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a run directory: it has no config.yaml")
     cfg = load_config(run / "config.yaml")
-    method = cfg.peft.method
-    weights = run / ("model" if method is PeftMethod.NONE else "adapter")
+    weights = run / ("model" if cfg.peft.method is PeftMethod.NONE else "adapter")
     if not weights.is_dir():
         raise ExportError(
             f"{run} has no {weights.name}/ (a run saves it when it finishes; an interrupted "
             f"one leaves {weights.name}-interrupted-step-N/ to copy into its place)"
         )
+    return cfg, weights
+
+
+def export_run(
+    run_dir: str | Path, merge_to: str | Path | None = None, adapter_to: str | Path | None = None
+) -> dict[str, str]:
+    """Write a finished run's result: ``merge_to`` a plain HF model (safetensors + tokenizer)
+    with the adapter merged in, ``adapter_to`` the adapter files alone. Returns what was
+    written, ``{"merged": dir, "adapter": dir}``."""
+    cfg, weights = finished_run(run_dir)
+    method = cfg.peft.method
     if merge_to is None and adapter_to is None:
         raise ExportError("nothing to export: give --merge OUT and/or --adapter OUT")
     if adapter_to is not None and method is PeftMethod.NONE:
