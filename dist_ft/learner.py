@@ -241,9 +241,9 @@ class Learner:
         ``pack``: one forward over the rows packed (``models.packed_completion_logprobs``), the
         same logprobs to float error with no compute spent on padding. SFT and DPO pack (when
         ``self.pack``); GRPO never does: its importance ratio divides by the rollout worker's
-        logprobs, which ``rollout/hf.py`` computes with ``completion_logprobs`` on the padded
-        rows, and the same function on the same layout is what keeps on-policy ratios at 1 to
-        the bit (tests/integration/test_dtypes.py holds them to 1e-5, bf16 included).
+        logprobs, which ``rollout/hf.py`` computes in bf16/fp16 with ``completion_logprobs`` on
+        the padded rows, and the same function on the same layout is what keeps on-policy
+        ratios at 1 there (tests/integration/test_dtypes.py holds them to 1e-5).
         """
         prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
         if pack:

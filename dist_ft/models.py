@@ -327,7 +327,8 @@ def completion_logprobs(
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=t + 1
     ).logits  # [N, T + 1, V]
-    return token_logprobs(logits[:, :-1, :] / temperature, completion_ids_NT)
+    # counted from the end: a remote-code model that ignores logits_to_keep returns them all
+    return token_logprobs(logits[:, -(t + 1) : -1, :] / temperature, completion_ids_NT)
 
 
 def packed_completion_logprobs(
