@@ -16,6 +16,7 @@ weights frozen) to train. The peak is this machine's fp32 matmul rate, measured 
 same thread count.
 
     python bench/peer_trl.py [--model tiny|smollm2|DIR] [--runs 3] [--steps 12] [--out F.md]
+        [--set resources.mode=ray --set resources.rollout_workers=2 ...]   (dist_ft alone)
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ def run_child(
             f"run.steps={args.steps}",
             f"run.seed={index}",  # each run its own samples; both frameworks the same seed
             f"run.output_dir={out}",
+            # --set: dist_ft alone (e.g. its Ray mode); TRL reads only the shared values
+            *(args.set if framework == "dist_ft" else []),
         ],
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -267,8 +270,9 @@ def report(
         f"{p} {importlib.metadata.version(p)}" for p in ("trl", "transformers", "peft", "torch")
     )
     load = " -> ".join(f"{x:.1f}" for x in args.load)
+    mode = ", ".join(args.set) if args.set else "debug mode"
     lines = [
-        f"# TRL GRPOTrainer vs dist_ft (debug mode), model `{args.model}`",
+        f"# TRL GRPOTrainer vs dist_ft ({mode}), model `{args.model}`",
         "",
         f"{args.settings}, {args.threads} torch threads; {args.runs} run(s) per framework, "
         f"interleaved (ABBA), {args.steps} steps per run of which {args.warmup} warm-up steps "
@@ -351,6 +355,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", type=Path, help="write the markdown table here (+ a .png)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for dist_ft's runs only, e.g. resources.mode=ray (repeatable)",
+    )
     parser.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-peer/M)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a run's spec.json
     args = parser.parse_args()

@@ -53,6 +53,9 @@ class ScoredBatch:
     reward_errors: torch.Tensor | None = None  # [N, K] bool: that function failed on it
     valid: torch.Tensor | None = None  # [N] bool: trained on (False: reward error, stale, dup)
     ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
+    # [N] int8, only under peft.adapters: the adapter (its place in peft.adapters) that
+    # generated each sample, and that the learner trains on it
+    adapter_ids: torch.Tensor | None = None
     # worker index -> (samples, seconds generating and scoring them): per-worker samples/s.
     worker_stats: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     # Counts to log, summed over workers (e.g. judge requests and cache hits).
@@ -93,15 +96,22 @@ class ScoredBatch:
 
     @staticmethod
     def bytes_per_sample(
-        prompt_tokens: int, episode_tokens: int, rewards: int, ref: bool, group_size: int = 1
+        prompt_tokens: int,
+        episode_tokens: int,
+        rewards: int,
+        ref: bool,
+        group_size: int = 1,
+        adapters: bool = False,
     ) -> int:
         """Upper bound of :attr:`nbytes` per sample for the given padded widths (for planning),
         rounded up to a whole byte. Per group: int32 prompt ids + bool mask. Per sample: int32
         group id; int32 episode ids + int8 span codes and float32 logprobs (x2 with reference)
         per token; K + 1 float32 rewards, advantage, int32 (step, prompt, completion) id and
-        version, bool reward-error flags and validity. ``group_size=1`` bounds any grouping."""
+        version, bool reward-error flags and validity, and with ``adapters`` (``peft.adapters``)
+        an int8 adapter id. ``group_size=1`` bounds any grouping."""
         p, t, k = prompt_tokens, episode_tokens, rewards
         per_sample = 4 + 5 * t + 4 * t * (2 if ref else 1) + 4 * (k + 1) + 4 + 12 + 4 + (k + 1)
+        per_sample += 1 if adapters else 0
         return per_sample + -(-5 * p // group_size)
 
     @property

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help=RUN_DIR_HELP)
     export.add_argument("--merge", metavar="OUT", help="write base + adapter merged (safetensors)")
     export.add_argument("--adapter", metavar="OUT", help="write the adapter files alone")
+    export.add_argument("--name", help="which adapter of a run with several (peft.adapters)")
     compare = sub.add_parser(
         "compare", help="a finished run's base and trained policy side by side, greedy, scored"
     )
@@ -210,7 +211,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "export":
-            for what, out in export_run(args.run_dir, args.merge, args.adapter).items():
+            for what, out in export_run(args.run_dir, args.merge, args.adapter, args.name).items():
                 print(f"{what}: {out}")
             return 0
         *sources, out = args.paths

@@ -338,6 +338,13 @@ class Config:
             )
         for message, keys in peft_config_errors(self.peft):  # a peft key the method ignores
             raise ConfigError(message, keys=keys)
+        if self.peft.adapters and not grpo:
+            raise ConfigError(
+                f"peft.adapters trains one adapter per task group under GRPO (dist-ft train); "
+                f"algo.objective={self.algo.objective.value} trains one adapter: remove "
+                "peft.adapters",
+                keys=("peft.adapters", "algo.objective"),
+            )
 
     @property
     def samples_per_step(self) -> int:

@@ -71,9 +71,10 @@ class ExportError(ValueError):
     """An export or merge dist_ft refuses, or a run directory that lacks what it needs."""
 
 
-def finished_run(run_dir: str | Path) -> tuple[Any, Path]:
+def finished_run(run_dir: str | Path, name: str | None = None) -> tuple[Any, Path]:
     """A finished run's resolved config (``Config``) and its final weights: ``adapter/`` under
-    PEFT, ``model/`` for full fine-tuning."""
+    PEFT, ``model/`` for full fine-tuning; ``adapter/<name>/`` of a run with several
+    (``peft.adapters``), which must name one."""
     from dist_ft.config import load_config
 
     run = Path(run_dir)
@@ -86,16 +87,27 @@ def finished_run(run_dir: str | Path) -> tuple[Any, Path]:
             f"{run} has no {weights.name}/ (a run saves it when it finishes; an interrupted "
             f"one leaves {weights.name}-interrupted-step-N/ to copy into its place)"
         )
-    return cfg, weights
+    names = list(cfg.peft.adapters)
+    if names and name not in names:
+        raise ExportError(
+            f"{run} trained adapters {names} (peft.adapters): name one with --name"
+            + ("" if name is None else f" ({name!r} is not one of them)")
+        )
+    if name is not None and not names:
+        raise ExportError(f"--name {name}: {run} trained one adapter, not peft.adapters")
+    return cfg, weights / name if names else weights
 
 
 def export_run(
-    run_dir: str | Path, merge_to: str | Path | None = None, adapter_to: str | Path | None = None
+    run_dir: str | Path,
+    merge_to: str | Path | None = None,
+    adapter_to: str | Path | None = None,
+    name: str | None = None,
 ) -> dict[str, str]:
     """Write a finished run's result: ``merge_to`` a plain HF model (safetensors + tokenizer)
-    with the adapter merged in, ``adapter_to`` the adapter files alone. Returns what was
-    written, ``{"merged": dir, "adapter": dir}``."""
-    cfg, weights = finished_run(run_dir)
+    with the adapter merged in, ``adapter_to`` the adapter files alone; ``name``: which of a
+    ``peft.adapters`` run's. Returns what was written, ``{"merged": dir, "adapter": dir}``."""
+    cfg, weights = finished_run(run_dir, name)
     method = cfg.peft.method
     if merge_to is None and adapter_to is None:
         raise ExportError("nothing to export: give --merge OUT and/or --adapter OUT")

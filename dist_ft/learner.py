@@ -27,12 +27,13 @@ from dist_ft.models import (
     DTYPES,
     PeftMethod,
     PeftSpec,
-    completion_logprobs,
     export_state,
+    group_logprobs,
     is_adapter,
     load_policy,
     packed_completion_logprobs,
 )
+from dist_ft.peft_methods import adapter_parameters, use_adapter
 
 
 def free_port() -> int:
@@ -139,6 +140,9 @@ class Learner:
         # peft's prefix tuning concatenates its prefix's columns to a 2D attention mask, which
         # the packed forward's 4D block mask cannot take: prefix keeps the padded forward.
         self.pack = spec.pack and spec.peft.method is not PeftMethod.PREFIX
+        # ... nor can its prompt be run once for a group (models.group_logprobs): peft's virtual
+        # tokens must come first in the KV cache. The rollout worker decides the same way.
+        self.share_prompts = spec.peft.method is not PeftMethod.PREFIX
         model = load_policy(
             spec.model_path,
             spec.dtype,
@@ -147,11 +151,20 @@ class Learner:
             spec.trust_remote_code,
         )
         self.adapter_only = is_adapter(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        # peft.adapters: one optimizer param group per adapter, in peft.adapters' order (a
+        # batch's adapter_ids index it). A step trains one adapter; the others step at lr 0,
+        # which leaves their weights bit-exactly where they were (AdamW's update and decay are
+        # both scaled by lr). Their Adam moments still see a zero gradient under ZeRO-1/2/3,
+        # whose flat partitions step as one; under ZeRO-0 AdamW skips a parameter without grad.
+        self.adapters = list(spec.peft.adapters)
+        trainable: list[Any] = [p for p in model.parameters() if p.requires_grad]
+        if self.adapters:
+            trainable = [{"params": adapter_parameters(model, a)} for a in self.adapters]
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=deepspeed_config(spec, world_size)
         )
         self.version = 0
+        self.changed = set(self.adapters)  # adapters the next sync must carry: all at first
 
     @property
     def module(self) -> torch.nn.Module:
@@ -199,7 +212,12 @@ class Learner:
         its share contributes to the loss denominator (sequences or tokens), the group sums the
         counts, and every micro-batch on every rank divides by that one number, so the update
         equals a single-process update on the whole step's batch.
+
+        Under ``peft.adapters`` the batch's samples all carry one adapter id, and that adapter
+        alone moves.
         """
+        if self.adapters:
+            self._use_adapter(batch)
         if objective is Objective.GRPO:
             count = self._sum_over_ranks(loss_count(batch.loss_mask, self.loss))
             normaliser = normaliser_from_count(count, self.loss)
@@ -222,6 +240,18 @@ class Learner:
         metrics["tokens"] = float(batch.num_tokens)
         return metrics
 
+    def _use_adapter(self, batch: ScoredBatch) -> None:
+        if batch.adapter_ids is None:
+            raise ValueError(f"peft.adapters={self.adapters}: a batch without adapter ids")
+        used = batch.adapter_ids.unique().tolist()
+        if len(used) != 1:
+            raise ValueError(f"one step's samples belong to adapters {used}; train each alone")
+        index = int(used[0])
+        use_adapter(self.module, self.adapters[index])
+        for i, group in enumerate(self.engine.optimizer.param_groups):
+            group["lr"] = self.spec.lr if i == index else 0.0
+        self.changed.add(self.adapters[index])
+
     def _sum_over_ranks(self, count: float) -> float:
         if self.world_size == 1:
             return count
@@ -240,13 +270,14 @@ class Learner:
 
         ``pack``: one forward over the rows packed (``models.packed_completion_logprobs``), the
         same logprobs to float error with no compute spent on padding. SFT and DPO pack (when
-        ``self.pack``); GRPO never does: its importance ratio divides by the rollout worker's
-        logprobs, which ``rollout/hf.py`` computes in bf16/fp16 with ``completion_logprobs`` on
-        the padded rows, and the same function on the same layout is what keeps on-policy
-        ratios at 1 there (tests/integration/test_dtypes.py holds them to 1e-5).
+        ``self.pack``). Otherwise each group's prompt runs once for its samples
+        (``models.group_logprobs``). GRPO never packs: its importance ratio divides by the
+        rollout worker's logprobs, which ``rollout/hf.py`` computes in bf16/fp16 with
+        ``group_logprobs`` on the same layout, and the same function on the same layout is what
+        keeps on-policy ratios at 1 there (tests/integration/test_dtypes.py holds them to 1e-5).
         """
-        prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
         if pack:
+            prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
             return packed_completion_logprobs(
                 self.engine,
                 prompt_ids_NP,
@@ -256,13 +287,15 @@ class Learner:
                 temperature,
                 DTYPES[self.spec.dtype],
             )
-        return completion_logprobs(
+        return group_logprobs(
             self.engine,
-            prompt_ids_NP,
-            prompt_mask_NP,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.group_ids,
             batch.episode_ids[:, :width],
             batch.attention_mask[:, :width],
             temperature,
+            self.share_prompts,
         )
 
     def sft_loss(
@@ -335,16 +368,24 @@ class Learner:
             normaliser,
         )
 
-    def export_weights(self, adapter_only: bool | None = None) -> dict[str, torch.Tensor]:
+    def export_weights(
+        self, adapter_only: bool | None = None, changed_only: bool = False
+    ) -> dict[str, torch.Tensor]:
         """What changed since the start: the adapter alone under PEFT, else all weights.
+        ``changed_only`` (a weight sync): under ``peft.adapters``, the adapters trained since
+        the last such export (every adapter the first time), which it then marks sent.
 
         Under ZeRO-3 only the exported parameters are gathered (for LoRA: adapter parameters,
         never the base model). Every rank must call this; all get the same tensors.
         """
         adapter_only = self.adapter_only if adapter_only is None else adapter_only
+        adapters = None
+        if changed_only and self.adapters:
+            adapters = [a for a in self.adapters if a in self.changed]
+            self.changed = set()
         params = [p for p in self.module.parameters() if p.requires_grad or not adapter_only]
         with self._gathered(params):
-            return export_state(self.module, adapter_only)
+            return export_state(self.module, adapter_only, adapters)
 
     def save_state(self, ckpt_dir: str | Path) -> None:
         """This rank's share of a run checkpoint: DeepSpeed's engine state (weights, optimizer,
@@ -374,6 +415,7 @@ class Learner:
             load_file(str(ckpt_dir / f"learner_rng_{self.rank}.safetensors"))["torch"]
         )
         self.version = int(client["version"])
+        self.changed = set(self.adapters)  # the workers start from scratch: send every adapter
         return self.version
 
     def save_pretrained(self, out_dir: str | Path) -> None:

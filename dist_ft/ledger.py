@@ -4,7 +4,8 @@ Every sample is named by ``(step, prompt index, completion index)``: the step th
 prompt, the prompt's row in the dataset, and its place in the group. Ray delivers actor results
 at least once and lost groups are issued again, so the learner admits each id once; it also
 refuses samples older than the staleness bound. ``ledger.jsonl`` in the run directory lists every
-trained sample with its generating version and the learner version it was trained at.
+trained sample with its generating version and the learner version it was trained at, and under
+``peft.adapters`` the adapter each step trained (the one that generated its samples).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ SampleId = tuple[int, int, int]
 
 
 class Ledger:
-    def __init__(self, path: Path, group_size: int, fresh: bool) -> None:
+    def __init__(
+        self, path: Path, group_size: int, fresh: bool, adapters: list[str] | None = None
+    ) -> None:
         """``fresh``: a new run, whose ``ledger.jsonl`` starts empty; a resumed run keeps it
-        (``load_state_dict`` drops the rows logged after its checkpoint)."""
+        (``load_state_dict`` drops the rows logged after its checkpoint). ``adapters``: the
+        names of ``peft.adapters``, which a row's ``adapter`` column names."""
         self.path = path
+        self.adapters = adapters or []
         if fresh:
             path.write_text("")
         self.group_size = group_size
@@ -71,11 +76,10 @@ class Ledger:
         """Mark ``batch`` as trained at ``learner_version`` (the version before the update)."""
         ids = [tuple(x) for x in batch.sample_ids.tolist()]
         self.trained.update(ids)
-        row = {
-            "step": step,
-            "learner_version": learner_version,
-            "samples": [[*sid, v] for sid, v in zip(ids, batch.versions.tolist())],
-        }
+        row: dict[str, Any] = {"step": step, "learner_version": learner_version}
+        if batch.adapter_ids is not None:  # one adapter a step (peft.adapters)
+            row["adapter"] = sorted({self.adapters[i] for i in batch.adapter_ids.tolist()})
+        row["samples"] = [[*sid, v] for sid, v in zip(ids, batch.versions.tolist())]
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -7,6 +7,7 @@ logprob computation agree by construction (the weight-sync fingerprint depends o
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
@@ -63,6 +64,11 @@ class PeftSpec:
     # adapter: "houlsby" puts a bottleneck after every attention and MLP block, "pfeiffer"
     # after every MLP block only (half the adapters, about the same quality in Pfeiffer 2020).
     adapter_style: Literal["houlsby", "pfeiffer"] = "houlsby"
+    # Several adapters on one base (lora, dora, qlora): {name: [data tasks]}. GRPO trains them
+    # in turn, a step each (step s trains the ((s - 1) mod n)-th, on prompts of its tasks
+    # alone); workers generate each step with its adapter, and a sync carries the adapters
+    # changed since the last one. {} = one adapter for every task.
+    adapters: dict[str, list[str]] = field(default_factory=dict)
 
 
 class TinyShape(Protocol):
@@ -247,15 +253,18 @@ def is_adapter(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") or hasattr(model, "dist_ft_trainable_set")
 
 
-def export_state(model: nn.Module, adapter_only: bool) -> dict[str, torch.Tensor]:
+def export_state(
+    model: nn.Module, adapter_only: bool, adapters: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """What a weight sync carries: the adapter alone for PEFT models, else every weight.
+    ``adapters``: of a policy with several (``peft.adapters``), these alone (None: all).
 
     Under ZeRO-3 the caller must gather parameters first. Tensors are detached CPU copies.
     """
     if adapter_only:  # the trainable set alone (see peft_methods)
         from dist_ft.peft_methods import trainable_state
 
-        state = trainable_state(model)
+        state = trainable_state(model, adapters)
     else:
         base = model.get_base_model() if hasattr(model, "peft_config") else model
         state = base.state_dict()
@@ -287,12 +296,15 @@ def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_onl
     if adapter_only:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, tensors)
-        # prefix tuning: peft loads "prompt_embeddings" into its prompt encoder itself, yet
-        # reports it unexpected by the module's load_state_dict
-        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
-        if unexpected:
-            raise KeyError(f"adapter sync has unknown tensors: {unexpected[:5]}")
+        from dist_ft.peft_methods import by_adapter
+
+        for adapter, part in by_adapter(model, tensors).items():
+            result = set_peft_model_state_dict(model, part, adapter_name=adapter)
+            # prefix tuning: peft loads "prompt_embeddings" into its prompt encoder itself, yet
+            # reports it unexpected by the module's load_state_dict
+            unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+            if unexpected:
+                raise KeyError(f"adapter sync has unknown tensors: {unexpected[:5]}")
         return
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     result = base.load_state_dict(tensors, strict=False)
@@ -329,6 +341,73 @@ def completion_logprobs(
     ).logits  # [N, T + 1, V]
     # counted from the end: a remote-code model that ignores logits_to_keep returns them all
     return token_logprobs(logits[:, -(t + 1) : -1, :] / temperature, completion_ids_NT)
+
+
+def group_logprobs(
+    model: nn.Module,
+    prompt_ids_BP: torch.Tensor,
+    prompt_mask_BP: torch.Tensor,
+    group_ids_N: torch.Tensor,
+    completion_ids_NT: torch.Tensor,
+    completion_mask_NT: torch.Tensor,
+    temperature: float = 1.0,
+    share_prompts: bool = True,
+) -> torch.Tensor:
+    """:func:`completion_logprobs` of samples that share prompts: [N, T], sample i continuing
+    prompt row ``group_ids_N[i]`` of the [Bg, P] table. With ``share_prompts`` each prompt runs
+    through the model once, and its KV cache is indexed out to its samples, which run their
+    completions against it; without it (or when no prompt has two samples) every sample runs
+    its own copy, as :func:`completion_logprobs` does.
+
+    A GRPO group's G samples share one prompt. The padded forward runs it G times, forward and
+    backward; here it runs once, and the G completions' gradients meet in its KV cache. On the
+    peer bench (SmolLM2, ~33 prompt tokens, G=4, 16 new tokens) that is half the learner's
+    FLOPs. The arithmetic is the one ``generate`` does (prefill, then the new tokens against the
+    cache), so it agrees with the rollout's sampling-pass logprobs at least as closely as the
+    padded forward does. Not for prefix tuning (peft's virtual tokens must come first in the
+    cache), nor for a model that takes no ``past_key_values``.
+    """
+    if not share_prompts or len(group_ids_N) <= len(prompt_ids_BP):
+        return completion_logprobs(
+            model,
+            prompt_ids_BP[group_ids_N],
+            prompt_mask_BP[group_ids_N],
+            completion_ids_NT,
+            completion_mask_NT,
+            temperature,
+        )
+    from transformers import DynamicCache
+
+    t = completion_ids_NT.shape[1]
+    positions_BP = (prompt_mask_BP.cumsum(-1) - 1).clamp(min=0)
+    # the model's config (sliding-window layers need it), under a DeepSpeed engine's wrapper too
+    cache = DynamicCache(config=getattr(model, "module", model).config)
+    # the last prompt position's logits predict each sample's first token: [Bg, 1, V]
+    first_B1V = model(
+        input_ids=prompt_ids_BP.long(),
+        attention_mask=prompt_mask_BP.long(),
+        position_ids=positions_BP,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1:]
+    group_ids_N = group_ids_N.long().to(prompt_ids_BP.device)
+    logits_NTV = first_B1V[group_ids_N]
+    if t > 1:
+        # [Bg, ...] -> [N, ...] in every layer; differentiable, so each prompt's gradient is the
+        # sum over its samples
+        cache.reorder_cache(group_ids_N)
+        prompt_mask_NP = prompt_mask_BP[group_ids_N].long()
+        start_N1 = prompt_mask_NP.sum(-1, keepdim=True)  # the first completion token's position
+        rest_NTV = model(
+            input_ids=completion_ids_NT[:, :-1].long(),
+            attention_mask=torch.cat([prompt_mask_NP, completion_mask_NT[:, :-1].long()], dim=1),
+            position_ids=start_N1 + torch.arange(t - 1, device=start_N1.device),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # [N, T - 1, V]
+        logits_NTV = torch.cat([logits_NTV, rest_NTV], dim=1)
+    return token_logprobs(logits_NTV / temperature, completion_ids_NT)
 
 
 def packed_completion_logprobs(

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,9 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 # key (r and alpha excepted) is refused at config load (see :func:`config_errors`).
 USES: dict[PeftMethod, set[str]] = {
     PeftMethod.NONE: set(),
-    PeftMethod.LORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save"},
-    PeftMethod.DORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save"},
-    PeftMethod.QLORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save"},
+    PeftMethod.LORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
+    PeftMethod.DORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
+    PeftMethod.QLORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
     PeftMethod.LORA_FA: {"r", "alpha", "dropout", "target_modules", "modules_to_save"},
     PeftMethod.VERA: {"r", "dropout", "target_modules", "modules_to_save"},
     PeftMethod.IA3: {"target_modules", "modules_to_save"},
@@ -116,10 +116,51 @@ def _lora(model: nn.Module, spec: PeftSpec) -> nn.Module:
     """LoRA, DoRA (``use_dora``) and QLoRA (LoRA over the 4-bit base ``load_policy`` loaded)."""
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(spec))
+    names = list(spec.adapters) or ["default"]
+    model = get_peft_model(model, lora_config(spec), adapter_name=names[0])
+    for name in names[1:]:  # peft.adapters: more adapters on the same base layers
+        model.add_adapter(name, lora_config(spec))
+    if len(names) > 1:
+        use_adapter(model, names[0])
     if spec.method is PeftMethod.QLORA:
         _keep_4bit_trainable(model)
     return model
+
+
+def use_adapter(model: nn.Module, name: str) -> None:
+    """Route ``model``'s forward through adapter ``name`` of several (``peft.adapters``).
+
+    peft's ``set_adapter`` also freezes the others; they are made trainable again, so the set
+    of parameters that requires grad never changes under DeepSpeed (its ZeRO partitions and
+    gradient hooks are built once, at initialize). An adapter off the forward gets no
+    gradient, and the learner steps it at learning rate 0 (``Learner.step``).
+    """
+    model.set_adapter(name)
+    for adapter in model.peft_config:
+        for p in adapter_parameters(model, adapter):
+            p.requires_grad_(True)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Adapter ``name``'s parameters: peft keeps them in per-adapter dicts (``lora_A.<name>``,
+    ``lora_magnitude_vector.<name>``, ``modules_to_save.<name>``)."""
+    pattern = re.compile(rf"\.(lora_\w+|modules_to_save)\.{re.escape(name)}(\.|$)")
+    return [p for n, p in model.named_parameters() if pattern.search(n)]
+
+
+def by_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """A peft sync's tensors split by the adapter they load into. A policy with several
+    adapters names its tensors ``"<adapter>/<peft name>"`` (:func:`trainable_state`); one with
+    a single adapter sends peft's names alone."""
+    if len(model.peft_config) == 1:
+        return {next(iter(model.peft_config)): tensors}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        adapter, sep, name = key.partition("/")
+        if not sep or adapter not in model.peft_config:
+            raise KeyError(f"adapter sync tensor {key!r} names no adapter of this policy")
+        parts.setdefault(adapter, {})[name] = t
+    return parts
 
 
 def _lora_fa(model: nn.Module, spec: PeftSpec) -> nn.Module:
@@ -313,18 +354,32 @@ def is_trainable_set(model: nn.Module) -> bool:
     return getattr(model, TRAINABLE_SET, None) is not None
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(
+    model: nn.Module, adapters: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """What trains, by name (the tensors themselves, not copies): a weight sync's content.
     peft methods: peft's adapter state dict (its names) less any frozen tensor in it (LoRA-FA's
     ``lora_A``); bitfit and adapter: the trainable parameters under their model names.
-    Under ZeRO-3 the caller gathers the trainable parameters first."""
+    A policy with several adapters: ``adapters`` (None: all), each name prefixed with its
+    adapter's, ``"<adapter>/<peft name>"``. Under ZeRO-3 the caller gathers first."""
     if not hasattr(model, "peft_config"):
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
     from peft import get_peft_model_state_dict
 
-    # peft's state-dict names are parameter names without the adapter name
-    frozen = {n.replace(".default", "") for n, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+    names = list(model.peft_config)
+    if len(names) == 1:
+        # peft's state-dict names are parameter names without the adapter name
+        frozen = {
+            n.replace(f".{names[0]}", "")
+            for n, p in model.named_parameters()
+            if not p.requires_grad
+        }
+        return {k: v for k, v in get_peft_model_state_dict(model).items() if k not in frozen}
+    state = {}
+    for adapter in names if adapters is None else adapters:
+        part = get_peft_model_state_dict(model, adapter_name=adapter)
+        state.update({f"{adapter}/{k}": v for k, v in part.items()})
+    return state
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -445,4 +500,38 @@ def config_errors(spec: PeftSpec) -> list[tuple[str, tuple[str, ...]]]:
                     (f"peft.{key}", "peft.method"),
                 )
             )
+    errors += adapter_errors(spec.adapters)
+    return errors
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def adapter_errors(adapters: dict[str, list[str]]) -> list[tuple[str, tuple[str, ...]]]:
+    """``peft.adapters`` must map module-name-safe adapter names to disjoint, non-empty task
+    lists (a task's prompts are generated and trained with exactly one adapter)."""
+    errors = []
+    owner: dict[str, str] = {}
+    for name, tasks in adapters.items():
+        key = f"peft.adapters.{name}"
+        if not ADAPTER_NAME.fullmatch(name):
+            errors.append(
+                (
+                    f"{key}: an adapter name must be a Python identifier (peft makes it a module "
+                    "name)",
+                    (key,),
+                )
+            )
+        if not tasks:
+            errors.append((f"{key}: name the data tasks this adapter trains on", (key,)))
+        for task in tasks:
+            if task in owner:
+                errors.append(
+                    (
+                        f"{key}: task {task!r} is already adapter {owner[task]!r}'s; a task "
+                        "belongs to one adapter",
+                        (key, f"peft.adapters.{owner[task]}"),
+                    )
+                )
+            owner.setdefault(task, name)
     return errors

@@ -125,6 +125,7 @@ def describe_plan(cfg: Config) -> str:
         len(cfg.reward.functions),
         ref=cfg.algo.beta > 0,
         group_size=g,
+        adapters=bool(cfg.peft.adapters),
     )
     path = resolve_model_path(cfg.model.path, cfg.model.tiny)
     sizes = sync_bytes(AutoConfig.from_pretrained(path), cfg.peft, cfg.model.dtype)

@@ -55,6 +55,10 @@ def demo_format_rows(n: int, seed: int = 0, source: str = "demo") -> list[dict[s
     """
     rng = random.Random(seed + 1)
     return [
-        {"prompt": row["prompt"], "completion": rng.choice(DEMO_LETTERS) * DEMO_REPEAT}
+        {
+            "prompt": row["prompt"],
+            "completion": rng.choice(DEMO_LETTERS) * DEMO_REPEAT,
+            "task": row.get("task", DEFAULT_TASK),
+        }
         for row in demo_rows(n, seed, source)
     ]

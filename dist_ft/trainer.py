@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from dist_ft import checkpoint
+from dist_ft.adapters import AdapterSampler, adapter_rows, make_sampler
 from dist_ft.algos.grpo import LossParams
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
@@ -169,16 +170,21 @@ def train(cfg: Config) -> dict[str, Any]:
     prepared = load_prompts(cfg, tokenizer)
     prompts = prepared.prompts
     keep_rejects(out, d.source, prepared.rejects)
-    sampler = PromptSampler(len(prompts), cfg.run.seed)
     task_of = {p.index: p.task for p in prompts}  # dataset row -> its task
     reward_tasks = [f.tasks for f in cfg.reward.functions]
     names = [f.name for f in cfg.reward.functions]
     if mismatch := task_mismatch(names, reward_tasks, set(task_of.values()), d.source):
         raise ConfigError(mismatch, keys=("reward.functions", "data.source"))
+    sampler = make_sampler(cfg, prompts)
 
     # ---- resume: refuse a checkpoint of another recipe before any compute is spent
     ckpt, state, run_tensors = open_checkpoint(cfg, out)
-    ledger = Ledger(out / "ledger.jsonl", cfg.rollout.group_size, fresh=ckpt is None)
+    ledger = Ledger(
+        out / "ledger.jsonl",
+        cfg.rollout.group_size,
+        fresh=ckpt is None,
+        adapters=list(cfg.peft.adapters),
+    )
 
     # ---- placement: the only line that differs between debug mode and a cluster
     rollout_spec, learner_spec = component_specs(cfg, model_path)
@@ -210,10 +216,16 @@ def train(cfg: Config) -> dict[str, Any]:
             n_warm = a.sft_warmup_steps * cfg.samples_per_step  # 0 unless data.source is built in
             warm = demo_format_rows(n_warm, cfg.run.seed, d.source) if n_warm else []
             for i in range(0, len(warm), cfg.samples_per_step):
-                rows = warm[i : i + cfg.samples_per_step]
-                texts = [render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows]
-                pairs = encode_pairs(tokenizer, texts, [r["completion"] for r in rows])
-                cluster.train_step(ScoredBatch.supervised(*pairs), Objective.SFT)
+                # peft.adapters: each adapter warms up on its own tasks' rows
+                for adapter, rows in adapter_rows(cfg, warm[i : i + cfg.samples_per_step]):
+                    texts = [
+                        render(tokenizer, r["prompt"], d.template, d.plain_template) for r in rows
+                    ]
+                    pairs = encode_pairs(tokenizer, texts, [r["completion"] for r in rows])
+                    batch = ScoredBatch.supervised(*pairs)
+                    if adapter is not None:
+                        batch.adapter_ids = torch.full((len(batch),), adapter, dtype=torch.int8)
+                    cluster.train_step(batch, Objective.SFT)
 
         # ---- first sync: the workers' adapter init is random; start them from the learner's
         version = cluster.sync_weights().version
@@ -501,7 +513,7 @@ def save_checkpoint(
     cfg: Config,
     cluster: Cluster,
     step: int,
-    sampler: PromptSampler,
+    sampler: PromptSampler | AdapterSampler,
     ledger: Ledger,
     tracker: Tracker,
     pending: collections.deque[PendingRollout],
@@ -540,7 +552,7 @@ def restore_checkpoint(
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     cluster: Cluster,
-    sampler: PromptSampler,
+    sampler: PromptSampler | AdapterSampler,
     ledger: Ledger,
 ) -> list[PendingRollout]:
     """The inverse of :func:`save_checkpoint`; returns the rollouts that were in flight."""

@@ -72,7 +72,8 @@ class LocalCluster:
         # Debug mode reads every sync back from the workers' models: it is where a new
         # generator or PEFT method is tried first, and the re-export costs little here.
         t0 = time.perf_counter()
-        tensors = to_rollout_dtype(self.learner.export_weights(), self.rollout_dtype)
+        tensors = self.learner.export_weights(changed_only=True)
+        tensors = to_rollout_dtype(tensors, self.rollout_dtype)
         update = self.transport.publish(self.learner.version, tensors)
         prints = [w.set_weights(update, self.transport, read_back=True) for w in self.workers]
         check_fingerprints(update, prints, read_back=True)

@@ -77,10 +77,13 @@ class LearnerHost:
     def step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
         return self.learner.step(batch, objective)
 
-    def publish_weights(self, dtype: torch.dtype, transport: Any) -> Published | None:
+    def publish_weights(
+        self, dtype: torch.dtype, transport: Any, changed_only: bool = True
+    ) -> Published | None:
         """Every rank exports (ZeRO-3 gathers are collective); rank 0 publishes its copy from
-        here, so the tensors go from this actor to the object store and never to the driver."""
-        tensors = self.learner.export_weights()
+        here, so the tensors go from this actor to the object store and never to the driver.
+        ``changed_only``: see ``Learner.export_weights``."""
+        tensors = self.learner.export_weights(changed_only=changed_only)
         if self.learner.rank != 0:
             return None
         return transport.publish(self.learner.version, to_rollout_dtype(tensors, dtype))
@@ -183,6 +186,8 @@ class RayCluster:
         self.transport = ObjectStoreTransport()
         self.seed = rollout.seed
         self.rollout_dtype = getattr(torch, rollout.generation.dtype)
+        # peft.adapters: a sync carries the adapters that changed, not all of them
+        self.partial_syncs = bool(rollout.generation.peft.adapters)
         spec = ActorSpec(
             num_workers,
             num_learners,
@@ -323,13 +328,21 @@ class RayCluster:
         """Bring worker ``k`` to the latest weights if it is not known to hold them."""
         if self._update is None or self._worker_version[k] == self._version:
             return
+        update = self._update
+        if self.partial_syncs:  # the last sync may lack adapters this worker never received
+            update = self._learners_get(
+                [
+                    h.publish_weights.remote(self.rollout_dtype, self.transport, False)
+                    for h in self.learners
+                ]
+            )[0]
         # Read back: the worker was restarted or missed a sync, the rare case worth the cost.
         fp = self._get(
-            self.workers[k].set_weights.remote(self._update, self.transport, read_back=True),
+            self.workers[k].set_weights.remote(update, self.transport, read_back=True),
             self._name("rollout", k),
         )
-        check_fingerprints(self._update, [fp], read_back=True)
-        self._worker_version[k] = self._update.version
+        check_fingerprints(update, [fp], read_back=True)
+        self._worker_version[k] = update.version
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
         from ray.exceptions import RayActorError

@@ -71,3 +71,8 @@ class Generator(Protocol):
     def export_weights(self) -> dict[str, torch.Tensor]:
         """What the engine really holds, in the form the learner sends (for fingerprints)."""
         ...
+
+    def use_adapter(self, name: str) -> None:
+        """Generate with adapter ``name`` from now on. Called only under ``peft.adapters``; an
+        engine without it is refused when such a worker starts."""
+        ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,14 @@ class RolloutWorker:
         self.on_reward_error = spec.on_reward_error
         self.worker_index = worker_index
         self.version = 0
+        # peft.adapters: task -> (adapter's place, name); a rollout's prompts use one adapter
+        adapters = spec.generation.peft.adapters
+        self.adapter_of = {t: (i, a) for i, (a, ts) in enumerate(adapters.items()) for t in ts}
+        if adapters and not callable(getattr(self.generator, "use_adapter", None)):
+            raise TypeError(
+                f"peft.adapters needs a generator that switches adapters: "
+                f"rollout.generator={spec.generator} has no use_adapter(name)"
+            )
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, update: Published, transport: WeightTransport, read_back: bool) -> str:
@@ -89,10 +98,17 @@ class RolloutWorker:
             return received
         self.generator.load_weights(tensors)
         self.version = update.version
-        return self.fingerprint() if read_back else received
+        return self.fingerprint(tensors.keys()) if read_back else received
 
-    def fingerprint(self) -> str:
-        return fingerprint(self.generator.export_weights())
+    def fingerprint(self, names: Iterable[str] | None = None) -> str:
+        """Of the weights the generator holds. ``names``: a sync's tensor names; under
+        ``peft.adapters`` a sync carries the adapters that changed (``"<adapter>/..."``), and
+        the read-back re-exports those adapters, whole."""
+        held = self.generator.export_weights()
+        if names is not None and self.adapter_of:
+            sent = {n.partition("/")[0] for n in names}
+            held = {k: v for k, v in held.items() if k.partition("/")[0] in sent}
+        return fingerprint(held)
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, step: int, prompts: list[Prompt], seed: int) -> ScoredBatch:
@@ -106,6 +122,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         if self.deterministic:
             torch.manual_seed(seed)
+        adapter = self._use_adapter(prompts)
         gen = self.generator.generate([p.text for p in prompts], self.group_size)
         group_N = gen.group_ids.cpu()
         n = len(group_N)
@@ -148,11 +165,25 @@ class RolloutWorker:
             advantages=adv_N.float(),
             sample_ids=sample_ids,
             versions=torch.full((n,), self.version, dtype=torch.int32),
+            adapter_ids=None if adapter is None else torch.full((n,), adapter, dtype=torch.int8),
             reward_names=list(self.rewards.names),
             worker_stats={self.worker_index: (n, time.perf_counter() - t0)},
             counters=self._counters,
             reward_messages=scores.messages,
         )
+
+    def _use_adapter(self, prompts: list[Prompt]) -> int | None:
+        """Under ``peft.adapters``: switch the generator to the adapter of the prompts' tasks
+        (the trainer issues one adapter's prompts per step) and return its place."""
+        if not self.adapter_of:
+            return None
+        used = {self.adapter_of[p.task] for p in prompts}
+        if len(used) != 1:
+            names = sorted(a for _, a in used)
+            raise ValueError(f"one rollout's prompts belong to adapters {names}: issue each alone")
+        ((index, name),) = used
+        self.generator.use_adapter(name)
+        return index
 
     def _judge_reward(
         self, prompts: list[str], completions: list[str], answers: list[str | None]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dist_ft.models import PeftSpec, completion_logprobs
+from dist_ft.models import PeftSpec, completion_logprobs, group_logprobs
 from dist_ft.rollout.base import GeneratorSpec
-from dist_ft.rollout.hf import HFGenerator
+from dist_ft.rollout.hf import HFGenerator, InverseCDFSample
 
 # Unequal lengths (left padding), one a single token (its shared-prefill row is all padding).
 PROMPTS = ["Repeat c:", "a", "Repeat the letter q, please:"]
@@ -21,13 +21,30 @@ def generator(tiny_path: str, dtype: str) -> HFGenerator:
     return gen
 
 
-def learner_logprobs(gen: HFGenerator, out) -> torch.Tensor:
+def full_forward_logprobs(gen: HFGenerator, out) -> torch.Tensor:
+    """Every sample's [prompt + completion] through the model in one uncached forward."""
     mask_NT = (out.episode_mask != 0).long()
     with torch.no_grad():
         lp_NT = completion_logprobs(
             gen.model,
             out.prompt_ids[out.group_ids],
             out.prompt_mask[out.group_ids],
+            out.episode_ids,
+            mask_NT,
+            gen.temperature,
+        )
+    return (lp_NT * mask_NT).float()
+
+
+def learner_logprobs(gen: HFGenerator, out) -> torch.Tensor:
+    """What the learner computes on the batch: each group's prompt once (Learner._logprobs)."""
+    mask_NT = (out.episode_mask != 0).long()
+    with torch.no_grad():
+        lp_NT = group_logprobs(
+            gen.model,
+            out.prompt_ids,
+            out.prompt_mask,
+            out.group_ids,
             out.episode_ids,
             mask_NT,
             gen.temperature,
@@ -44,6 +61,7 @@ def test_fp32_logprobs_from_the_sampling_pass_match_a_full_forward(tiny_path):
     out = gen.generate(PROMPTS, 4)
     m = out.episode_mask != 0
     assert (out.logprobs[m] < 0).all() and (out.logprobs[~m] == 0).all()
+    torch.testing.assert_close(out.logprobs, full_forward_logprobs(gen, out), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.logprobs, learner_logprobs(gen, out), atol=1e-4, rtol=0)
     # each prompt's cache was repeated, not shared: its G samples differ
     assert len(set(out.texts[:4])) > 1
@@ -57,3 +75,18 @@ def test_low_precision_logprobs_come_from_the_learners_function(tiny_path, dtype
     torch.manual_seed(0)
     out = gen.generate(PROMPTS, 2)
     assert torch.equal(out.logprobs, learner_logprobs(gen, out))
+
+
+def test_the_inverse_cdf_sampler_draws_the_softmax_distribution():
+    """generate samples through InverseCDFSample (greedy over its draw); 20,000 rows of one
+    distribution must land on each token as often as softmax says (4 sigma), never on a token
+    of probability 0, and leave exactly one finite score per row."""
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 1.0, -1.0, float("-inf"), 2.0, -3.0]]).repeat(20_000, 1)
+    out = InverseCDFSample()(None, scores)
+    assert (torch.isfinite(out).sum(-1) == 1).all()
+    freq = torch.bincount(out.argmax(-1), minlength=6) / len(out)
+    p = torch.softmax(scores[0], -1)
+    sigma = (p * (1 - p) / len(out)).sqrt()
+    assert ((freq - p).abs() <= 4 * sigma + 1e-12).all(), (freq, p)
+    assert freq[3] == 0

@@ -160,3 +160,37 @@ def test_sft_objective_is_the_token_mean_nll_of_the_targets(tiny_path, demo_prom
         out.append(learner.export_weights())
     for name in out[0]:
         torch.testing.assert_close(out[1][name], out[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_a_groups_prompt_runs_once_and_the_update_equals_the_padded_forwards(
+    tiny_path, demo_prompts
+):
+    """models.group_logprobs: each prompt through the model once, its KV cache indexed out to
+    its G samples. Counted at the embedding (the tokens the model ran) and checked against the
+    padded forward that runs every sample's own prompt copy: same logprobs, same two updates."""
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", "rollout.group_size=4")
+    batch = scored_batch(wk, demo_prompts)
+    shared, padded = Learner(lk), Learner(lk)
+    padded.share_prompts = False
+    tokens = []
+    embed = shared.module.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda m, args, out: tokens.append(args[0].numel()))
+    with torch.no_grad():
+        width = int(batch.attention_mask.any(0).nonzero().max()) + 1
+        lp_shared = shared._logprobs(batch, width, 1.0, pack=False)
+        lp_padded = padded._logprobs(batch, width, 1.0, pack=False)
+    hook.remove()
+    n, groups, p = len(batch), *batch.prompt_ids.shape
+    assert n == 4 * groups and width > 1
+    # the prompt table once, then each sample's completion but its last token; the padded
+    # forward ran n * (p + width)
+    assert tokens == [groups * p, n * (width - 1)]
+    mask = batch.attention_mask[:, :width].bool()
+    torch.testing.assert_close(lp_shared[mask], lp_padded[mask], atol=1e-5, rtol=0)
+    for _ in range(2):
+        shared.step(batch)
+        padded.step(batch)
+    a, b = snapshot(shared.module, True), snapshot(padded.module, True)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)

@@ -87,6 +87,7 @@ def test_components_take_typed_specs_not_the_config():
     their sections).
     Learners, rollout workers, generators, models, rewards and the payload never see it."""
     assert modules_importing("dist_ft.config") == {
+        "adapters.py",  # the trainer's turns of peft.adapters' prompts
         "cli.py",
         "compare.py",  # reads a finished run's config.yaml
         "export.py",  # reads a finished run's config.yaml
