@@ -8,7 +8,12 @@ one method to the next. Per method:
   torch, DeepSpeed and the policy). Methods that add weights (bitfit, adapter) show them here.
 - step: the peak RSS during the first optimizer step minus ``loaded``: gradients, AdamW's two
   moments (allocated at the first step) and activations. This is where methods differ.
-- peak: the child's peak RSS over its whole life (``os.wait4``'s ``ru_maxrss``).
+- train: ``loaded`` + ``step``, the peak once the model is loaded: the CPU counterpart of a
+  CUDA peak, which never sees the checkpoint that loading reads on the host.
+- peak: the child's peak RSS over its whole life (``os.wait4``'s ``ru_maxrss``), loading
+  included (bitsandbytes quantises on CPU from the whole fp32 checkpoint, paged in).
+
+The last line gives each method's train peak as a share of full fine-tuning's (``none``).
 
     python bench/peft_memory.py [--model tiny|smollm2|DIR] [--methods lora,none] [--samples 8]
 """
@@ -139,19 +144,27 @@ def main() -> None:
     )
     print(
         f"{'method':8} {'trainable':>12} {'% params':>9} {'bytes/sync':>13} "
-        f"{'loaded':>8} {'step':>8} {'peak':>8}"
+        f"{'loaded':>8} {'step':>8} {'train':>8} {'peak':>8}"
     )
+    train = {}
     for method in methods:
         f = run_child(method, args)
-        step = "n/a"  # where /proc/self/clear_refs cannot reset the peak
+        step = peak = "n/a"  # where /proc/self/clear_refs cannot reset the peak
         if f["step_peak_kib"] is not None:
             step = f"{(f['step_peak_kib'] - f['loaded_kib']) * 1024 / MiB:+.1f}"
+            train[method] = f["step_peak_kib"] * 1024 / MiB
+            peak = f"{train[method]:.1f}"
         print(
             f"{method:8} {f['trainable']:>12,} {100 * f['trainable'] / f['total']:>8.3f}% "
             f"{f['sync_bytes']:>13,} {f['loaded_kib'] * 1024 / MiB:>8.1f} {step:>8} "
-            f"{f['peak_kib'] * 1024 / MiB:>8.1f}",
+            f"{peak:>8} {f['peak_kib'] * 1024 / MiB:>8.1f}",
             flush=True,
         )
+    if "none" in train:
+        shares = ", ".join(
+            f"{m} {100 * v / train['none']:.0f}%" for m, v in train.items() if m != "none"
+        )
+        print(f"train peak as a share of full fine-tuning's: {shares}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def test_peft_memory_bench_reports_a_row_per_method():
     mib = r"\d+\.\d"
     for method in ("lora", "none"):
         assert re.search(
-            rf"^{method} +[\d,]+ +\d+\.\d{{3}}% +[\d,]+ +{mib} +([+-]{mib}|n/a) +{mib}$", out, re.M
+            rf"^{method} +[\d,]+ +\d+\.\d{{3}}% +[\d,]+ +{mib} +([+-]{mib}|n/a) +({mib}|n/a) "
+            rf"+{mib}$",
+            out,
+            re.M,
         ), out
     assert re.search(r"^none +[\d,]+ +100\.000% ", out, re.M), out
+    assert re.search(r"^train peak as a share of full fine-tuning's: lora \d+%$", out, re.M), out
