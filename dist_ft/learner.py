@@ -32,6 +32,7 @@ from dist_ft.models import (
     is_adapter,
     load_policy,
     packed_completion_logprobs,
+    shares_prompt_cache,
 )
 from dist_ft.peft_methods import adapter_parameters, use_adapter
 
@@ -140,9 +141,7 @@ class Learner:
         # peft's prefix tuning concatenates its prefix's columns to a 2D attention mask, which
         # the packed forward's 4D block mask cannot take: prefix keeps the padded forward.
         self.pack = spec.pack and spec.peft.method is not PeftMethod.PREFIX
-        # ... nor can its prompt be run once for a group (models.group_logprobs): peft's virtual
-        # tokens must come first in the KV cache. The rollout worker decides the same way.
-        self.share_prompts = spec.peft.method is not PeftMethod.PREFIX
+        self.share_prompts = shares_prompt_cache(spec.peft)
         model = load_policy(
             spec.model_path,
             spec.dtype,

@@ -371,6 +371,13 @@ def completion_logprobs(
     return token_logprobs(logits[:, -(t + 1) : -1, :] / temperature, completion_ids_NT)
 
 
+def shares_prompt_cache(peft: PeftSpec) -> bool:
+    """Whether a prompt's KV cache, computed once, may serve its G samples (the rollout's
+    shared prefill, the learner's :func:`group_logprobs`): not under prefix tuning, whose
+    virtual tokens peft puts first in the cache."""
+    return peft.method is not PeftMethod.PREFIX
+
+
 def group_logprobs(
     model: nn.Module,
     prompt_ids_BP: torch.Tensor,

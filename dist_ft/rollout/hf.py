@@ -36,6 +36,7 @@ from dist_ft.models import (
     is_adapter,
     load_policy,
     load_tokenizer,
+    shares_prompt_cache,
 )
 from dist_ft.peft_methods import reference_mode, use_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec
@@ -85,9 +86,7 @@ class HFGenerator:
         self.top_p = spec.top_p
         # see the module docstring: which dtypes may keep the sampling pass's logprobs
         self.logprobs_from_sampling = self.dtype == torch.float32
-        # prefix tuning puts its own virtual-token cache in front of the prompt inside peft's
-        # generate: a cache built here would lack it
-        self.shared_prefill = spec.peft.method is not PeftMethod.PREFIX
+        self.shared_prefill = shares_prompt_cache(spec.peft)
         base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         self.logits_to_keep = base._supports_logits_to_keep()
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
