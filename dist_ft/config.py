@@ -212,6 +212,10 @@ class ResourcesConfig:
     # Put rollout worker i and learner rank i in one placement-group bundle (same node, and on
     # GPUs the same device, half each): for clusters where generation and training share GPUs.
     colocate: bool = False
+    # fp32 linear layers on CPU: "onednn" runs the large products on oneDNN's matmul (1.1-1.5x
+    # MKL's at a policy's shapes, same fp32 arithmetic: dist_ft/onednn.py), "torch" on torch's
+    # default (MKL). No effect on GPUs or in bf16.
+    cpu_linear: Literal["onednn", "torch"] = "onednn"
     # A rollout worker or learner rank that does not answer within this many seconds fails the
     # run with its name, instead of hanging it.
     actor_timeout_s: PosFloat = 600.0

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from dist_ft import onednn
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.dpo import DPOParams, dpo_loss, sequence_logps
 from dist_ft.algos.grpo import LossParams, loss_count, normaliser_from_count, policy_loss
@@ -82,6 +83,7 @@ class LearnerSpec:
     deterministic: bool = False
     dpo: DPOParams = field(default_factory=DPOParams)  # the DPO objective's loss variant and knobs
     pack: bool = True  # SFT and DPO forwards pack rows (see Learner._logprobs)
+    cpu_linear: str = "onednn"  # resources.cpu_linear: "onednn" | "torch"
 
 
 def deepspeed_config(spec: LearnerSpec, world_size: int) -> dict[str, Any]:
@@ -149,6 +151,8 @@ class Learner:
             torch.device(spec.device),
             spec.trust_remote_code,
         )
+        if spec.cpu_linear == "onednn" and spec.device == "cpu":
+            onednn.convert(model)  # before DeepSpeed hooks its modules: they keep the hooks
         self.adapter_only = is_adapter(model)
         # peft.adapters: one optimizer param group per adapter, in peft.adapters' order (a
         # batch's adapter_ids index it). A step trains one adapter; the others step at lr 0,

@@ -84,6 +84,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
             top_p=cfg.rollout.top_p,
             need_ref_logprobs=cfg.algo.beta > 0,
             trust_remote_code=cfg.model.trust_remote_code,
+            cpu_linear=cfg.resources.cpu_linear,
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,
@@ -114,6 +115,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         deterministic=cfg.run.deterministic,
         dpo=cfg.dpo,
         pack=cfg.learner.pack,
+        cpu_linear=cfg.resources.cpu_linear,
     )
     return rollout, learner
 

@@ -40,6 +40,7 @@ class GeneratorSpec:
     top_p: float
     need_ref_logprobs: bool  # the KL term is on: return the reference policy's logprobs
     trust_remote_code: bool = False
+    cpu_linear: str = "onednn"  # resources.cpu_linear: "onednn" | "torch"
 
 
 @dataclass

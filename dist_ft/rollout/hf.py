@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dist_ft import onednn
 from dist_ft.algos.common import token_logprobs
 from dist_ft.batch import Span
 from dist_ft.models import (
@@ -80,6 +81,10 @@ class HFGenerator:
             # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start.
             no_peft = PeftSpec(method=PeftMethod.NONE)
             self.ref_model = load_policy(spec.model_path, spec.dtype, no_peft, self.device).eval()
+        if spec.cpu_linear == "onednn" and self.device.type == "cpu":
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    onednn.convert(model)
         self.need_ref = spec.need_ref_logprobs
         self.max_new_tokens = spec.max_new_tokens
         self.temperature = spec.temperature
