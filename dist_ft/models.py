@@ -368,7 +368,7 @@ def completion_logprobs(
         input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=t + 1
     ).logits  # [N, T + 1, V]
     # counted from the end: a remote-code model that ignores logits_to_keep returns them all
-    return token_logprobs(logits[:, -(t + 1) : -1, :] / temperature, completion_ids_NT)
+    return token_logprobs(logits[:, -(t + 1) : -1, :], completion_ids_NT, temperature)
 
 
 def shares_prompt_cache(peft: PeftSpec) -> bool:
@@ -427,22 +427,24 @@ def group_logprobs(
         logits_to_keep=1,
     ).logits[:, -1:]
     group_ids_N = group_ids_N.long().to(prompt_ids_BP.device)
-    logits_NTV = first_B1V[group_ids_N]
-    if t > 1:
-        # [Bg, ...] -> [N, ...] in every layer; differentiable, so each prompt's gradient is the
-        # sum over its samples
-        cache.reorder_cache(group_ids_N)
-        prompt_mask_NP = prompt_mask_BP[group_ids_N].long()
-        start_N1 = prompt_mask_NP.sum(-1, keepdim=True)  # the first completion token's position
-        rest_NTV = model(
-            input_ids=completion_ids_NT[:, :-1].long(),
-            attention_mask=torch.cat([prompt_mask_NP, completion_mask_NT[:, :-1].long()], dim=1),
-            position_ids=start_N1 + torch.arange(t - 1, device=start_N1.device),
-            past_key_values=cache,
-            use_cache=True,
-        ).logits  # [N, T - 1, V]
-        logits_NTV = torch.cat([logits_NTV, rest_NTV], dim=1)
-    return token_logprobs(logits_NTV / temperature, completion_ids_NT)
+    first_N1 = token_logprobs(first_B1V[group_ids_N], completion_ids_NT[:, :1], temperature)
+    if t == 1:
+        return first_N1
+    # [Bg, ...] -> [N, ...] in every layer; differentiable, so each prompt's gradient is the sum
+    # over its samples
+    cache.reorder_cache(group_ids_N)
+    prompt_mask_NP = prompt_mask_BP[group_ids_N].long()
+    start_N1 = prompt_mask_NP.sum(-1, keepdim=True)  # the first completion token's position
+    rest_NTV = model(
+        input_ids=completion_ids_NT[:, :-1].long(),
+        attention_mask=torch.cat([prompt_mask_NP, completion_mask_NT[:, :-1].long()], dim=1),
+        position_ids=start_N1 + torch.arange(t - 1, device=start_N1.device),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits  # [N, T - 1, V]
+    # the two parts' logprobs side by side, not their logits: no [N, T, V] copy
+    rest_NT = token_logprobs(rest_NTV, completion_ids_NT[:, 1:], temperature)
+    return torch.cat([first_N1, rest_NT], dim=1)
 
 
 def packed_completion_logprobs(
@@ -487,7 +489,7 @@ def packed_completion_logprobs(
     ).logits
     out = logits_RTV.device
     # only the scoring positions go through the vocabulary softmax: [M, V], M episode tokens
-    logits_MV = logits_RTV.flatten(0, 1)[source_NT[real_NT].to(out)] / temperature
-    logp_M = token_logprobs(logits_MV, completion_ids_NT[real_NT].to(out))
+    logits_MV = logits_RTV.flatten(0, 1)[source_NT[real_NT].to(out)]
+    logp_M = token_logprobs(logits_MV, completion_ids_NT[real_NT].to(out), temperature)
     out_NT = torch.zeros(completion_ids_NT.shape, dtype=logp_M.dtype, device=out)
     return out_NT.masked_scatter(real_NT.to(out), logp_M)

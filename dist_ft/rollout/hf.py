@@ -150,7 +150,7 @@ class HFGenerator:
         if self.logprobs_from_sampling:
             # one [B*G, V] step at a time: no [B*G, T, V] copy beside the T steps generate holds
             steps = [
-                token_logprobs(step_NV[:, None] / self.temperature, completion_ids[:, t, None])
+                token_logprobs(step_NV[:, None], completion_ids[:, t, None], self.temperature)
                 for t, step_NV in enumerate(out.logits)
             ]
             logprobs = torch.cat(steps, dim=1)  # [B*G, T]
