@@ -98,6 +98,9 @@ class RolloutConfig:
     # The generation engine: "hf" (transformers generate; logprobs from its own pass), or a
     # "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec).
     generator: str = "hf"
+    # fp32 LoRA: the "hf" engine decodes through W0 + scaling * B @ A (rollout/merged.py): 1.2x
+    # faster generation for a second copy of the adapted weights. false: peft adds B @ A x.
+    merge_lora: bool = True
     # Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the
     # first included) they also re-export and hash what their model holds after loading, which
     # costs a full export. Debug mode reads back every sync.
@@ -212,9 +215,8 @@ class ResourcesConfig:
     # Put rollout worker i and learner rank i in one placement-group bundle (same node, and on
     # GPUs the same device, half each): for clusters where generation and training share GPUs.
     colocate: bool = False
-    # fp32 linear layers on CPU: "onednn" runs the large products on oneDNN's matmul (1.1-1.5x
-    # MKL's at a policy's shapes, same fp32 arithmetic: dist_ft/onednn.py), "torch" on torch's
-    # default (MKL). No effect on GPUs or in bf16.
+    # fp32 linear layers on CPU: "onednn" runs large products on oneDNN (1.1-1.5x MKL's sgemm,
+    # same fp32 arithmetic: dist_ft/onednn.py), "torch" on torch's default. Not GPUs, not bf16.
     cpu_linear: Literal["onednn", "torch"] = "onednn"
     # A rollout worker or learner rank that does not answer within this many seconds fails the
     # run with its name, instead of hanging it.

@@ -85,6 +85,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
             need_ref_logprobs=cfg.algo.beta > 0,
             trust_remote_code=cfg.model.trust_remote_code,
             cpu_linear=cfg.resources.cpu_linear,
+            merge_lora=cfg.rollout.merge_lora,
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,

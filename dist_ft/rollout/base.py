@@ -41,6 +41,7 @@ class GeneratorSpec:
     need_ref_logprobs: bool  # the KL term is on: return the reference policy's logprobs
     trust_remote_code: bool = False
     cpu_linear: str = "onednn"  # resources.cpu_linear: "onednn" | "torch"
+    merge_lora: bool = True  # rollout.merge_lora
 
 
 @dataclass

@@ -20,6 +20,7 @@ distribution (no top-p truncation), as the learner computes them
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,7 @@ from dist_ft.models import (
 )
 from dist_ft.peft_methods import reference_mode, use_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec
+from dist_ft.rollout.merged import MergedLoRA
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -92,6 +94,9 @@ class HFGenerator:
         # see the module docstring: which dtypes may keep the sampling pass's logprobs
         self.logprobs_from_sampling = self.dtype == torch.float32
         self.shared_prefill = shares_prompt_cache(spec.peft)
+        self.merged = None
+        if spec.merge_lora and spec.peft.method is PeftMethod.LORA and self.logprobs_from_sampling:
+            self.merged = MergedLoRA(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         self.logits_to_keep = base._supports_logits_to_keep()
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -127,21 +132,22 @@ class HFGenerator:
         # generate needs every sample's prompt; only the [B, P] table leaves this function.
         prompt_ids = enc["input_ids"][group_ids].to(self.device)  # [B*G, P]
         prompt_mask = enc["attention_mask"][group_ids].to(self.device)  # [B*G, P]
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            past_key_values=self._prefill(enc["input_ids"], enc["attention_mask"], n),
-            # InverseCDFSample draws the token and leaves it the only finite score: greedy
-            # decoding then takes the draw (no top-k: the model's generation config is unused)
-            do_sample=False,
-            logits_processor=self.sampler,
-            max_new_tokens=self.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            # the logits before any processor: the full distribution the learner recomputes
-            output_logits=self.logprobs_from_sampling,
-            return_dict_in_generate=True,
-        )
+        with self.merged.decoding() if self.merged is not None else nullcontext():
+            out = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                past_key_values=self._prefill(enc["input_ids"], enc["attention_mask"], n),
+                # InverseCDFSample draws the token and leaves it the only finite score: greedy
+                # decoding then takes the draw (no top-k: the model's generation config is unused)
+                do_sample=False,
+                logits_processor=self.sampler,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                # the logits before any processor: the full distribution the learner recomputes
+                output_logits=self.logprobs_from_sampling,
+                return_dict_in_generate=True,
+            )
         completion_ids, completion_mask = self._completion(out.sequences[:, prompt_ids.shape[1] :])
         # the learner's function on the learner's layout: one prompt row per group
         table = (enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))

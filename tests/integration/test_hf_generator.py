@@ -1,5 +1,7 @@
 """HFGenerator alone on the tiny model: its behaviour logprobs against the learner's function."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,9 +13,9 @@ from dist_ft.rollout.hf import HFGenerator, InverseCDFSample
 PROMPTS = ["Repeat c:", "a", "Repeat the letter q, please:"]
 
 
-def generator(tiny_path: str, dtype: str) -> HFGenerator:
+def generator(tiny_path: str, dtype: str, merge_lora: bool = True) -> HFGenerator:
     spec = GeneratorSpec(tiny_path, dtype, PeftSpec(r=8, alpha=16), "cpu", 12, 0.7, 0.9, False)
-    gen = HFGenerator(spec)
+    gen = HFGenerator(replace(spec, merge_lora=merge_lora))
     with torch.no_grad():  # an adapter away from its no-op init: the logprobs depend on it
         for name, p in gen.model.named_parameters():
             if "lora_B" in name:
@@ -57,6 +59,7 @@ def test_fp32_logprobs_from_the_sampling_pass_match_a_full_forward(tiny_path):
     measured max 7e-6 per token here, 3e-5 on SmolLM2-135M."""
     gen = generator(tiny_path, "float32")
     assert gen.logprobs_from_sampling and gen.shared_prefill
+    assert gen.merged is not None  # decoding through the merged weights (rollout.merge_lora)
     torch.manual_seed(0)
     out = gen.generate(PROMPTS, 4)
     m = out.episode_mask != 0
@@ -90,3 +93,46 @@ def test_the_inverse_cdf_sampler_draws_the_softmax_distribution():
     sigma = (p * (1 - p) / len(out)).sqrt()
     assert ((freq - p).abs() <= 4 * sigma + 1e-12).all(), (freq, p)
     assert freq[3] == 0
+
+
+def lora_calls(gen: HFGenerator) -> int:
+    """How many times peft runs a LoRA factor during one generate."""
+    calls = [0]
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for name, m in gen.model.named_modules()
+        if name.endswith("lora_A.default")
+    ]
+    gen.generate(PROMPTS, 2)
+    for h in hooks:
+        h.remove()
+    return calls[0]
+
+
+def test_merged_decode_adds_no_lora_update_and_leaves_the_base_bit_exact(tiny_path):
+    gen = generator(tiny_path, "float32")
+    layers = gen.merged.layers
+    start = [m.base_layer.weight.detach().clone() for m in layers]
+    assert lora_calls(gen) == 0  # the update is in the weights
+    assert lora_calls(generator(tiny_path, "float32", merge_lora=False)) > 0
+    # inside decoding: W0 + scaling * B @ A exactly; outside: W0, bit for bit
+    with gen.merged.decoding():
+        for m, w0 in zip(layers, start):
+            assert torch.equal(m.base_layer.weight, w0 + m.get_delta_weight("default"))
+    for m, w0 in zip(layers, start):
+        assert torch.equal(m.base_layer.weight, w0) and not m.merged
+    # a sync (an in-place write of the adapter) is seen at the next decode, from W0 again
+    update = {k: v + 0.01 for k, v in gen.export_weights().items()}
+    gen.load_weights(update)
+    torch.manual_seed(0)
+    out = gen.generate(PROMPTS, 4)
+    torch.testing.assert_close(out.logprobs, learner_logprobs(gen, out), atol=1e-4, rtol=0)
+    with gen.merged.decoding():
+        for m, w0 in zip(layers, start):
+            assert torch.equal(m.base_layer.weight, w0 + m.get_delta_weight("default"))
+    assert all(torch.equal(m.base_layer.weight, w0) for m, w0 in zip(layers, start))
+
+
+def test_low_precision_decodes_without_merging(tiny_path):
+    # a bf16 weight would round a small update away; bf16 scores its samples in a second pass
+    assert generator(tiny_path, "bfloat16").merged is None
