@@ -42,6 +42,11 @@ class LocalCluster:
         self.workers = [
             RolloutWorker(rollout, worker_index=i, judge=self.judge) for i in range(num_workers)
         ]
+        # One process: the workers read the learner's frozen base instead of holding copies.
+        for worker in self.workers:
+            share = getattr(worker.generator, "share_frozen", None)
+            if share is not None and learner.zero_stage < 3:
+                share(self.learner.module)
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
         # Computed now: with max_staleness > 0 the loop submits before it trains, so debug mode

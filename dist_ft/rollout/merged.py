@@ -12,7 +12,9 @@ every in-place write bumps, and the active adapter's name). peft's in-place merg
 would instead leave W0 + d - d in the base, a rounding step away from what the learner holds,
 more with every sync. The layers point at the merged tensors only inside ``decoding``; outside
 it (reference logprobs, exports, fingerprints) the model is peft's as loaded. The cost is a
-second copy of the adapted weights: 425 MB for SmolLM2-135M in fp32.
+second copy of the adapted weights (425 MB for SmolLM2-135M in fp32), allocated at the first
+decode; in debug mode none: W0 is the learner's own frozen tensor, and the worker's copy of it
+becomes the merged one (:meth:`MergedLoRA.rebase`, from ``HFGenerator.share_frozen``).
 
 fp32 only: the logprobs then come from the sampling pass, and the merged weight differs from
 the learner's W0 x + scaling * B (A x) by fp32 rounding alone. A bf16 weight cannot hold a
@@ -39,8 +41,16 @@ class MergedLoRA:
             if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), nn.Linear)
         ]
         self.start = [m.base_layer.weight.data for m in self.layers]
-        self.merged = [w.clone() for w in self.start]
+        self.merged: list[torch.Tensor | None] = [None] * len(self.layers)  # at the first decode
         self.merged_from: list[tuple[str, int, int]] | None = None
+
+    def rebase(self, index: int, w0: torch.Tensor) -> None:
+        """Layer ``index``'s W0 is ``w0``, the same values held elsewhere (the learner's); the
+        tensor the layer held so far becomes its merged weight's buffer."""
+        layer = self.layers[index]
+        self.merged[index] = layer.base_layer.weight.data
+        self.start[index] = layer.base_layer.weight.data = w0
+        self.merged_from = None
 
     def _adapter_state(self) -> list[tuple[str, int, int]]:
         """(adapter, A's version, B's version) of every layer: changes with any write."""
@@ -54,9 +64,11 @@ class MergedLoRA:
     @torch.no_grad()
     def _refresh(self) -> None:
         """Every merged weight recomputed from W0 and the active adapter as it is now."""
-        for layer, w0, merged in zip(self.layers, self.start, self.merged):
+        for i, (layer, w0) in enumerate(zip(self.layers, self.start)):
             (name,) = layer.active_adapters
-            torch.add(w0, layer.get_delta_weight(name), out=merged)
+            if self.merged[i] is None:
+                self.merged[i] = torch.empty_like(w0)
+            torch.add(w0, layer.get_delta_weight(name), out=self.merged[i])
 
     @contextmanager
     def decoding(self) -> Iterator[None]:

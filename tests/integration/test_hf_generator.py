@@ -4,7 +4,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import build
 
+from dist_ft.algos.objective import Objective
+from dist_ft.cluster.local import LocalCluster
 from dist_ft.models import PeftSpec, completion_logprobs, group_logprobs
 from dist_ft.rollout.base import GeneratorSpec
 from dist_ft.rollout.hf import HFGenerator, InverseCDFSample
@@ -136,3 +139,24 @@ def test_merged_decode_adds_no_lora_update_and_leaves_the_base_bit_exact(tiny_pa
 def test_low_precision_decodes_without_merging(tiny_path):
     # a bf16 weight would round a small update away; bf16 scores its samples in a second pass
     assert generator(tiny_path, "bfloat16").merged is None
+
+
+def test_debug_mode_workers_hold_the_learners_frozen_base_and_stay_on_policy(
+    tiny_path, demo_prompts
+):
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=4")
+    cluster = LocalCluster(wk, lk)
+    gen = cluster.workers[0].generator
+    theirs = dict(cluster.learner.module.named_parameters())
+    frozen = {n: p for n, p in gen.model.named_parameters() if not p.requires_grad}
+    # every frozen tensor is the learner's storage, the adapted layers' W0 included
+    assert frozen and all(p.data_ptr() == theirs[n].data_ptr() for n, p in frozen.items())
+    assert gen.merged is not None and len(gen.merged.layers) > 0
+    start = {n: p.detach().clone() for n, p in frozen.items()}
+    for step in range(3):  # each rollout after a sync decodes through freshly merged weights
+        batch = cluster.collect(cluster.submit_rollout(step, demo_prompts[4 * step : 4 * step + 4]))
+        metrics = cluster.train_step(batch, Objective.GRPO)
+        assert abs(metrics["ratio"] - 1.0) < 1e-5, step
+        cluster.sync_weights()
+    # the merged weights were written to the worker's old copies, never to the learner's base
+    assert all(torch.equal(theirs[n], w) for n, w in start.items())
