@@ -121,16 +121,15 @@ class HFGenerator:
     def export_weights(self) -> dict[str, torch.Tensor]:
         return export_state(self.model, self.adapter_only)
 
-    def share_frozen(self, donor: torch.nn.Module) -> int:
+    def share_frozen(self, donor: torch.nn.Module) -> None:
         """Debug mode: hold the learner's frozen tensors (the base, under a PEFT method) rather
         than a copy of the same bytes; under ``rollout.merge_lora`` this worker's copy of an
         adapted weight becomes its merged weight instead. Only tensors equal in name, shape,
-        dtype and device are taken (none from a ZeRO-3 partition). Returns the bytes freed."""
+        dtype and device are taken (none from a ZeRO-3 partition)."""
         theirs = {n: p for n, p in donor.named_parameters() if not p.requires_grad}
         layer_of = {}
         if self.merged is not None:
             layer_of = {id(m.base_layer.weight): i for i, m in enumerate(self.merged.layers)}
-        freed = 0
         for name, p in self.model.named_parameters():
             q = theirs.get(name)
             same = q is not None and (q.shape, q.dtype, q.device) == (p.shape, p.dtype, p.device)
@@ -139,9 +138,7 @@ class HFGenerator:
             if id(p) in layer_of:
                 self.merged.rebase(layer_of[id(p)], q.data)
             else:
-                freed += p.numel() * p.element_size()
                 p.data = q.data
-        return freed
 
     def use_adapter(self, name: str) -> None:
         # the base stays loaded once; peft switches which adapter its layers add
