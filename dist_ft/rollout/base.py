@@ -62,6 +62,11 @@ class Generation:
 
 
 class Generator(Protocol):
+    """The engine seam. One optional method is not part of the protocol: in debug mode
+    ``LocalCluster`` calls ``share_frozen(learner_module)`` on an engine that has it, so that an
+    engine in the learner's process may read the learner's frozen tensors instead of holding
+    copies (``HFGenerator.share_frozen``)."""
+
     def generate(self, prompts: list[str], n: int) -> Generation:
         """``n`` sampled episodes per prompt; ``group_ids`` names each one's prompt."""
         ...
