@@ -12,16 +12,21 @@ Layout of ``<output_dir>/checkpoints``::
 
 A write goes to ``.partial-step-N``; each file is fsynced, COMMIT is written and fsynced, and
 only then is the directory renamed to ``step-N`` (atomic on one filesystem). Older checkpoints
-are pruned after that rename, so a crash at any point leaves the previous one intact.
+are pruned after that rename, so a crash at any point leaves the previous one intact. A write
+that fails (a full disk above all) removes its partial directory and keeps the others
+(:func:`writing`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +106,44 @@ def commit(tmp: Path, keep: int) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def writing(ckpt_root: Path, step: int, keep: int) -> Iterator[Path]:
+    """The temporary directory of ``step``'s checkpoint, committed when the block ends. If the
+    block or the commit fails, the partial write is removed (it would fill the disk and is
+    never resumed from) and the earlier checkpoints stay; a full disk is named as such."""
+    tmp = begin(ckpt_root, step)
+    try:
+        yield tmp
+        commit(tmp, keep)
+    except BaseException as e:
+        full = _no_space(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            kept = [p.name for p in committed(ckpt_root)]
+            raise CheckpointError(
+                f"no space left on {ckpt_root} writing the checkpoint of step {step} (its "
+                f"partial write is removed; kept: {', '.join(kept) or 'none'}): free space "
+                "there, or lower run.keep_checkpoints, then continue with run.resume=auto"
+            ) from None
+        raise
+
+
+def _no_space(e: BaseException, where: Path) -> bool:
+    """Whether ``e`` is a full disk: ENOSPC anywhere in its chain, or, since torch.save says
+    only "unexpected pos" and a Ray actor's error arrives as text, under 1 MiB left there."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(e, Exception):  # Ctrl-C mid-write is not a full disk
+        return False
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
 def committed(ckpt_root: Path) -> list[Path]:
     """Committed checkpoints, oldest first."""
     if not ckpt_root.is_dir():
@@ -118,8 +161,12 @@ def prune(ckpt_root: Path, keep: int) -> None:
 
 def verify(path: Path) -> None:
     """Every file listed in COMMIT exists with its recorded sha256."""
-    manifest = json.loads((path / COMMIT).read_text())
-    for rel, digest in manifest["files"].items():
+    try:
+        files = json.loads((path / COMMIT).read_text())["files"]
+        listed = [(str(rel), str(digest)) for rel, digest in files.items()]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its {COMMIT} file is unreadable ({e})") from None
+    for rel, digest in listed:
         f = path / rel
         if not f.is_file() or _sha256(f) != digest:
             raise CheckpointError(f"{path}: {rel} is missing or does not match COMMIT")
@@ -127,7 +174,9 @@ def verify(path: Path) -> None:
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint that ``run.resume`` names: None for "none"; for "auto" the newest
-    committed checkpoint that verifies (partial and corrupt ones are named in a warning)."""
+    committed checkpoint that verifies (partial and corrupt ones are named in a warning), None
+    when there is none, and an error when there are some and every one is corrupt: starting
+    fresh would replace the run's history (metrics.jsonl, ledger.jsonl)."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -142,12 +191,21 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
         warnings.warn(
             f"ignoring unfinished checkpoint writes in {ckpt_root}: {partial}", stacklevel=2
         )
-    for path in reversed(committed(ckpt_root)):
+    candidates = committed(ckpt_root)
+    for path in reversed(candidates):
         try:
             verify(path)
             return path
         except CheckpointError as e:
             warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
+    if candidates:
+        raise CheckpointError(
+            f"run.resume=auto: every checkpoint in {ckpt_root} is corrupt "
+            f"({', '.join(p.name for p in candidates)}; see the warnings above); nothing was "
+            "changed: resume one by path with run.resume=PATH once repaired, start over with "
+            "run.resume=none run.overwrite=true (deletes this run's metrics and checkpoints), or "
+            "choose another run.output_dir"
+        )
     return None
 
 

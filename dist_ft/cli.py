@@ -1,7 +1,14 @@
 """dist-ft commands: train, sft, dpo, label, plan, demo, fetch-model, export, merge, compare.
 
 Exit codes: 2 and a one-line message for a bad config, data or environment (found before any
-model loads where it can be), 1 for a run stopped by a failing reward or checkpoint, 130 on Ctrl-C.
+model loads where it can be; a run.resume=auto with no usable checkpoint included), 1 for a run
+stopped by a failing reward, a checkpoint it could not write (a full disk: "no space left on
+PATH") or a Ray actor that timed out; 130 on Ctrl-C (SIGINT) and 143 on SIGTERM (SLURM's time
+limit or scancel, a Kubernetes eviction, `timeout`), 128 + the signal as a shell reports it.
+A run stopped by either signal, or by a failure that is not its rewards', keeps its weights in
+adapter-interrupted-step-N/ (or model-...); with run.checkpoint_every set, a signal also writes
+a checkpoint that run.resume=auto continues from. status.json in the run directory says how it
+ended (running, finished, interrupted, failed).
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (ConfigError, FileNotFoundError, ModelFetchError) as e:
         return _fail(e, 2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # The trainer's cleanup has run on the way here; its traceback would only repeat the
         # stack of whatever happened to be running.
-        print("dist-ft: interrupted", file=sys.stderr)
-        return 130
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"dist-ft: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -133,13 +142,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     overrides = args.overrides
-    if args.command == "demo":  # a demo run is a throwaway: running it again replaces it
-        overrides = ["run.overwrite=true", *overrides]
     if args.command in ("sft", "dpo"):  # the command names the objective, whatever the YAML says
         overrides = [*overrides, f"algo.objective={args.command}"]
     if args.command == "label":  # it trains nothing: the demo task's format warm-up is moot
         overrides = [*overrides, "algo.sft_warmup_steps=0"]
     cfg = load_config(getattr(args, "config", None), overrides)
+    if args.command == "demo":
+        cfg = demo_replaces(cfg, overrides)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
@@ -224,6 +233,31 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     except ExportError as e:
         return _fail(e, 2)
+
+
+def demo_replaces(cfg: Config, overrides: list[str]) -> Config:
+    """A demo run is a throwaway: running the demo again replaces it (``run.overwrite=true``
+    unless the command line sets it), but not a run that did not finish and kept its weights
+    in ``*-interrupted-step-N/``: those are the only copy of what it trained, and the user was
+    told where they are. Refused, not kept: kept, they would sit next to the new run's
+    outputs and pass for part of it."""
+    import dataclasses
+
+    from dist_ft.config import ConfigError
+
+    if any(o.startswith("run.overwrite=") for o in overrides):
+        return cfg
+    out = Path(cfg.run.output_dir)
+    kept = sorted(p.name for p in out.glob("*-interrupted-step-*"))
+    if kept and cfg.run.resume == "none":
+        raise ConfigError(
+            f"run.output_dir={out} holds {', '.join(kept)} of a demo run that did not finish: "
+            "continue it with run.resume=auto, replace it with run.overwrite=true, or choose "
+            "another run.output_dir"
+        )
+    if kept:  # resuming it: nothing of it is to be replaced
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, overwrite=True))
 
 
 def preflight(cfg: Config, samples: bool = False) -> None:

@@ -76,12 +76,19 @@ def finished_run(run_dir: str | Path, name: str | None = None) -> tuple[Any, Pat
     PEFT, ``model/`` for full fine-tuning; ``adapter/<name>/`` of a run with several
     (``peft.adapters``), which must name one."""
     from dist_ft.config import load_config
+    from dist_ft.runstatus import unfinished
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a run directory: it has no config.yaml")
     cfg = load_config(run / "config.yaml")
     weights = run / ("model" if cfg.peft.method is PeftMethod.NONE else "adapter")
+    if why := unfinished(run):
+        kept = sorted(p.name for p in run.glob(f"{weights.name}-interrupted-step-*"))
+        raise ExportError(
+            f"{run} {why}: only a finished run is exported; continue it with run.resume=auto"
+            + (f" (the weights it kept: {', '.join(kept)})" if kept else "")
+        )
     if not weights.is_dir():
         raise ExportError(
             f"{run} has no {weights.name}/ (a run saves it when it finishes; an interrupted "

@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_ft import checkpoint
 from dist_ft.algos.dpo import dpo_loss, sequence_logps
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, make_cluster
-from dist_ft.config import Config, ConfigError, config_to_dict
+from dist_ft.config import Config, ConfigError
 from dist_ft.data import (
     Example,
     Prompt,
@@ -44,15 +43,19 @@ from dist_ft.data import (
     prepare_sft,
 )
 from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.runstatus import FINISHED, RunStatus
 from dist_ft.tasks import SOURCES, demo_rows
 from dist_ft.trainer import (
+    checkpoint_due,
     component_specs,
     finish_tracking,
     keep_rejects,
     make_tracker,
     open_checkpoint,
     prepare_output_dir,
-    save_interrupted,
+    restore_driver_rng,
+    stop_run,
+    write_checkpoint,
 )
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
@@ -284,13 +287,17 @@ def train_offline(cfg: Config) -> dict[str, Any]:
     final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
     done = state.get("step", 0)
     summary: dict[str, Any] = {"output_dir": str(out), "reference_forwards": 0}
+    status = RunStatus(out, done, cfg.run.steps)
+    status.handle_signals()
+
+    def save_checkpoint() -> None:
+        write_checkpoint(cfg, cluster, done, tracker, {"sampler": sampler.state_dict()}, {})
+
     try:
         if ckpt is not None:
             cluster.load_state(ckpt)
             sampler.load_state_dict(state["sampler"])
-            version, internal, gauss = state["python_rng"]
-            random.setstate((version, tuple(internal), gauss))
-            torch.set_rng_state(run_tensors["torch_rng"])
+            restore_driver_rng(state, run_tensors)
         refs: list[list[torch.Tensor]] = []
         if dpo:
             # ---- reference: once per pair, with the weights of step 0 (or read back)
@@ -307,47 +314,51 @@ def train_offline(cfg: Config) -> dict[str, Any]:
             summary["reference_forwards"] = len(groups) if computed else 0
 
         for step in range(done + 1, cfg.run.steps + 1):
-            t0 = time.perf_counter()
-            chosen = sampler.next(cfg.algo.prompts_per_step)
-            batch = make_batch([train_rows[i] for i in chosen], pad_id)
-            if dpo:
-                with_reference(batch, [r for i in chosen for r in refs[i]])
-            metrics = cluster.train_step(batch, objective)
-            seconds = time.perf_counter() - t0
-            metrics.update(
-                step_seconds=seconds, tokens_per_s=metrics["tokens"] / seconds, truncated=truncated
-            )
-            if dpo:
-                metrics["accuracy"] = metrics.pop("rewards/accuracies")
-            done = step
-            if (
-                eval_rows
-                and cfg.run.eval_every
-                and (step % cfg.run.eval_every == 0 or step == cfg.run.steps)
-            ):
-                eval_refs = refs[len(train_rows) :] if dpo else None
+            # ---- one step, its evaluation and checkpoint: a SIGTERM/Ctrl-C waits for its end
+            with status.step():
+                t0 = time.perf_counter()
+                chosen = sampler.next(cfg.algo.prompts_per_step)
+                batch = make_batch([train_rows[i] for i in chosen], pad_id)
+                if dpo:
+                    with_reference(batch, [r for i in chosen for r in refs[i]])
+                metrics = cluster.train_step(batch, objective)
+                seconds = time.perf_counter() - t0
                 metrics.update(
-                    evaluate(cluster, cfg, eval_rows, eval_refs, pad_id, step, eval_prompts)
+                    step_seconds=seconds,
+                    tokens_per_s=metrics["tokens"] / seconds,
+                    truncated=truncated,
                 )
-            tracker.log(step, metrics)
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                tmp = checkpoint.begin(checkpoint.root(out), step)
-                cluster.save_state(tmp)
-                run_state = {
-                    "step": step,
-                    "sampler": sampler.state_dict(),
-                    "python_rng": random.getstate(),
-                    "config": config_to_dict(cfg),
-                    "run_id": tracker.run_id,
-                }
-                checkpoint.save_run_state(tmp, run_state, {"torch_rng": torch.get_rng_state()})
-                checkpoint.commit(tmp, cfg.run.keep_checkpoints)
+                if dpo:
+                    metrics["accuracy"] = metrics.pop("rewards/accuracies")
+                done = step
+                if (
+                    eval_rows
+                    and cfg.run.eval_every
+                    and (step % cfg.run.eval_every == 0 or step == cfg.run.steps)
+                ):
+                    eval_refs = refs[len(train_rows) :] if dpo else None
+                    metrics.update(
+                        evaluate(cluster, cfg, eval_rows, eval_refs, pad_id, step, eval_prompts)
+                    )
+                tracker.log(step, metrics)
+                if checkpoint_due(cfg, step):
+                    save_checkpoint()
+                status.update(step)
         cluster.save_pretrained(final_dir)
         summary[final_dir.name] = str(final_dir)
-    except KeyboardInterrupt:
-        save_interrupted(cluster, final_dir, done)
+        status.update(done, FINISHED)
+    except BaseException as e:
+        stop_run(
+            e,
+            status,
+            cluster,
+            final_dir,
+            done,
+            save_checkpoint if cfg.run.checkpoint_every else None,
+        )
         raise
     finally:
+        status.restore_signals()
         summary["plot"] = finish_tracking(tracker)
         cluster.shutdown()
     summary["first_loss"] = tracker.mean("loss", first=5)

@@ -9,13 +9,14 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from dist_ft import checkpoint
+from dist_ft import checkpoint, runstatus
 from dist_ft.adapters import AdapterSampler, adapter_rows, make_sampler
 from dist_ft.algos.grpo import LossParams
 from dist_ft.algos.objective import Objective
@@ -38,6 +39,7 @@ from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.peft_methods import auto_lr
 from dist_ft.rewards import RewardError, applies, task_mismatch
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
+from dist_ft.runstatus import RunStatus
 from dist_ft.tasks import demo_format_rows
 from dist_ft.tracking import Tracker
 
@@ -210,6 +212,8 @@ def train(cfg: Config) -> dict[str, Any]:
     final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
     done = state.get("step", 0)  # the last step trained: what a Ctrl-C keeps
     pending: collections.deque[PendingRollout] = collections.deque()
+    status = RunStatus(out, done, cfg.run.steps)
+    status.handle_signals()
     try:
         if ckpt is not None:
             # ---- resume: learner state, data cursor, ledger, RNG, rollouts already generated
@@ -244,43 +248,61 @@ def train(cfg: Config) -> dict[str, Any]:
                 pending.append(cluster.submit_rollout(next_issue, chosen))
                 pending[-1].issue_seconds = time.perf_counter() - t_issue
                 next_issue += 1
-            t0, issued = time.perf_counter(), pending.popleft()
-            batch = cluster.collect(issued)
+            # popped once collected: a checkpoint written on SIGTERM meanwhile still holds it
+            t0, batch = time.perf_counter(), cluster.collect(pending[0])
+            issued = pending.popleft()
             # at-least-once delivery and the staleness bound are enforced here, per sample id
             batch, ledger_stats = ledger.admit(batch, version, a.max_staleness)
             t_rollout = time.perf_counter() - t0 + issued.issue_seconds
 
-            # ---- train: one optimizer step; the learner group normalises over the whole step
-            t1 = time.perf_counter()
-            metrics = cluster.train_step(batch, Objective.GRPO)
-            ledger.record(step, batch, version)
-            t_train = time.perf_counter() - t1
-            done = step
+            # ---- from the update to the checkpoint, a SIGTERM/Ctrl-C waits for the step's end
+            with status.step():
+                # ---- train: one optimizer step; the learner group normalises over the step
+                t1 = time.perf_counter()
+                metrics = cluster.train_step(batch, Objective.GRPO)
+                ledger.record(step, batch, version)
+                t_train = time.perf_counter() - t1
+                done = step
 
-            # ---- sync: only what changed goes back to the workers, as version v+1
-            sync = cluster.sync_weights()
-            version = sync.version
+                # ---- sync: only what changed goes back to the workers, as version v+1
+                sync = cluster.sync_weights()
+                version = sync.version
 
-            # ---- log, then stop if the rewards keep failing rather than quietly shrink batches
-            row = step_metrics(
-                metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
-            )
-            tracker.log(step, row)
-            watch.check(step, batch)
+                # ---- log, then stop if the rewards keep failing rather than shrink batches
+                row = step_metrics(
+                    metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
+                )
+                tracker.log(step, row)
+                watch.check(step, batch)
 
-            # ---- checkpoint: learner state and run state, atomically
-            every = cfg.run.checkpoint_every
-            if every and (step % every == 0 or step == cfg.run.steps):
-                save_checkpoint(cfg, cluster, step, sampler, ledger, tracker, pending, watch.streak)
+                # ---- checkpoint: learner state and run state, atomically
+                if checkpoint_due(cfg, step):
+                    save_checkpoint(
+                        cfg, cluster, step, sampler, ledger, tracker, pending, watch.streak
+                    )
+                status.update(step)
 
         # ---- save: the adapter alone under PEFT (HF save_pretrained, safetensors), and only
         # when every reward function worked at least once: else the weights are no result
         watch.finish(tracker.history)
         cluster.save_pretrained(final_dir)
-    except KeyboardInterrupt:
-        save_interrupted(cluster, final_dir, done)
+        status.update(done, runstatus.FINISHED)
+    except BaseException as e:
+        stop_run(
+            e,
+            status,
+            cluster,
+            final_dir,
+            done,
+            lambda: (
+                save_checkpoint(cfg, cluster, done, sampler, ledger, tracker, pending, watch.streak)
+                if cfg.run.checkpoint_every
+                else None
+            ),
+        )
         raise
     finally:
+        status.restore_signals()
         plot = finish_tracking(tracker)
         cluster.shutdown()
     window = min(10, max(1, cfg.run.steps // 2))
@@ -301,6 +323,7 @@ def train(cfg: Config) -> dict[str, Any]:
 # so nothing of an old run (a DPO reference pass above all) is read by the new one.
 RUN_OUTPUTS = (
     *("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "placement.json", "adapter", "model"),
+    runstatus.STATUS_FILE,
     *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors"),
 )
 
@@ -310,15 +333,18 @@ def prepare_output_dir(cfg: Config) -> Path:
 
     A fresh run refuses a directory that holds another run: its metrics would be overwritten,
     and its higher-numbered checkpoints would outlive the new run's in pruning and be the ones
-    ``run.resume=auto`` picks. ``run.overwrite=true`` removes the old run's outputs first.
+    ``run.resume=auto`` picks. ``run.overwrite=true`` removes the old run's outputs first. No
+    run starts in a directory whose run is still training (status.json, a live pid here).
     """
     out = Path(cfg.run.output_dir)
-    metrics, ckpts = out / "metrics.jsonl", checkpoint.root(out)
-    held = [
-        p.name
-        for p in (metrics, ckpts)
-        if (p.is_file() and p.stat().st_size > 0) or (p.is_dir() and any(p.iterdir()))
-    ]
+    previous = runstatus.read(out)
+    if previous is not None and runstatus.running_here(previous):
+        raise ConfigError(
+            f"run.output_dir={out} {runstatus.unfinished(out)}: stop that process first, or "
+            "choose another run.output_dir"
+        )
+    ckpts = checkpoint.root(out)
+    held = held_outputs(out, ("metrics.jsonl", ckpts.name))
     if held and cfg.run.resume == "none":
         if not cfg.run.overwrite:
             raise ConfigError(
@@ -336,6 +362,16 @@ def prepare_output_dir(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return out
+
+
+def held_outputs(out: Path, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` in ``out`` that hold something (a non-empty file or directory)."""
+    paths = [out / n for n in names]
+    return [
+        p.name
+        for p in paths
+        if (p.is_file() and p.stat().st_size > 0) or (p.is_dir() and any(p.iterdir()))
+    ]
 
 
 def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) -> Tracker:
@@ -359,11 +395,23 @@ def open_checkpoint(
     cfg: Config, out: Path
 ) -> tuple[Path | None, dict[str, Any], dict[str, torch.Tensor]]:
     """The checkpoint ``run.resume`` names (None, {}, {} for a fresh run) and its run state;
-    refuses one of another recipe or another learner count before any compute is spent."""
-    ckpt = checkpoint.find_resume(out, cfg.run.resume)
+    refuses one of another recipe or another learner count before any compute is spent, and
+    ``run.resume=auto`` with no checkpoint to continue a run whose history is there (starting
+    fresh would truncate its metrics.jsonl and ledger.jsonl)."""
+    try:
+        ckpt = checkpoint.find_resume(out, cfg.run.resume)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(str(e), keys=("run.resume",)) from None
     if ckpt is None:
         if cfg.run.resume == "auto":
             root = checkpoint.root(out)
+            if history := held_outputs(out, ("metrics.jsonl", "ledger.jsonl")):
+                raise ConfigError(
+                    f"run.resume=auto: {out} holds a run ({', '.join(history)}) but {root} has "
+                    "no checkpoint to continue it from; nothing was changed: start over with "
+                    "run.resume=none run.overwrite=true, or choose another run.output_dir",
+                    keys=("run.resume",),
+                )
             print(f"run.resume=auto: no checkpoint in {root}; starting fresh", file=sys.stderr)
         return None, {}, {}
     state, tensors = checkpoint.load_run_state(ckpt)
@@ -379,6 +427,8 @@ def open_checkpoint(
             f"{ckpt} holds the state of {ranks} learner ranks; resume with "
             f"resources.learners={ranks}"
         )
+    if why := runstatus.unfinished(out):
+        print(f"the previous run in {out} {why}", file=sys.stderr)
     print(f"resuming from {ckpt} (step {state['step']})", file=sys.stderr)
     return ckpt, state, tensors
 
@@ -497,19 +547,58 @@ def finish_tracking(tracker: Tracker) -> Path | None:
         return None
 
 
-def save_interrupted(cluster: Cluster, final_dir: Path, done: int) -> None:
-    """On Ctrl-C, keep the weights trained so far (without run.checkpoint_every they are all
-    there is), under a name no finished run uses."""
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    """Every ``run.checkpoint_every`` steps, and at the last step (so that a finished run can
+    be continued with more ``run.steps``)."""
+    every = cfg.run.checkpoint_every
+    return bool(every) and (step % every == 0 or step == cfg.run.steps)
+
+
+def stop_run(
+    e: BaseException,
+    status: RunStatus,
+    cluster: Cluster,
+    final_dir: Path,
+    done: int,
+    save_checkpoint_now: Callable[[], None] | None,
+) -> None:
+    """What a run stopped before its end keeps, in both loops. A signal (Ctrl-C, SIGTERM) or a
+    failure of the machinery (an actor that timed out or died, a full disk) keeps the weights
+    trained so far (without run.checkpoint_every they are all there is); a signal with
+    checkpoints on also writes one of step ``done``, for ``run.resume=auto``. A failing reward
+    keeps nothing: those weights are no result. status.json says how the run ended."""
+    interrupted = isinstance(e, KeyboardInterrupt)
+    if interrupted:
+        reason = e.args[0] if isinstance(e, runstatus.Interrupted) else "SIGINT"
+    else:
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+    if not isinstance(e, RewardError):
+        save_interrupted(cluster, final_dir, done, "interrupted" if interrupted else "stopped")
+    ckpt = checkpoint.root(status.path.parent) / f"step-{done:08d}"
+    if interrupted and save_checkpoint_now is not None and done > 0 and not ckpt.is_dir():
+        try:
+            save_checkpoint_now()
+        except Exception as err:
+            print(f"{reason} at step {done}: checkpoint not written ({err})", file=sys.stderr)
+        else:
+            print(
+                f"{reason} at step {done}: checkpoint saved to {ckpt} "
+                "(continue with run.resume=auto)",
+                file=sys.stderr,
+            )
+    status.update(done, runstatus.INTERRUPTED if interrupted else runstatus.FAILED, reason)
+
+
+def save_interrupted(cluster: Cluster, final_dir: Path, done: int, how: str) -> None:
+    """Keep the weights trained so far, under a name no finished run uses; ``how``:
+    "interrupted" (a signal) or "stopped" (an error, named on the next line by the CLI)."""
     path = final_dir.with_name(f"{final_dir.name}-interrupted-step-{done}")
     try:
         cluster.save_pretrained(path)
     except Exception as e:
-        print(
-            f"interrupted at step {done}: nothing saved ({type(e).__name__}: {e})",
-            file=sys.stderr,
-        )
+        print(f"{how} at step {done}: nothing saved ({type(e).__name__}: {e})", file=sys.stderr)
     else:
-        print(f"interrupted at step {done}: {final_dir.name} saved to {path}", file=sys.stderr)
+        print(f"{how} at step {done}: {final_dir.name} saved to {path}", file=sys.stderr)
 
 
 def save_checkpoint(
@@ -525,29 +614,51 @@ def save_checkpoint(
     """Everything a resumed run needs to continue as if never stopped. Rollouts already in
     flight (async mode) are collected and stored: they were generated by older weights, which a
     resumed run could not reproduce."""
-    tmp = checkpoint.begin(checkpoint.root(cfg.run.output_dir), step)
-    cluster.save_state(tmp)
     batches = [cluster.collect(p) for p in pending]
     for p, b in zip(pending, batches):
         p.results = [b]  # collected: keep the batch, not the reference
-    tensors = {"torch_rng": torch.get_rng_state()}
-    for k, rng in enumerate(cluster.rng_states()):
-        tensors[f"worker_rng.{k}"] = rng
+    tensors = {f"worker_rng.{k}": rng for k, rng in enumerate(cluster.rng_states())}
     for p, b in zip(pending, batches):
         tensors.update(b.to_tensors(f"pending{p.step}."))
     state = {
-        "step": step,
         "sampler": sampler.state_dict(),
         "ledger": ledger.state_dict(),
-        "python_rng": random.getstate(),
-        "config": config_to_dict(cfg),
-        "run_id": tracker.run_id,
         "pending_steps": [p.step for p in pending],
         "error_streak": error_streak,
         "reward_names": batches[0].reward_names if batches else [],
     }
-    checkpoint.save_run_state(tmp, state, tensors)
-    checkpoint.commit(tmp, cfg.run.keep_checkpoints)
+    write_checkpoint(cfg, cluster, step, tracker, state, tensors)
+
+
+def write_checkpoint(
+    cfg: Config,
+    cluster: Cluster,
+    step: int,
+    tracker: Tracker,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """One checkpoint of either loop: the learners' state, then the loop's ``state`` and
+    ``tensors`` with what every run has (step, config, tracking run id, the driver's RNG).
+    A failed write (a full disk) leaves the earlier checkpoints as they were."""
+    ckpt_root = checkpoint.root(cfg.run.output_dir)
+    with checkpoint.writing(ckpt_root, step, cfg.run.keep_checkpoints) as tmp:
+        cluster.save_state(tmp)
+        common = {
+            "step": step,
+            "python_rng": random.getstate(),
+            "config": config_to_dict(cfg),
+            "run_id": tracker.run_id,
+        }
+        rng = {"torch_rng": torch.get_rng_state()}
+        checkpoint.save_run_state(tmp, {**common, **state}, {**rng, **tensors})
+
+
+def restore_driver_rng(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The driver's Python and torch RNG as :func:`write_checkpoint` saved them."""
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(tensors["torch_rng"])
 
 
 def restore_checkpoint(
@@ -562,9 +673,7 @@ def restore_checkpoint(
     cluster.load_state(ckpt)
     sampler.load_state_dict(state["sampler"])
     ledger.load_state_dict(state["ledger"], state["step"])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(tensors["torch_rng"])
+    restore_driver_rng(state, tensors)
     workers = sorted(
         (k for k in tensors if k.startswith("worker_rng.")), key=lambda k: int(k.split(".")[1])
     )

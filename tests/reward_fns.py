@@ -1,5 +1,6 @@
 """User rewards that misbehave, importable as ``reward_fns:NAME`` (tests/ is on the path)."""
 
+import os
 import threading
 
 
@@ -48,4 +49,16 @@ def wrong_signature(completions):
 
 def always_zero(prompts, completions, answers):
     """Valid, and 0 for every sample: a reward the policy never satisfies."""
+    return [0.0] * len(completions)
+
+
+_calls = [0]
+
+
+def exits_quietly(prompts, completions, answers):
+    """A reward that ends the whole process, exit code 0, on its second call: nothing the run
+    can catch, as a user's ``sys.exit`` in a forked helper or ``os._exit`` would."""
+    _calls[0] += 1
+    if _calls[0] == 2:
+        os._exit(0)
     return [0.0] * len(completions)

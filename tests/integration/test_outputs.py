@@ -4,6 +4,7 @@ finish that fails, an output directory that already holds a run, and Ctrl-C."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,3 +159,176 @@ def test_ctrl_c_keeps_the_adapter_trained_so_far(tmp_path, tiny_path):
     assert any(v.abs().sum() > 0 for v in lora_b)  # trained, not the zero init
     assert torch.isfinite(torch.cat([v.flatten() for v in lora_b])).all()
     assert not (out / "adapter").exists()  # nothing that passes for a finished run
+
+
+# ---------------------------------------------------------------- SIGTERM, damaged checkpoints,
+# a full disk, a process that vanished (issue #20)
+
+CKPT = ["run.checkpoint_every=1", "run.keep_checkpoints=2", "run.plot=false"]
+
+
+def status(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())
+
+
+def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").exists() or len(steps(out)) < n:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"no {n} steps within 600 s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_adapter_and_a_checkpoint_that_resume_continues(tmp_path):
+    """SLURM's time limit, scancel, `timeout`, a Kubernetes eviction: SIGTERM is Ctrl-C, with
+    exit code 143, and with checkpoints on the run continues from the step it had reached."""
+    out = tmp_path / "run"
+    proc = launch(out, "run.steps=500", "run.checkpoint_every=50", "run.plot=false")
+    wait_for_steps(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "dist-ft: interrupted (SIGTERM)"
+    (saved,) = [line for line in lines if line.startswith("interrupted at step")]
+    step = int(saved.split()[3].rstrip(":"))
+    adapter = out / f"adapter-interrupted-step-{step}"
+    assert saved == f"interrupted at step {step}: adapter saved to {adapter}"
+    assert step >= 2 and steps(out) == list(range(1, step + 1))  # a whole step, never half
+    assert load_file(adapter / "adapter_model.safetensors")
+    ckpt = out / "checkpoints" / f"step-{step:08d}"
+    assert (
+        f"SIGTERM at step {step}: checkpoint saved to {ckpt} (continue with run.resume=auto)"
+        in (lines)
+    )
+    assert status(out)["state"] == "interrupted" and status(out)["reason"] == "SIGTERM"
+    assert not (out / "adapter").exists()
+
+    # export refuses what did not finish, and says what it kept
+    r = subprocess.run(
+        [DIST_FT, "export", str(out), "--adapter", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"dist-ft: error: {out} was interrupted at step {step} (SIGTERM): only a finished run "
+        f"is exported; continue it with run.resume=auto (the weights it kept: {adapter.name})"
+    )
+
+    rc, _, stderr = run(out, f"run.steps={step + 2}", "run.checkpoint_every=50", "run.resume=auto")
+    assert rc == 0, stderr[-3000:]
+    assert f"the previous run in {out} was interrupted at step {step} (SIGTERM)" in stderr
+    assert f"resuming from {ckpt} (step {step})" in stderr
+    assert steps(out) == list(range(1, step + 3))
+    assert status(out)["state"] == "finished" and status(out)["step"] == step + 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_damaged_commit_falls_back_and_all_corrupt_refuses_keeping_the_history(tmp_path):
+    out = tmp_path / "run"
+    rc, _, stderr = run(out, *CKPT, "run.steps=3")
+    assert rc == 0, stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert checkpoints(out) == ["step-00000002", "step-00000003"]
+    os.truncate(ckpts / "step-00000003" / "COMMIT", 40)
+
+    rc, _, stderr = run(out, *CKPT, "run.steps=4", "run.resume=auto")
+    assert rc == 0, stderr[-3000:]
+    assert f"skipping corrupt checkpoint: {ckpts / 'step-00000003'}: its COMMIT file" in stderr
+    assert f"resuming from {ckpts / 'step-00000002'} (step 2)" in stderr
+    assert steps(out) == [1, 2, 3, 4]
+
+    # every checkpoint damaged: refused in one line, before any model loads, history intact
+    for name in checkpoints(out):
+        os.truncate(ckpts / name / "COMMIT", 40)
+    history = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "ledger.jsonl")}
+    rc, _, stderr = run(out, *CKPT, "run.steps=5", "run.resume=auto")
+    assert rc == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"dist-ft: error: run.resume=auto: every checkpoint in {ckpts} is corrupt "
+        "(step-00000003, step-00000004; see the warnings above); nothing was changed: resume one "
+        "by path with run.resume=PATH once repaired, start over with run.resume=none "
+        "run.overwrite=true (deletes this run's metrics and checkpoints), or choose another "
+        "run.output_dir"
+    )
+    assert "Loading weights" not in stderr
+    assert {f: (out / f).read_bytes() for f in history} == history
+
+    # no checkpoint at all, but a run's history: refused too, never "starting fresh"
+    for name in checkpoints(out):
+        shutil.rmtree(ckpts / name)
+    rc, _, stderr = run(out, *CKPT, "run.steps=5", "run.resume=auto")
+    assert rc == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"dist-ft: error: run.resume=auto: {out} holds a run (metrics.jsonl, ledger.jsonl) but "
+        f"{ckpts} has no checkpoint to continue it from; nothing was changed: start over with "
+        "run.resume=none run.overwrite=true, or choose another run.output_dir"
+    )
+    assert {f: (out / f).read_bytes() for f in history} == history
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.3 MB tmpfs: room for two checkpoints of the tiny model (~530 KB each), not three."""
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_says_so_removes_the_partial_keeps_the_rest(small_disk):
+    from dist_ft.checkpoint import verify
+
+    out = small_disk.parent
+    rc, _, stderr = run(out, *CKPT, "run.steps=6")
+    assert rc == 1, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"dist-ft: error: CheckpointError: no space left on {small_disk} writing the checkpoint "
+        "of step 3 (its partial write is removed; kept: step-00000001, step-00000002): free "
+        "space there, or lower run.keep_checkpoints, then continue with run.resume=auto"
+    )
+    assert "Traceback" not in stderr
+    assert checkpoints(out) == ["step-00000001", "step-00000002"]  # no .partial-step-3 left
+    for name in checkpoints(out):
+        verify(small_disk / name)
+    # the weights of step 3 were trained: kept, as on Ctrl-C, outside the full disk
+    assert "stopped at step 3: adapter saved to" in stderr
+    assert (out / "adapter-interrupted-step-3" / "adapter_model.safetensors").is_file()
+    assert status(out)["state"] == "failed" and status(out)["step"] == 3
+    assert status(out)["reason"].startswith("CheckpointError: no space left on")
+
+
+@pytest.mark.slow
+def test_a_process_that_vanished_with_exit_0_is_told_apart_and_not_exported(tmp_path):
+    out = tmp_path / "run"
+    rc, _, _ = run(out, "reward.functions=[{name: 'reward_fns:exits_quietly'}]", "run.steps=5")
+    assert rc == 0  # os._exit(0): nothing in the process can report it...
+    s = status(out)
+    assert s["state"] == "running" and s["step"] < 5  # ...but status.json was never finished
+    r = subprocess.run(
+        [DIST_FT, "export", str(out), "--adapter", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"dist-ft: error: {out} ended without finishing (killed or crashed at step {s['step']}; "
+        f"pid {s['pid']} on {s['host']} is gone): only a finished run is exported; continue it "
+        "with run.resume=auto"
+    )
+    assert not (tmp_path / "x").exists()
