@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         # The trainer's cleanup has run on the way here; its traceback would only repeat the
         # stack of whatever happened to be running.
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"dist-ft: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        which = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        print(f"dist-ft: interrupted{which}", file=sys.stderr)
         return 128 + signum
 
 

@@ -290,7 +290,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
     status = RunStatus(out, done, cfg.run.steps)
     status.handle_signals()
 
-    def save_checkpoint() -> None:
+    def checkpoint_now() -> None:
         write_checkpoint(cfg, cluster, done, tracker, {"sampler": sampler.state_dict()}, {})
 
     try:
@@ -342,7 +342,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
                     )
                 tracker.log(step, metrics)
                 if checkpoint_due(cfg, step):
-                    save_checkpoint()
+                    checkpoint_now()
                 status.update(step)
         cluster.save_pretrained(final_dir)
         summary[final_dir.name] = str(final_dir)
@@ -354,7 +354,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
             cluster,
             final_dir,
             done,
-            save_checkpoint if cfg.run.checkpoint_every else None,
+            checkpoint_now if cfg.run.checkpoint_every else None,
         )
         raise
     finally:

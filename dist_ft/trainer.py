@@ -214,6 +214,10 @@ def train(cfg: Config) -> dict[str, Any]:
     pending: collections.deque[PendingRollout] = collections.deque()
     status = RunStatus(out, done, cfg.run.steps)
     status.handle_signals()
+
+    def checkpoint_now() -> None:  # of the last step trained, when a signal stops the run
+        save_checkpoint(cfg, cluster, done, sampler, ledger, tracker, pending, watch.streak)
+
     try:
         if ckpt is not None:
             # ---- resume: learner state, data cursor, ledger, RNG, rollouts already generated
@@ -294,11 +298,7 @@ def train(cfg: Config) -> dict[str, Any]:
             cluster,
             final_dir,
             done,
-            lambda: (
-                save_checkpoint(cfg, cluster, done, sampler, ledger, tracker, pending, watch.streak)
-                if cfg.run.checkpoint_every
-                else None
-            ),
+            checkpoint_now if cfg.run.checkpoint_every else None,
         )
         raise
     finally:

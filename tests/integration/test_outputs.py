@@ -42,7 +42,7 @@ def launch(out: Path, *overrides: str) -> subprocess.Popen:
 def run(out: Path, *overrides: str) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of a demo-config run to its end."""
     proc = launch(out, *overrides)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=900)
     return proc.returncode, stdout, stderr
 
 
