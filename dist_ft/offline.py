@@ -348,14 +348,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
         summary[final_dir.name] = str(final_dir)
         status.update(done, FINISHED)
     except BaseException as e:
-        stop_run(
-            e,
-            status,
-            cluster,
-            final_dir,
-            done,
-            checkpoint_now if cfg.run.checkpoint_every else None,
-        )
+        stop_run(e, cfg, status, cluster, final_dir, done, checkpoint_now)
         raise
     finally:
         status.restore_signals()

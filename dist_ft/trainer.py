@@ -292,14 +292,7 @@ def train(cfg: Config) -> dict[str, Any]:
         cluster.save_pretrained(final_dir)
         status.update(done, runstatus.FINISHED)
     except BaseException as e:
-        stop_run(
-            e,
-            status,
-            cluster,
-            final_dir,
-            done,
-            checkpoint_now if cfg.run.checkpoint_every else None,
-        )
+        stop_run(e, cfg, status, cluster, final_dir, done, checkpoint_now)
         raise
     finally:
         status.restore_signals()
@@ -556,11 +549,12 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
 
 def stop_run(
     e: BaseException,
+    cfg: Config,
     status: RunStatus,
     cluster: Cluster,
     final_dir: Path,
     done: int,
-    save_checkpoint_now: Callable[[], None] | None,
+    save_checkpoint_now: Callable[[], None],
 ) -> None:
     """What a run stopped before its end keeps, in both loops. A signal (Ctrl-C, SIGTERM) or a
     failure of the machinery (an actor that timed out or died, a full disk) keeps the weights
@@ -574,8 +568,8 @@ def stop_run(
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
     if not isinstance(e, RewardError):
         save_interrupted(cluster, final_dir, done, "interrupted" if interrupted else "stopped")
-    ckpt = checkpoint.root(status.path.parent) / f"step-{done:08d}"
-    if interrupted and save_checkpoint_now is not None and done > 0 and not ckpt.is_dir():
+    ckpt = checkpoint.root(cfg.run.output_dir) / f"step-{done:08d}"
+    if interrupted and cfg.run.checkpoint_every and done > 0 and not ckpt.is_dir():
         try:
             save_checkpoint_now()
         except Exception as err:

@@ -96,3 +96,23 @@ def test_ctrl_c_during_training_prints_no_traceback(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "dist-ft: interrupted"
+
+
+def test_demo_never_replaces_an_unfinished_run_it_kept_weights_of(tmp_path):
+    """`dist-ft demo` replaces its last run, but not one stopped early: adapter-interrupted-step-N/
+    is the only copy of what that run trained, and the user was told where it is."""
+    out = tmp_path / "demo"
+    kept = out / "adapter-interrupted-step-7"
+    kept.mkdir(parents=True)
+    (kept / "adapter_model.safetensors").write_bytes(b"trained")
+    (out / "metrics.jsonl").write_text('{"step": 7}\n')
+    r = subprocess.run(
+        [str(DIST_FT), "demo", f"run.output_dir={out}"], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"dist-ft: error: run.output_dir={out} holds adapter-interrupted-step-7 of a demo run that "
+        "did not finish: continue it with run.resume=auto, replace it with run.overwrite=true, or "
+        "choose another run.output_dir"
+    )
+    assert (kept / "adapter_model.safetensors").read_bytes() == b"trained"

@@ -171,6 +171,12 @@ def status(out: Path) -> dict:
     return json.loads((out / "status.json").read_text())
 
 
+def export_adapter(out: Path, to: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [DIST_FT, "export", str(out), "--adapter", str(to)], capture_output=True, text=True, env=ENV
+    )
+
+
 def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
     deadline = time.monotonic() + 600
     while not (out / "metrics.jsonl").exists() or len(steps(out)) < n:
@@ -206,12 +212,7 @@ def test_sigterm_saves_the_adapter_and_a_checkpoint_that_resume_continues(tmp_pa
     assert not (out / "adapter").exists()
 
     # export refuses what did not finish, and says what it kept
-    r = subprocess.run(
-        [DIST_FT, "export", str(out), "--adapter", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    r = export_adapter(out, tmp_path / "x")
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"dist-ft: error: {out} was interrupted at step {step} (SIGTERM): only a finished run "
@@ -319,12 +320,7 @@ def test_a_process_that_vanished_with_exit_0_is_told_apart_and_not_exported(tmp_
     assert rc == 0  # os._exit(0): nothing in the process can report it...
     s = status(out)
     assert s["state"] == "running" and s["step"] < 5  # ...but status.json was never finished
-    r = subprocess.run(
-        [DIST_FT, "export", str(out), "--adapter", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    r = export_adapter(out, tmp_path / "x")
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"dist-ft: error: {out} ended without finishing (killed or crashed at step {s['step']}; "
