@@ -42,20 +42,22 @@ from dist_ft.data import (
     prepare_prompts,
     prepare_sft,
 )
+from dist_ft.lifecycle import (
+    checkpoint_due,
+    open_checkpoint,
+    restore_driver_rng,
+    stop_run,
+    write_checkpoint,
+)
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.runstatus import FINISHED, RunStatus
 from dist_ft.tasks import SOURCES, demo_rows
 from dist_ft.trainer import (
-    checkpoint_due,
     component_specs,
     finish_tracking,
     keep_rejects,
     make_tracker,
-    open_checkpoint,
     prepare_output_dir,
-    restore_driver_rng,
-    stop_run,
-    write_checkpoint,
 )
 
 REFERENCE_FILE = "reference_logprobs.safetensors"

@@ -92,6 +92,7 @@ def test_components_take_typed_specs_not_the_config():
         "compare.py",  # reads a finished run's config.yaml
         "export.py",  # reads a finished run's config.yaml
         "label.py",  # the RLAIF labelling driver
+        "lifecycle.py",  # both loops' resume, checkpoints and stops (driver side)
         "offline.py",  # the SFT/DPO loop
         "plan.py",
         "trainer.py",
