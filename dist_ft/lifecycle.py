@@ -99,21 +99,24 @@ def stop_run(
         reason = e.args[0] if isinstance(e, runstatus.Interrupted) else "SIGINT"
     else:
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
-    if not isinstance(e, RewardError):
-        save_interrupted(cluster, final_dir, done, "interrupted" if interrupted else "stopped")
-    ckpt = checkpoint.root(cfg.run.output_dir) / f"step-{done:08d}"
-    if interrupted and cfg.run.checkpoint_every and done > 0 and not ckpt.is_dir():
-        try:
-            save_checkpoint_now()
-        except Exception as err:
-            print(f"{reason} at step {done}: checkpoint not written ({err})", file=sys.stderr)
-        else:
-            print(
-                f"{reason} at step {done}: checkpoint saved to {ckpt} "
-                "(continue with run.resume=auto)",
-                file=sys.stderr,
-            )
-    status.update(done, runstatus.INTERRUPTED if interrupted else runstatus.FAILED, reason)
+    try:  # a second signal may cut this short: status.json says how the run ended anyway
+        if not isinstance(e, RewardError):
+            how = "interrupted" if interrupted else "stopped"
+            save_interrupted(cluster, final_dir, done, how)
+        ckpt = checkpoint.root(cfg.run.output_dir) / f"step-{done:08d}"
+        if interrupted and cfg.run.checkpoint_every and done > 0 and not ckpt.is_dir():
+            try:
+                save_checkpoint_now()
+            except Exception as err:
+                print(f"{reason} at step {done}: checkpoint not written ({err})", file=sys.stderr)
+            else:
+                print(
+                    f"{reason} at step {done}: checkpoint saved to {ckpt} "
+                    "(continue with run.resume=auto)",
+                    file=sys.stderr,
+                )
+    finally:
+        status.update(done, runstatus.INTERRUPTED if interrupted else runstatus.FAILED, reason)
 
 
 def save_interrupted(cluster: Cluster, final_dir: Path, done: int, how: str) -> None:
