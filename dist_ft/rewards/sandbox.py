@@ -153,7 +153,9 @@ def _bwrap() -> tuple[str, ...]:
         *_host_view(), "--dev", "/dev", "--proc", "/proc",
     )  # fmt: skip
     try:
-        probe = subprocess.run([*cmd, "true"], capture_output=True, text=True, timeout=30)
+        # with the per-call /tmp options too: an old bwrap without --size fails here, not later
+        tmp = ("--perms", "1777", "--size", str(1 << 20), "--tmpfs", "/tmp")
+        probe = subprocess.run([*cmd, *tmp, "true"], capture_output=True, text=True, timeout=30)
         last = probe.stderr.strip().rpartition("\n")[2]
         why = (last or f"exit {probe.returncode}") if probe.returncode else None
     except (OSError, subprocess.SubprocessError) as e:
