@@ -124,6 +124,11 @@ def _host_view() -> list[str]:
     return args
 
 
+def _private_tmp(size_mb: int) -> tuple[str, ...]:
+    """bwrap arguments for a ``/tmp`` of its own: a tmpfs of ``size_mb``, writable by anyone."""
+    return ("--perms", "1777", "--size", str(size_mb << 20), "--tmpfs", "/tmp")
+
+
 def _python() -> str:
     """The interpreter's real binary: a venv's ``bin/python`` is a symlink the sandbox lacks."""
     return os.path.realpath(sys.executable)
@@ -154,8 +159,9 @@ def _bwrap() -> tuple[str, ...]:
     )  # fmt: skip
     try:
         # with the per-call /tmp options too: an old bwrap without --size fails here, not later
-        tmp = ("--perms", "1777", "--size", str(1 << 20), "--tmpfs", "/tmp")
-        probe = subprocess.run([*cmd, *tmp, "true"], capture_output=True, text=True, timeout=30)
+        probe = subprocess.run(
+            [*cmd, *_private_tmp(1), "true"], capture_output=True, text=True, timeout=30
+        )
         last = probe.stderr.strip().rpartition("\n")[2]
         why = (last or f"exit {probe.returncode}") if probe.returncode else None
     except (OSError, subprocess.SubprocessError) as e:
@@ -284,7 +290,7 @@ def run_python(
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/workspace", "TMPDIR": "/tmp"}
         proc = subprocess.Popen(
             [
-                *prefix, "--perms", "1777", "--size", str(file_mb << 20), "--tmpfs", "/tmp",
+                *prefix, *_private_tmp(file_mb),
                 "--bind", os.fspath(workspace), "/workspace", "--chdir", "/workspace",
                 _python(), "-I", "-S", "-c", _HARNESS,
             ],
