@@ -6,8 +6,8 @@ outermost first:
 - bubblewrap (``bwrap``): its own network (only its own loopback), pid, /proc, IPC and UTS
   namespaces, and a private filesystem view: read-only ``/usr`` and the interpreter's prefix, a
   private size-capped tmpfs ``/tmp``, the workspace as the only writable host directory
-  (``/workspace`` inside), and nothing else of the host: no ``/etc`` (so no password database),
-  no home directories, no host ``/tmp``;
+  (``/workspace`` inside), everything else read-only, and nothing else of the host: no ``/etc``
+  (so no password database), no home directories, no host ``/tmp``;
 - a fresh session, SIGKILLed as a whole at the wall-clock timeout;
 - rlimits on CPU seconds, address space, file size, process count and core dumps;
 - uid ``nobody`` when we are root, because root ignores RLIMIT_NPROC and can read every secret;
@@ -127,6 +127,11 @@ def _host_view() -> list[str]:
 def _private_tmp(size_mb: int) -> tuple[str, ...]:
     """bwrap arguments for a ``/tmp`` of its own: a tmpfs of ``size_mb``, writable by anyone."""
     return ("--perms", "1777", "--size", str(size_mb << 20), "--tmpfs", "/tmp")
+
+
+# Last, once every mount point exists: bwrap's root and /dev are tmpfs owned by the sandbox's
+# uid when we are not root, so without this code could fill memory with files outside /tmp's cap.
+_READ_ONLY_ROOT = ("--remount-ro", "/dev", "--remount-ro", "/")
 
 
 def _python() -> str:
@@ -292,6 +297,7 @@ def run_python(
             [
                 *prefix, *_private_tmp(file_mb),
                 "--bind", os.fspath(workspace), "/workspace", "--chdir", "/workspace",
+                *_READ_ONLY_ROOT,
                 _python(), "-I", "-S", "-c", _HARNESS,
             ],
             env=env, stdin=payload, stdout=out, stderr=err, start_new_session=True,

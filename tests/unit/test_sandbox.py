@@ -200,9 +200,11 @@ def test_writes_outside_the_workspace_fail_or_vanish(tmp_path):
         "open('/evil', 'w')",
         "open('/workspace/kept.txt', 'w').write('out')",
         "open('/tmp/big', 'wb').write(b'x' * (20 * 1024**2))",  # over file_mb, also on the tmpfs
+        "open('/dev/shm/x', 'w')",  # bwrap's own tmpfs mounts are read-only too
+        "open('/dev/null', 'w').write('x')",
     ]
     result = run_python("pass", tests, workspace=tmp_path, file_mb=16)
-    assert result.passed == [True, False, False, True, False]
+    assert result.passed == [True, False, False, True, False, False, True]
     assert not os.path.exists(escape)
     assert (tmp_path / "kept.txt").read_text() == "out"
 
