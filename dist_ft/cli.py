@@ -267,7 +267,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     imported, an incomplete model directory."""
     from dist_ft.config import ConfigError, check_device
     from dist_ft.models import check_model_path
-    from dist_ft.rewards import RewardError, resolve
+    from dist_ft.rewards import RewardError, resolve, sandbox
 
     check_device(cfg.resources.device)
     if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local":
@@ -288,8 +288,12 @@ def preflight(cfg: Config, samples: bool = False) -> None:
                 continue
             try:
                 resolve(name)
+                if name == "code_tests":
+                    sandbox.check()
             except RewardError as e:
                 raise ConfigError(f"reward.functions[{i}].name: {e}") from None
+            except sandbox.SandboxUnavailable as e:
+                raise ConfigError(f"reward.functions[{i}].name: {name}: {e}") from None
     check_model_path(cfg.model.path, "model.path")
     if "judge" in names:
         check_model_path(cfg.reward.judge.model.path, "reward.judge.model.path")

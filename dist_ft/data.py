@@ -311,9 +311,15 @@ def _text(row: dict[str, Any], field: str) -> str:
     return text
 
 
+# The roles of the chat format that HF chat templates and TRL share. Any other role would be
+# rendered by some templates as a user turn and dropped or refused by others, and is never
+# trained (only assistant turns are): a typo ("asistant") would silently lose a demonstration.
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def _messages(row: dict[str, Any], field: str) -> list[dict[str, Any]]:
-    """``row[field]`` as a non-empty list of ``{"role": str, "content": str}`` (other keys, e.g.
-    ``name``, go to the template as they are)."""
+    """``row[field]`` as a non-empty list of ``{"role": str, "content": str}``, each role one of
+    :data:`ROLES` (other keys, e.g. ``name``, go to the template as they are)."""
     value = row.get(field)
     if value is None:
         raise _BadRow(field, "missing")
@@ -331,6 +337,10 @@ def _messages(row: dict[str, Any], field: str) -> list[dict[str, Any]]:
             if not isinstance(m[key], str):
                 raise _BadRow(name, f"expected a string, got {type(m[key]).__name__}")
             _check_encodable(name, m[key])
+        if m["role"] not in ROLES:
+            raise _BadRow(
+                f"{field}[{j}].role", f"unknown role {m['role']!r} (allowed: {', '.join(ROLES)})"
+            )
     return value
 
 
@@ -465,10 +475,12 @@ def prepare_preferences(
 
     def build(i: int, row: dict[str, Any]) -> PreferencePair:
         if any(isinstance(row.get(f), list) for f in sides):
+            # the answers first: an answer that is not a message list is at fault, not the prompt
+            answers = [_messages(row, f) for f in sides]
             if isinstance(row.get("prompt"), str):
                 raise _BadRow("prompt", "expected a message list, as chosen/rejected are")
             prompt = [] if row.get("prompt") is None else _messages(row, "prompt")
-            chosen, rejected = (prompt + _messages(row, f) for f in sides)
+            chosen, rejected = (prompt + a for a in answers)
         else:
             context = _context(tokenizer, row, template, plain_template)
             chosen, rejected = (_text(row, f) for f in sides)

@@ -24,16 +24,22 @@ def exact_match(
 def char_match(
     prompts: list[str], completions: list[str], answers: list[str | None]
 ) -> list[float]:
-    """Share of the answer's characters that the completion has at the same position.
+    """Characters in the same position as the answer's, over the longer of the two lengths.
 
-    Partial credit gives a dense signal where exact match is almost never hit at first.
+    Partial credit gives a dense signal where exact match is almost never hit at first. Dividing
+    by the longer length makes extra characters cost as much as missing ones: for "gggg",
+    "gggggggg" scores 0.5 and "gg" 0.5, so padding a completion (or repeating the answer until
+    ``rollout.max_new_tokens`` runs out) never pays. Both sides are stripped of surrounding
+    whitespace first, as ``exact_match`` does, so a leading space or a trailing newline before
+    EOS costs nothing.
     """
     out = []
     for c, a in zip(completions, answers):
+        c, a = c.strip(), (a or "").strip()
         if not a:
             out.append(0.0)
             continue
-        out.append(sum(x == y for x, y in zip(c, a)) / len(a))
+        out.append(sum(x == y for x, y in zip(c, a)) / max(len(a), len(c)))
     return out
 
 

@@ -1,16 +1,25 @@
 """Run model-written Python against test snippets in a locked-down child process.
 
-Model code can loop forever, eat memory, fork, fill the disk or phone home, and a reward has to
-survive all of it, so the code never runs in our interpreter. Layers, outermost first:
-- its own network, pid and /proc namespaces (``unshare``) where the kernel allows them; otherwise
-  sockets are disabled inside the interpreter, which stops only casual use (``network_isolation``);
+Model code can loop forever, eat memory, fork, fill the disk, read the machine's files or phone
+home, and a reward has to survive all of it, so the code never runs in our interpreter. Layers,
+outermost first:
+- bubblewrap (``bwrap``): its own network (only its own loopback), pid, /proc, IPC and UTS
+  namespaces, and a private filesystem view: read-only ``/usr`` and the interpreter's prefix, a
+  private size-capped tmpfs ``/tmp``, the workspace as the only writable host directory
+  (``/workspace`` inside), everything else read-only, and nothing else of the host: no ``/etc``
+  (so no password database), no home directories, no host ``/tmp``;
 - a fresh session, SIGKILLed as a whole at the wall-clock timeout;
 - rlimits on CPU seconds, address space, file size, process count and core dumps;
 - uid ``nobody`` when we are root, because root ignores RLIMIT_NPROC and can read every secret;
-- an empty private cwd/HOME and a fixed environment, so the parent's API keys never reach the code.
+- a fixed environment, so the parent's API keys never reach the code.
 The child is ``python -I -S``: standard library only, nothing from the venv or user site.
-Without namespaces, a child that calls setsid() outlives the timeout, and a non-root child
-(same uid as us) can read our /proc/PID/environ.
+
+Without bwrap, or where it cannot create namespaces (a container whose seccomp profile forbids
+them), every call raises :class:`SandboxUnavailable` with how to fix it; nothing runs. There is
+no weaker fallback on purpose: the older one (sockets blocked inside the interpreter, the host
+filesystem in view) let code read the machine's files and a same-uid child read our
+/proc/PID/environ, and a hand-built mount namespace (``unshare`` plus bind mounts) would redo
+bwrap's work less carefully while needing the very namespaces whose absence is the failure.
 """
 
 from __future__ import annotations
@@ -39,9 +48,8 @@ _PY_FENCES = ("", "py", "python", "python3")
 _HARNESS = r"""
 def main():
     import json, os, resource, signal, sys
-    with open(".payload") as f:
-        job = json.load(f)
-    os.remove(".payload")
+    job = json.load(sys.stdin)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the job holds the marker: nothing re-reads it
     for name, (soft, hard) in job["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead
@@ -57,14 +65,6 @@ def main():
         os.setgroups([])
         os.setgid(job["uid"])
         os.setuid(job["uid"])
-    if job["block_sockets"]:
-        import _socket, socket
-        def refuse(*args, **kwargs):
-            raise PermissionError("network access is disabled in the sandbox")
-        class Refused(socket.socket):  # a class still, so library code can subclass it
-            __init__ = refuse
-        socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = Refused
-        socket.socketpair = socket.fromfd = _socket.socketpair = refuse
     marker = job.pop("marker")
     write, exit_, getpid, MemErr = os.write, os._exit, os.getpid, MemoryError
     run, comp = exec, compile
@@ -98,29 +98,91 @@ class SandboxResult:
     error: str | None  # first failure, "timeout", "memory", "cpu" or a stderr tail
 
 
+class SandboxUnavailable(RuntimeError):
+    """bwrap is missing or cannot create namespaces here; the message says how to fix it."""
+
+
+_INSTALL = (
+    "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
+)
+
+
+def _host_view() -> list[str]:
+    """bwrap arguments for the read-only allow-list Python needs: ``/usr``, the top-level
+    ``/bin``, ``/lib``... as the host has them (symlinks into /usr where /usr is merged), and the
+    interpreter's prefix and binary where they live outside /usr (pyenv, conda, a venv's base)."""
+    args, covered = ["--ro-bind", "/usr", "/usr"], ["/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    for path in (os.path.realpath(sys.base_prefix), os.path.dirname(_python())):
+        if not any(path == c or path.startswith(c + "/") for c in covered):
+            args += ["--ro-bind", path, path]
+            covered.append(path)
+    return args
+
+
+def _private_tmp(size_mb: int) -> tuple[str, ...]:
+    """bwrap arguments for a ``/tmp`` of its own: a tmpfs of ``size_mb``, writable by anyone."""
+    return ("--perms", "1777", "--size", str(size_mb << 20), "--tmpfs", "/tmp")
+
+
+# Last, once every mount point exists: bwrap's root and /dev are tmpfs owned by the sandbox's
+# uid when we are not root, so without this code could fill memory with files outside /tmp's cap.
+_READ_ONLY_ROOT = ("--remount-ro", "/dev", "--remount-ro", "/")
+
+
+def _python() -> str:
+    """The interpreter's real binary: a venv's ``bin/python`` is a symlink the sandbox lacks."""
+    return os.path.realpath(sys.executable)
+
+
 @functools.cache
-def _netns_prefix() -> tuple[str, ...] | None:
-    """The ``unshare`` command that gives the child its own network, pids and /proc, if allowed.
+def _bwrap() -> tuple[str, ...]:
+    """The bwrap command up to the per-call mounts, checked once by running ``true`` in it.
 
-    A fresh network namespace has only a downed loopback, so even 127.0.0.1 is unreachable; the
-    pid namespace makes the whole tree die with its init; the private /proc hides our processes
-    (and their environments). Non-root needs a user namespace to create the others.
+    A fresh network namespace has only its own loopback, so nothing the host listens on (even
+    on 127.0.0.1) is reachable; the pid namespace makes the whole tree die with its init; the
+    private /proc hides our processes (and their environments). ``--as-pid-1`` makes the
+    harness that init, bwrap's own child, so its CPU time reaches our ``wait4`` (under bwrap's
+    reaper it would not). Root creates the namespaces without a user namespace and keeps its
+    capabilities inside, so the harness can still drop to ``nobody``; anyone else needs a user
+    namespace to create the others.
     """
-    exe = shutil.which("unshare")
+    exe = shutil.which("bwrap")
     if exe is None:
-        return None
-    user = () if os.geteuid() == 0 else ("--map-root-user",)
-    cmd = (exe, *user, "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
+        raise SandboxUnavailable(
+            f"the code sandbox needs bubblewrap (bwrap), not found: {_INSTALL}"
+        )
+    user = () if os.geteuid() == 0 else ("--unshare-user",)
+    cmd = (
+        exe, *user, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--as-pid-1", "--die-with-parent", "--new-session",
+        *_host_view(), "--dev", "/dev", "--proc", "/proc",
+    )  # fmt: skip
     try:
-        probe = subprocess.run([*cmd, "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return cmd if probe.returncode == 0 else None
+        # with the per-call /tmp options too: an old bwrap without --size fails here, not later
+        probe = subprocess.run(
+            [*cmd, *_private_tmp(1), "true"], capture_output=True, text=True, timeout=30
+        )
+        last = probe.stderr.strip().rpartition("\n")[2]
+        why = (last or f"exit {probe.returncode}") if probe.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        why = str(e)
+    if why is not None:
+        raise SandboxUnavailable(
+            f"bwrap cannot create the code sandbox here ({why}): "
+            "allow user namespaces (sysctl kernel.unprivileged_userns_clone=1; in a container, a "
+            "seccomp profile that permits them)"
+        )
+    return cmd
 
 
-def network_isolation() -> str:
-    """ "netns" (kernel network namespace) or "blocked-sockets" (in-interpreter, best effort)."""
-    return "netns" if _netns_prefix() else "blocked-sockets"
+def check() -> None:
+    """Raise :class:`SandboxUnavailable` now, with the fix, if code cannot be sandboxed here."""
+    _bwrap()
 
 
 def _processes_of(uid: int) -> int:
@@ -136,9 +198,9 @@ def _processes_of(uid: int) -> int:
 def _kill_all(proc: subprocess.Popen, timed_out: bool) -> float:
     """SIGKILL everything the run started, reap the leader, and return the CPU seconds used.
 
-    On a timeout the harness (the pid namespace's init: the namespace dies with it) goes first,
-    so ``unshare`` reaps it; killed after ``unshare`` it would be a zombie for a container init
-    that may never reap. The group is signalled before its leader is reaped, so its id cannot
+    On a timeout bwrap's child, the harness (the pid namespace's init: the namespace dies with
+    it), goes first, so bwrap reaps it; killed after bwrap it would be a zombie for a container
+    init that may never reap. The group is signalled before its leader is reaped, so its id cannot
     have been recycled for an innocent process.
     """
     if timed_out:
@@ -183,6 +245,7 @@ def run_python(
     code: str,
     tests: list[str],
     *,
+    workspace: str | os.PathLike[str] | None = None,
     timeout_s: float = 5.0,
     cpu_s: int = 5,
     memory_mb: int = 512,
@@ -191,8 +254,15 @@ def run_python(
 ) -> SandboxResult:
     """Run ``code`` then each test snippet in one sandboxed child; a test passes if it raises
     nothing. ``max_procs`` counts threads too (Linux counts tasks), on top of what the sandbox
-    uid already runs, and sandboxes running at once share it."""
-    prefix = _netns_prefix()
+    uid already runs, and sandboxes running at once share it.
+
+    ``workspace`` is the code's cwd and HOME, seen inside as ``/workspace``, and the only host
+    directory it can write: files put there beforehand are its inputs and what it writes stays
+    for the caller (as root, the directory and its contents are handed to ``nobody`` first).
+    None: a fresh temporary directory, removed afterwards. ``/tmp`` inside is private and holds
+    at most ``file_mb``. Raises :class:`SandboxUnavailable` where bwrap cannot run.
+    """
+    prefix = _bwrap()
     uid = NOBODY if os.geteuid() == 0 else None
     # A random marker on the result line, so printed output cannot pass as a result.
     marker = secrets.token_hex(16)
@@ -205,22 +275,32 @@ def run_python(
         "RLIMIT_CORE": (0, 0),
     }
     job = {"code": code, "tests": tests, "marker": marker, "uid": uid, "rlimits": rlimits}
-    job["block_sockets"] = prefix is None
     with (
-        tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp,
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryFile() as payload,
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
     ):
-        fd = os.open(os.path.join(tmp, ".payload"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(job, f)
+        if workspace is None:
+            tmp = tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True)
+            workspace = stack.enter_context(tmp)
+        elif not os.path.isdir(workspace):
+            raise NotADirectoryError(f"sandbox workspace {workspace} is not a directory")
         if uid is not None:
-            os.chown(tmp, uid, uid)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp}
+            for parent, dirs, files in os.walk(workspace):
+                for name in ["", *dirs, *files]:
+                    os.lchown(os.path.join(parent, name), uid, uid)
+        payload.write(json.dumps(job).encode())
+        payload.seek(0)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/workspace", "TMPDIR": "/tmp"}
         proc = subprocess.Popen(
-            [*(prefix or ()), sys.executable, "-I", "-S", "-c", _HARNESS],
-            cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            start_new_session=True,
+            [
+                *prefix, *_private_tmp(file_mb),
+                "--bind", os.fspath(workspace), "/workspace", "--chdir", "/workspace",
+                *_READ_ONLY_ROOT,
+                _python(), "-I", "-S", "-c", _HARNESS,
+            ],
+            env=env, stdin=payload, stdout=out, stderr=err, start_new_session=True,
         )  # fmt: skip
         timed_out = not _wait_unreaped(proc.pid, timeout_s)
         cpu_used_s = _kill_all(proc, timed_out)
@@ -238,7 +318,9 @@ def run_python(
         passed = [False] * len(tests)
         if timed_out:
             error = "timeout"
-        elif cpu_used_s >= cpu_s - 0.1:  # RLIMIT_CPU's kill; `unshare` hides which signal
+        elif proc.returncode == 128 + signal.SIGKILL and cpu_used_s >= 0.9 * cpu_s:
+            # RLIMIT_CPU's kill (bwrap exits 128 + the signal); the kernel's accounting of the
+            # CPU time is a few ticks short of the limit it enforced
             error = "cpu"
         else:
             stderr = tails[1][-300:].decode(errors="replace").strip()

@@ -78,6 +78,13 @@ def test_char_match_gives_positional_partial_credit():
     assert char_match(["q"] * 3, ["cccc", "ccxx", "xcxx"], ["cccc"] * 3) == [1.0, 0.5, 0.25]
 
 
+def test_char_match_charges_extra_characters_like_missing_ones():
+    # 4 right of 8 written, 2 right of 4 wanted, 3 right of 5 written; whitespace around is free
+    completions = ["gggggggg", "gg", "ggggx", " gggg\n", "xgggg", ""]
+    assert char_match(["q"] * 6, completions, ["gggg"] * 6) == [0.5, 0.5, 0.8, 1.0, 0.6, 0.0]
+    assert char_match(["q"] * 2, ["gggg", "gggg"], [None, "  "]) == [0.0, 0.0]
+
+
 def test_format_regex_and_length_penalty():
     assert format_regex(["q"] * 2, ["<a>1</a>", "1"], [None] * 2, pattern=r"<a>\d+</a>") == [
         1.0,

@@ -9,9 +9,26 @@ import subprocess
 import time
 
 import pytest
+from readme import ROOT
 
+from dist_ft.cli import main
 from dist_ft.rewards import sandbox
-from dist_ft.rewards.sandbox import code_tests, extract_code, network_isolation, run_python
+from dist_ft.rewards.sandbox import SandboxUnavailable, code_tests, extract_code, run_python
+
+
+def _unavailable() -> str | None:
+    """Why code cannot be sandboxed here (bwrap missing or denied namespaces), or None."""
+    try:
+        sandbox.check()
+    except SandboxUnavailable as e:
+        return str(e)
+    return None
+
+
+# Where .ci/run could not install bubblewrap the tests that run code skip, saying why (as the
+# SLURM tests do); the refusal itself is tested everywhere.
+UNAVAILABLE = _unavailable()
+needs_bwrap = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
 
 
 def _procs(match) -> list[int]:
@@ -40,14 +57,7 @@ def _gone(match, within_s: float = 3.0) -> bool:
     return True
 
 
-@pytest.fixture(params=["default", "blocked-sockets"])
-def isolation(request, monkeypatch) -> str:
-    """Both network modes: whatever this machine supports, and the in-interpreter fallback."""
-    if request.param == "blocked-sockets":
-        monkeypatch.setattr(sandbox, "_netns_prefix", lambda: None)
-    return network_isolation()
-
-
+@needs_bwrap
 def test_correct_code_passes_and_wrong_code_scores_the_exact_share():
     tests = ["assert f(2) == 4", "assert f(3) == 9", "assert f(0) == 0", "assert f(-1) == 1"]
     good = run_python("def f(x):\n    return x * x", tests)
@@ -58,6 +68,7 @@ def test_correct_code_passes_and_wrong_code_scores_the_exact_share():
     assert run_python("def f(x) return", tests).reward == 0.0  # a syntax error fails every test
 
 
+@needs_bwrap
 @pytest.mark.parametrize(
     "code",
     [
@@ -70,6 +81,7 @@ def test_code_cannot_fake_a_pass(code):
     assert run_python(code, ["assert False"]).passed == [False]
 
 
+@needs_bwrap
 def test_infinite_loop_is_killed_at_the_wall_clock_timeout():
     start = time.monotonic()
     result = run_python("while True:\n    pass", ["pass"], timeout_s=1.0, cpu_s=30)
@@ -77,11 +89,13 @@ def test_infinite_loop_is_killed_at_the_wall_clock_timeout():
     assert result.timed_out and result.error == "timeout" and result.reward == 0.0
 
 
+@needs_bwrap
 def test_cpu_limit_kills_a_busy_loop_before_the_wall_clock():
     result = run_python("while True:\n    pass", ["pass"], timeout_s=20.0, cpu_s=1)
     assert not result.timed_out and result.error == "cpu" and result.passed == [False]
 
 
+@needs_bwrap
 @pytest.mark.parametrize(
     "bomb",
     ["x = bytearray(4 * 1024**3)", "x = []\nwhile True:\n    x.append(bytearray(1 << 20))"],
@@ -92,6 +106,7 @@ def test_memory_bomb_is_stopped_by_the_address_space_limit(bomb):
     assert run_python("def f():\n    return 1", ["assert f() == 1"]).reward == 1.0
 
 
+@needs_bwrap
 def test_fork_bomb_is_stopped_and_leaves_no_process(monkeypatch):
     leaders = []
 
@@ -110,7 +125,7 @@ def test_fork_bomb_is_stopped_and_leaves_no_process(monkeypatch):
     assert run_python("def f():\n    return 1", ["assert f() == 1"]).reward == 1.0
 
 
-@pytest.mark.skipif(network_isolation() != "netns", reason="needs a pid namespace")
+@needs_bwrap
 def test_a_child_that_leaves_the_session_dies_with_the_sandbox():
     tag = b"987.6543210"  # a unique argv to find the escapee by
     escape = (
@@ -121,7 +136,8 @@ def test_a_child_that_leaves_the_session_dies_with_the_sandbox():
     assert _gone(lambda _, cmdline: tag in cmdline)
 
 
-def test_no_connection_reaches_a_port_the_parent_listens_on(isolation):
+@needs_bwrap
+def test_no_connection_reaches_a_port_the_parent_listens_on():
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         probe = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()"
@@ -133,10 +149,10 @@ def test_no_connection_reaches_a_port_the_parent_listens_on(isolation):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the port does work
         server.setblocking(True)
         server.accept()[0].close()
-    expected = "OSError" if isolation == "netns" else "PermissionError"
-    assert expected in result.error
+    assert "ConnectionRefusedError" in result.error  # its own loopback, where nothing listens
 
 
+@needs_bwrap
 def test_parent_secrets_never_reach_the_code(monkeypatch):
     secret = "sk-secret-0123456789abcdef"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -161,12 +177,10 @@ def test_parent_secrets_never_reach_the_code(monkeypatch):
     finally:
         holder.kill()
         holder.wait()
-    assert passed[:2] == [True, True]
-    # Known gap: without namespaces a non-root sandbox shares our uid and can read our /proc.
-    if network_isolation() == "netns" or os.geteuid() == 0:
-        assert passed[2]
+    assert passed == [True, True, True]
 
 
+@needs_bwrap
 def test_writing_a_file_past_the_size_limit_fails():
     tests = [
         "open('small.bin', 'wb').write(b'x' * 1000)",
@@ -176,6 +190,82 @@ def test_writing_a_file_past_the_size_limit_fails():
     assert result.passed == [True, False] and "File too large" in result.error
 
 
+@needs_bwrap
+def test_writes_outside_the_workspace_fail_or_vanish(tmp_path):
+    # /tmp inside is a private tmpfs: the write works there and never reaches the host's /tmp
+    escape = f"/tmp/sandbox-escape-{os.getpid()}-{time.monotonic_ns()}"
+    tests = [
+        f"open('{escape}', 'w').write('x')",
+        "open('/usr/evil', 'w')",
+        "open('/evil', 'w')",
+        "open('/workspace/kept.txt', 'w').write('out')",
+        "open('/tmp/big', 'wb').write(b'x' * (20 * 1024**2))",  # over file_mb, also on the tmpfs
+        "open('/dev/shm/x', 'w')",  # bwrap's own tmpfs mounts are read-only too
+        "open('/dev/null', 'w').write('x')",
+    ]
+    result = run_python("pass", tests, workspace=tmp_path, file_mb=16)
+    assert result.passed == [True, False, False, True, False, False, True]
+    assert not os.path.exists(escape)
+    assert (tmp_path / "kept.txt").read_text() == "out"
+
+
+@needs_bwrap
+def test_system_files_outside_the_allow_list_cannot_be_read(tmp_path):
+    world_readable = tmp_path / "host.txt"  # a host file any user may read, outside the view
+    world_readable.write_text("host data")
+    world_readable.chmod(0o644)
+    system = ["/etc/passwd", "/etc/shadow", "/etc/hostname", "/root/.bashrc", "/var/log"]
+    hidden = [p for p in system if os.path.exists(p)]
+    assert "/etc/passwd" in hidden  # the probes below would prove nothing on a bare host
+    probes = [f"assert not os.path.exists({p!r})" for p in [*hidden, __file__, str(world_readable)]]
+    code = "import os\nimport json"  # the standard library still imports
+    result = run_python(code, [*probes, "assert sorted(os.listdir('/tmp')) == []"])
+    assert result.passed == [True] * (len(probes) + 1), result.error
+
+
+@needs_bwrap
+def test_the_workspace_holds_the_code_s_inputs_and_outputs(tmp_path):
+    (tmp_path / "data.txt").write_text("3 4")
+    code = "n = sum(map(int, open('data.txt').read().split()))\nopen('sum.txt', 'w').write(str(n))"
+    tests = ["import os\nassert os.getcwd() == '/workspace' == os.environ['HOME']"]
+    assert run_python(code, tests, workspace=tmp_path).passed == [True]
+    assert (tmp_path / "sum.txt").read_text() == "7"
+    with pytest.raises(
+        NotADirectoryError, match=r"^sandbox workspace /.*/missing is not a directory$"
+    ):
+        run_python("pass", ["pass"], workspace=tmp_path / "missing")
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch, tmp_path):
+    """A PATH without bwrap on it, as on a machine where bubblewrap is not installed."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox._bwrap.cache_clear()
+    yield
+    sandbox._bwrap.cache_clear()
+
+
+NO_BWRAP = (
+    "the code sandbox needs bubblewrap (bwrap), not found: install bubblewrap "
+    "(Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
+)
+
+
+def test_without_bwrap_nothing_runs_and_the_error_says_how_to_install_it(no_bwrap):
+    with pytest.raises(SandboxUnavailable) as e:
+        run_python("open('/tmp/ran', 'w')", ["pass"])
+    assert str(e.value) == NO_BWRAP
+    with pytest.raises(SandboxUnavailable):
+        code_tests([""], ["x = 1"], [json.dumps(["pass"])])
+
+
+def test_a_run_scored_by_code_tests_is_refused_before_the_model_loads(no_bwrap, capsys):
+    overrides = ["reward.functions=[{name: code_tests}]", "run.output_dir=unused"]
+    assert main(["train", str(ROOT / "configs" / "demo.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dist-ft: error: reward.functions[0].name: code_tests: {NO_BWRAP}\n"
+
+
 def test_extract_code_takes_the_last_python_block():
     two = "Try:\n```python\nx = 1\n```\nBetter:\n```\nx = 2\n```\n```bash\nrm -rf /\n```"
     assert extract_code(two) == "x = 2"
@@ -183,6 +273,7 @@ def test_extract_code_takes_the_last_python_block():
     assert extract_code("```py\nx = 4\n") == "x = 4"  # generation stopped before the fence
 
 
+@needs_bwrap
 def test_code_tests_scores_a_batch():
     completions = [
         "Here you go:\n```python\ndef f(x):\n    return 2 * x\n```",

@@ -163,6 +163,20 @@ def test_bad_sft_row_names_file_row_and_field(tmp_path, tok, bad, match):
         sft(p, tok)
 
 
+def test_a_chat_row_with_an_unknown_role_is_refused_or_skipped(tmp_path, tok):
+    robot = {"messages": [CHAT[1], {"role": "robot", "content": "beep"}]}
+    p = write_jsonl(tmp_path, [{"prompt": "a", "completion": "b"}, robot])
+    with pytest.raises(DatasetError) as e:
+        sft(p, tok)
+    assert str(e.value) == (
+        f"{p}: row 1: field 'messages[1].role': unknown role 'robot' "
+        "(allowed: system, user, assistant, tool)"
+    )
+    prepared = sft(p, tok, on_bad_row="skip")
+    assert [x.index for x in prepared.examples] == [0]
+    assert [(r.row, r.field) for r in prepared.rejects] == [(1, "messages[1].role")]
+
+
 def test_first_bad_row_in_file_order_and_skip_writes_rejects(tmp_path, tok):
     p = tmp_path / "mixed.jsonl"
     lines = [
@@ -298,6 +312,35 @@ def test_bad_pair_row_names_file_row_and_field(tmp_path, tok, bad, match):
         prefs(p, tok)
     prepared = prefs(p, tok, on_bad_row="skip")
     assert [q.index for q in prepared.pairs] == [0] and [r.row for r in prepared.rejects] == [1]
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            {"chosen": [CHAT[1], {"role": "wizard", "content": "x"}], "rejected": CHAT[1:3]},
+            "field 'chosen[1].role': unknown role 'wizard' "
+            "(allowed: system, user, assistant, tool)",
+        ),
+        (
+            {"prompt": [CHAT[1]], "chosen": 123, "rejected": [CHAT[2]]},
+            "field 'chosen': expected a list of messages, got int",
+        ),
+        (
+            {"prompt": "q", "chosen": 123, "rejected": [CHAT[2]]},
+            "field 'chosen': expected a list of messages, got int",
+        ),
+        (
+            {"prompt": "q", "chosen": 123, "rejected": "c"},
+            "field 'chosen': expected a string, got int",
+        ),
+    ],
+)
+def test_a_bad_answer_in_a_pair_is_blamed_on_itself(tmp_path, tok, bad, message):
+    p = write_jsonl(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}, bad])
+    with pytest.raises(DatasetError) as e:
+        prefs(p, tok)
+    assert str(e.value) == f"{p}: row 1: {message}"
 
 
 def test_pair_truncation_counts_pairs(tmp_path, tok):
