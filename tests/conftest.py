@@ -67,6 +67,29 @@ def make_run(out: Path, *overrides: str, seed: int = 0) -> tuple[Path, torch.nn.
     return run, policy
 
 
+def corrupt(file: Path, value: float, seal: bool) -> None:
+    """Overwrite the first float32 of the first tensor in a safetensors ``file`` with ``value``
+    (a flipped exponent), and with ``seal`` re-write the directory's manifest as a run whose
+    training diverged would have: then only the values can tell."""
+    import json
+    import struct
+
+    from dist_ft.export import seal as write_seal
+
+    data = bytearray(file.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    first = min(
+        (v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"]
+    )
+    assert first["dtype"] == "F32"
+    at = 8 + header_len + first["data_offsets"][0]
+    data[at : at + 4] = struct.pack("<f", value)
+    file.write_bytes(bytes(data))
+    if seal:
+        write_seal(file.parent)
+
+
 def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):
     """``pairs`` preference pairs of the built-in letter task, as a DPO batch (pair i = group
     i, chosen row first), with answers of unequal lengths and reference logprobs that differ

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_run
+from conftest import corrupt, make_run
 from safetensors.torch import load_file
 
 from dist_ft.cli import main
@@ -191,28 +191,6 @@ def one_line_error(capsys, code: int) -> str:
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("dist-ft: error: "), err
     return err
-
-
-def corrupt(file: Path, value: float, seal: bool) -> None:
-    """Overwrite the first float32 of the first tensor in a safetensors ``file`` with ``value``
-    (a flipped exponent), and with ``seal`` re-write the directory's manifest as a run whose
-    training diverged would have: then only the values can tell."""
-    import struct
-
-    from dist_ft.export import seal as write_seal
-
-    data = bytearray(file.read_bytes())
-    header_len = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8 : 8 + header_len])
-    first = min(
-        (v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"]
-    )
-    assert first["dtype"] == "F32"
-    at = 8 + header_len + first["data_offsets"][0]
-    data[at : at + 4] = struct.pack("<f", value)
-    file.write_bytes(bytes(data))
-    if seal:
-        write_seal(file.parent)
 
 
 def test_export_out_is_refused_when_used_and_replaced_with_overwrite(
