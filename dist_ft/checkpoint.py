@@ -102,11 +102,11 @@ def check_manifest(directory: Path, name: str) -> None:
         listed = json.loads((directory / name).read_text())["files"]
         listed = {str(rel): str(digest) for rel, digest in listed.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{directory / name} is unreadable ({type(e).__name__})") from None
+        raise CheckpointError(f"{directory}: its {name} file is unreadable ({e})") from None
     for rel, digest in listed.items():
         f = directory / rel
         if not f.is_file() or _sha256(f) != digest:
-            raise CheckpointError(f"{f} is missing or does not match {directory / name}")
+            raise CheckpointError(f"{directory}: {rel} is missing or does not match {name}")
 
 
 def commit(tmp: Path, keep: int) -> Path:

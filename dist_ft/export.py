@@ -79,9 +79,9 @@ _UNMERGEABLE = {PeftMethod.PREFIX: "prefix", PeftMethod.ADAPTER: "bottleneck ada
 _BIAS_FLAGS = ("attention_bias", "mlp_bias")
 MANIFEST = "MANIFEST.json"  # sha256 of every file of a final adapter/ or model/, and of an OUT
 # The largest |weight| an export or merge accepts: fp16's largest finite value. A weight past it
-# turns into inf as soon as the model is served in half precision, and trained LLM weights are
-# O(1) (the largest in Llama/Qwen/SmolLM checkpoints, norm gains and outlier dimensions, are in
-# the tens): past it is a damaged file or a diverged run (a flipped exponent gave 1.18e29).
+# turns into inf as soon as the model is served in half precision, as released LLMs routinely
+# are, so no working checkpoint holds one (trained weights are O(1)); past it is a damaged file
+# or a diverged run (8 flipped bytes gave 1.18e29).
 MAX_ABS_WEIGHT = torch.finfo(torch.float16).max  # 65504
 # The files by which --overwrite knows an earlier export's directory (it deletes nothing else)
 _EXPORTED = (MANIFEST, "config.json", "adapter_config.json", CONFIG_FILE)
@@ -223,9 +223,12 @@ def _writing(out: Path) -> Iterator[Path]:
     sees a half-written OUT."""
     out = out.resolve()
     tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():  # left by an export that died mid-write
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():  # left by an export that died mid-write
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a read-only filesystem, a file where a folder must be...
+        raise ExportError(f"cannot write {out}: {e.strerror} ({e.filename})") from None
     try:
         yield tmp
         seal(tmp)
