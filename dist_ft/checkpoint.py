@@ -85,18 +85,38 @@ def begin(ckpt_root: Path, step: int) -> Path:
     return tmp
 
 
-def commit(tmp: Path, keep: int) -> Path:
-    """Fsync every file, write COMMIT (sha256 of each) last, rename into place, prune."""
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+def write_manifest(directory: Path, name: str) -> None:
+    """Fsync every file under ``directory``, then write ``directory/name``: the sha256 of each
+    (``{"files": {relative path: hex digest}}``), fsynced last with the folders."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / name)
     sums = {}
     for p in files:
         _fsync(p)
-        sums[str(p.relative_to(tmp))] = _sha256(p)
-    manifest = tmp / COMMIT
+        sums[str(p.relative_to(directory))] = _sha256(p)
+    manifest = directory / name
     manifest.write_text(json.dumps({"files": sums}, indent=1))
     _fsync(manifest)
-    for d in sorted({p.parent for p in files} | {tmp}):
+    for d in sorted({p.parent for p in files} | {directory}):
         _fsync(d)
+
+
+def check_manifest(directory: Path, name: str) -> None:
+    """Every file that ``directory/name`` (written by :func:`write_manifest`) lists exists with
+    its recorded sha256; a manifest that does not parse is itself damage."""
+    try:
+        listed = json.loads((directory / name).read_text())["files"]
+        listed = {str(rel): str(digest) for rel, digest in listed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory}: its {name} file is unreadable ({e})") from None
+    for rel, digest in listed.items():
+        f = directory / rel
+        if not f.is_file() or _sha256(f) != digest:
+            raise CheckpointError(f"{directory}: {rel} is missing or does not match {name}")
+
+
+def commit(tmp: Path, keep: int) -> Path:
+    """Fsync every file, write COMMIT (sha256 of each) last, rename into place, prune."""
+    write_manifest(tmp, COMMIT)
     final = tmp.parent / tmp.name.removeprefix(PARTIAL_PREFIX)
     if final.exists():  # the same step committed by an earlier attempt of this run
         shutil.rmtree(final)
@@ -161,15 +181,7 @@ def prune(ckpt_root: Path, keep: int) -> None:
 
 def verify(path: Path) -> None:
     """Every file listed in COMMIT exists with its recorded sha256."""
-    try:
-        files = json.loads((path / COMMIT).read_text())["files"]
-        listed = [(str(rel), str(digest)) for rel, digest in files.items()]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its {COMMIT} file is unreadable ({e})") from None
-    for rel, digest in listed:
-        f = path / rel
-        if not f.is_file() or _sha256(f) != digest:
-            raise CheckpointError(f"{path}: {rel} is missing or does not match COMMIT")
+    check_manifest(path, COMMIT)
 
 
 def find_resume(output_dir: str | Path, resume: str) -> Path | None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 RUN_DIR_HELP = "a run's run.output_dir (config.yaml + adapter/ or model/)"
+OVERWRITE_HELP = "replace an OUT that holds an earlier export (else a non-empty OUT is refused)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", metavar="OUT", help="write base + adapter merged (safetensors)")
     export.add_argument("--adapter", metavar="OUT", help="write the adapter files alone")
     export.add_argument("--name", help="which adapter of a run with several (peft.adapters)")
+    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     compare = sub.add_parser(
         "compare", help="a finished run's base and trained policy side by side, greedy, scored"
     )
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--weights", help="comma-separated, one per adapter (default: equal)")
     merge.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear...")
     merge.add_argument("--density", type=float, help="share kept by ties/dare/magnitude_prune")
+    merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
@@ -221,7 +224,10 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "export":
-            for what, out in export_run(args.run_dir, args.merge, args.adapter, args.name).items():
+            written = export_run(
+                args.run_dir, args.merge, args.adapter, args.name, overwrite=args.overwrite
+            )
+            for what, out in written.items():
                 print(f"{what}: {out}")
             return 0
         *sources, out = args.paths
@@ -230,7 +236,10 @@ def _export(args: argparse.Namespace) -> int:
             weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / n] * n
         except ValueError:
             raise ExportError(f"--weights={args.weights}: expected numbers like 0.5,0.5") from None
-        print(f"merged: {merge_adapters(sources, weights, out, args.method, args.density)}")
+        merged = merge_adapters(
+            sources, weights, out, args.method, args.density, overwrite=args.overwrite
+        )
+        print(f"merged: {merged}")
         return 0
     except ExportError as e:
         return _fail(e, 2)
@@ -265,11 +274,12 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     """Refuse, with the key to fix, what training would otherwise hit only after its imports and
     the model load (20-40 s in): a missing CUDA device, a reward function that cannot be
     imported, an incomplete model directory."""
-    from dist_ft.config import ConfigError, check_device
+    from dist_ft.config import ConfigError, check_device, check_output_dir
     from dist_ft.models import check_model_path
     from dist_ft.rewards import RewardError, resolve, sandbox
 
     check_device(cfg.resources.device)
+    check_output_dir(cfg.run.output_dir)
     if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local":
         from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
@@ -296,7 +306,20 @@ def preflight(cfg: Config, samples: bool = False) -> None:
                 raise ConfigError(f"reward.functions[{i}].name: {name}: {e}") from None
     check_model_path(cfg.model.path, "model.path")
     if "judge" in names:
+        from dist_ft.rewards.judge import JudgeError, load_constitution
+
         check_model_path(cfg.reward.judge.model.path, "reward.judge.model.path")
+        try:
+            load_constitution(cfg.reward.judge.constitution)
+        except (JudgeError, FileNotFoundError) as e:
+            raise ConfigError(f"reward.judge.constitution: {e}") from None
+    rollouts = samples or objective == "grpo"  # the commands that sample through rollout workers
+    if cfg.resources.mode == "local" and cfg.rollout.generator != "hf" and rollouts:
+        # a user's engine is built only after the model loads (20-40 s in): import and check
+        # it now (on Ray the workers import it, maybe from a package installed only there)
+        from dist_ft.rollout.worker import resolve_generator
+
+        resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
 
 
 def _fail(e: BaseException, code: int, named: bool = False) -> int:

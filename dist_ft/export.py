@@ -31,20 +31,32 @@ peft 0.21, per targeted layer with scaling ``s_i = alpha_i / r_i``:
 
 DoRA is refused (peft combines A and B but not the magnitude vectors), as are dist_ft's own
 bitfit/adapter artefacts. DARE's random drop is seeded (``seed``) so a merge is reproducible.
+
+What every export and merge checks before it loads a model: the inputs' ``MANIFEST.json``
+(sha256 of each file, written by :func:`seal` where a run saves its final weights), that every
+tensor parses, is finite and within ``MAX_ABS_WEIGHT``, and that OUT is no input, holds no
+input and is empty (``overwrite`` replaces an earlier export). OUT is written to a temporary
+sibling and renamed into place, sealed: it is never half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import shutil
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dist_ft import checkpoint
 from dist_ft.models import DTYPES, PeftMethod, resolve_model_path
-from dist_ft.peft_methods import CONFIG_FILE, WEIGHTS_FILE
+from dist_ft.peft_methods import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE
 
 # add_weighted_adapter's combination types (peft 0.21, LoRA); those that prune need a density
 COMBINATIONS = (
@@ -65,6 +77,14 @@ _SAME_RANK = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
 _UNMERGEABLE = {PeftMethod.PREFIX: "prefix", PeftMethod.ADAPTER: "bottleneck adapter"}
 # HF config flags that give a family of linear layers a bias (Llama, Mistral-likes, OLMo, ...)
 _BIAS_FLAGS = ("attention_bias", "mlp_bias")
+MANIFEST = "MANIFEST.json"  # sha256 of every file of a final adapter/ or model/, and of an OUT
+# The largest |weight| an export or merge accepts: fp16's largest finite value. A weight past it
+# turns into inf as soon as the model is served in half precision, as released LLMs routinely
+# are, so no working checkpoint holds one (trained weights are O(1)); past it is a damaged file
+# or a diverged run (8 flipped bytes gave 1.18e29).
+MAX_ABS_WEIGHT = torch.finfo(torch.float16).max  # 65504
+# The files by which --overwrite knows an earlier export's directory (it deletes nothing else)
+_EXPORTED = (MANIFEST, "config.json", "adapter_config.json", CONFIG_FILE)
 
 
 class ExportError(ValueError):
@@ -102,7 +122,129 @@ def finished_run(run_dir: str | Path, name: str | None = None) -> tuple[Any, Pat
         )
     if name is not None and not names:
         raise ExportError(f"--name {name}: {run} trained one adapter, not peft.adapters")
-    return cfg, weights / name if names else weights
+    if (weights / MANIFEST).is_file():
+        check_sealed(weights)
+    else:
+        print(
+            f"dist-ft: warning: {weights} has no {MANIFEST} (saved by an older dist_ft): its "
+            "files are checked for damage by their values only",
+            file=sys.stderr,
+        )
+    weights = weights / name if names else weights
+    check_weights(weights)
+    return cfg, weights
+
+
+def seal(directory: str | Path) -> None:
+    """Make a directory of final weights what a user gets: its files readable as the umask
+    allows (peft and safetensors write 0600, through a temporary file), then a MANIFEST.json of
+    their sha256 that export, merge and compare check before they read them."""
+    directory = Path(directory)
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    for f in directory.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+    checkpoint.write_manifest(directory, MANIFEST)
+
+
+def check_sealed(directory: Path) -> None:
+    """``directory``'s MANIFEST.json matches its files (one line naming the file that doesn't)."""
+    try:
+        checkpoint.check_manifest(directory, MANIFEST)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(
+            f"{e}: the weights changed after they were saved (damaged or edited); restore them "
+            "or re-save them from the run's checkpoint"
+        ) from None
+
+
+def check_weights(directory: Path) -> None:
+    """Every tensor of every safetensors file under ``directory`` parses, is finite and within
+    ``MAX_ABS_WEIGHT``; read one tensor at a time, before any model loads."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                check_tensors(((k, st.get_tensor(k)) for k in st.keys()), str(f))  # noqa: SIM118
+        except SafetensorError as e:
+            raise ExportError(
+                f"{f} is not a readable safetensors file ({e}): restore it or re-save the weights"
+            ) from None
+
+
+def check_tensors(tensors: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """Refuse, naming ``where`` and the tensor, a non-finite value or one past MAX_ABS_WEIGHT."""
+    for key, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ExportError(
+                f"{where}: tensor {key} holds {bad} non-finite values (NaN or inf) of "
+                f"{t.numel()}: the weights are damaged or training diverged; nothing was written"
+            )
+        peak = float(t.abs().max())
+        if peak > MAX_ABS_WEIGHT:
+            raise ExportError(
+                f"{where}: tensor {key} holds a weight of magnitude {peak:.3g}, past "
+                f"{MAX_ABS_WEIGHT:g} (fp16's range; trained weights are O(1)): the weights are "
+                "damaged or training diverged; nothing was written"
+            )
+
+
+def check_out(out: Path, overwrite: bool, inputs: Iterable[Path], what: str) -> None:
+    """Refuse an OUT that is or lies in an input, that holds an input, that is a file, or that
+    is not empty (``overwrite``: unless it is an earlier export, which it then replaces)."""
+    target = out.resolve()
+    for i in inputs:
+        src = i.resolve()
+        if target == src or src in target.parents:
+            raise ExportError(
+                f"{what} {out} is inside the input {i}: an export never writes into what it "
+                "reads; give a directory outside it"
+            )
+        if target in src.parents:
+            raise ExportError(f"{what} {out} holds the input {i}: give a directory outside it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{what} {out} is a file, not a directory: give a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(
+                f"{what} {out} already exists and is not empty: pass --overwrite to replace it, "
+                "or give a new directory"
+            )
+        if not any((out / n).exists() for n in _EXPORTED):
+            raise ExportError(
+                f"{what} {out} holds files that are not an exported model or adapter (no "
+                f"{' or '.join(_EXPORTED)}): --overwrite replaces only an earlier export; "
+                "remove it yourself or give a new directory"
+            )
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out`` to write into; once written it is sealed and
+    replaces ``out`` (check_out allowed that), and on failure it is removed: a reader never
+    sees a half-written OUT."""
+    out = out.resolve()
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        if tmp.exists():  # left by an export that died mid-write
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:  # a read-only filesystem, a file where a folder must be...
+        raise ExportError(f"cannot write {out}: {e.strerror} ({e.filename})") from None
+    try:
+        yield tmp
+        seal(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def export_run(
@@ -110,14 +252,23 @@ def export_run(
     merge_to: str | Path | None = None,
     adapter_to: str | Path | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Write a finished run's result: ``merge_to`` a plain HF model (safetensors + tokenizer)
-    with the adapter merged in, ``adapter_to`` the adapter files alone; ``name``: which of a
-    ``peft.adapters`` run's. Returns what was written, ``{"merged": dir, "adapter": dir}``."""
-    cfg, weights = finished_run(run_dir, name)
-    method = cfg.peft.method
+    with the adapter merged in, ``adapter_to`` the adapter files alone with a model card;
+    ``name``: which of a ``peft.adapters`` run's; ``overwrite``: replace an earlier export.
+    Returns what was written, ``{"merged": dir, "adapter": dir}``."""
     if merge_to is None and adapter_to is None:
         raise ExportError("nothing to export: give --merge OUT and/or --adapter OUT")
+    outs = {f: Path(o) for f, o in (("--merge", merge_to), ("--adapter", adapter_to)) if o}
+    for flag, out in outs.items():
+        check_out(out, overwrite, [Path(run_dir)], flag)
+    if len(outs) == 2:
+        a, b = (o.resolve() for o in outs.values())
+        if a == b or a in b.parents or b in a.parents:
+            raise ExportError("--merge and --adapter need two separate directories")
+    cfg, weights = finished_run(run_dir, name)
+    method = cfg.peft.method
     if adapter_to is not None and method is PeftMethod.NONE:
         raise ExportError("peft.method=none (full fine-tuning) has no adapter: use --merge")
     if merge_to is not None and method in _UNMERGEABLE:
@@ -126,15 +277,15 @@ def export_run(
             "architecture of the base model, so it cannot be merged; export it with --adapter"
         )
     written: dict[str, str] = {}
+    base = resolve_model_path(cfg.model.path, cfg.model.tiny)
     if adapter_to is not None:
-        out = Path(adapter_to)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in weights.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-        written["adapter"] = str(out)
+        with _writing(Path(adapter_to)) as tmp:
+            for f in weights.iterdir():
+                if f.is_file() and f.name != MANIFEST:
+                    shutil.copyfile(f, tmp / f.name)
+            _name_base(tmp, cfg, Path(run_dir), base)
+        written["adapter"] = str(adapter_to)
     if merge_to is not None:
-        base = resolve_model_path(cfg.model.path, cfg.model.tiny)
         dtype, remote = DTYPES[cfg.model.dtype], cfg.model.trust_remote_code
         if method is PeftMethod.NONE:
             model = _load(str(weights), dtype, remote)
@@ -145,9 +296,56 @@ def export_run(
 
             model = PeftModel.from_pretrained(_load(base, dtype, remote), str(weights))
             model = model.merge_and_unload()
-        _save_model(model, base, Path(merge_to), remote)
+        # base + delta can leave fp16's range though each factor of the delta is within it
+        check_tensors(model.state_dict().items(), f"{run_dir} merged into its base")
+        with _writing(Path(merge_to)) as tmp:
+            _save_model(model, base, tmp, remote)
         written["merged"] = str(merge_to)
     return written
+
+
+def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
+    """An exported adapter names its base by the base directory's name, not a path into this
+    machine's cache, and says in a model card (README.md, in place of peft's empty template)
+    which base it needs and how to load it."""
+    name = Path(base).name
+    for file, key in (
+        ("adapter_config.json", "base_model_name_or_path"),
+        (CONFIG_FILE, "base_model"),
+    ):
+        if (adapter / file).is_file():
+            meta = json.loads((adapter / file).read_text())
+            meta[key] = name
+            (adapter / file).write_text(json.dumps(meta, indent=2) + "\n")
+    if cfg.model.path == "tiny":
+        t = cfg.model.tiny
+        origin = (
+            f"dist_ft's built-in tiny Llama (model.tiny: hidden_size={t.hidden_size}, "
+            f"num_layers={t.num_layers}, num_heads={t.num_heads}, seed={t.seed}), which dist_ft "
+            "builds from these settings (`dist_ft.tiny.ensure_tiny_model`)"
+        )
+    else:
+        origin = f"the local model directory `{name}` (the run's model.path: {cfg.model.path})"
+    if (adapter / PEFT_WEIGHTS_FILE).is_file():
+        load = (
+            "```python\nfrom peft import PeftModel\nfrom transformers import "
+            'AutoModelForCausalLM\n\nbase = AutoModelForCausalLM.from_pretrained("BASE_DIR")'
+            '\nmodel = PeftModel.from_pretrained(base, "THIS_DIR")\n```'
+        )
+    else:
+        load = (
+            f"`{WEIGHTS_FILE}` holds the trained tensors under the base's parameter names and "
+            f"`{CONFIG_FILE}` the `peft:` settings that rebuild the layers (dist_ft's format: "
+            "`dist_ft.models.load_policy(BASE_DIR, dtype, PeftSpec(**peft))`, then "
+            "`dist_ft.peft_methods.load_artefact(model, THIS_DIR)`)."
+        )
+    (adapter / "README.md").write_text(
+        f"# {run.resolve().name}: a {cfg.peft.method.value} adapter trained by dist_ft\n\n"
+        f"Base model: `{name}`, {origin}. The adapter is trained for that base only.\n\n"
+        f"Objective: {cfg.algo.objective.value}, {cfg.run.steps} steps; the run's full "
+        f"settings are in its `config.yaml`. Load it on the base (BASE_DIR: the base's "
+        f"directory):\n\n{load}\n\n`{MANIFEST}` lists the sha256 of every file.\n"
+    )
 
 
 def _load(path: str, dtype: torch.dtype | str, remote: bool, config: Any = None) -> nn.Module:
@@ -219,15 +417,18 @@ def merge_adapters(
     method: str = "linear",
     density: float | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> str:
     """Combine the LoRA adapters in ``sources`` (adapter directories, or run directories with
     an ``adapter/``) with ``weights`` into one adapter saved at ``out`` (peft's format), by
     peft's ``add_weighted_adapter(combination_type=method)``; see the module docstring for what
-    each method computes. Returns ``out``."""
+    each method computes. ``overwrite``: replace an earlier export at ``out``. Returns ``out``."""
     if len(sources) < 2:
         raise ExportError(f"merge needs at least two adapters, got {len(sources)}")
     if len(weights) != len(sources):
         raise ExportError(f"--weights has {len(weights)} values for {len(sources)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise ExportError(f"--weights={','.join(map(str, weights))}: every weight must be finite")
     if method not in COMBINATIONS:
         raise ExportError(f"--method={method}: peft 0.21 combines LoRA by one of {COMBINATIONS}")
     if method in _PRUNING and density is None:
@@ -235,6 +436,13 @@ def merge_adapters(
     if density is not None and not 0 < density <= 1:
         raise ExportError(f"--density={density} must be in (0, 1]")
     dirs = [_adapter_dir(Path(s)) for s in sources]
+    check_out(Path(out), overwrite, [*map(Path, sources), *dirs], "OUT")
+    for d in dirs:
+        # a run's adapter/<name>/ is sealed by its parent adapter/'s manifest
+        sealed = next((p for p in (d, d.parent) if (p / MANIFEST).is_file()), None)
+        if sealed is not None:
+            check_sealed(sealed)
+        check_weights(d)
     configs = [json.loads((d / "adapter_config.json").read_text()) for d in dirs]
     kinds = {c.get("peft_type") for c in configs}
     if len(kinds) > 1:
@@ -262,7 +470,8 @@ def merge_adapters(
     if not base or not Path(base).is_dir():
         raise ExportError(
             f"{dirs[0]}/adapter_config.json names base_model_name_or_path={base!r}, not a local "
-            "model directory (dist_ft never downloads): edit it to the base model's directory"
+            "model directory (dist_ft never downloads; an exported adapter names its base by "
+            "name): edit it to the base model's directory, or merge the runs' own adapter/"
         )
     from peft import PeftModel
 
@@ -279,7 +488,12 @@ def merge_adapters(
         model.add_weighted_adapter(names, list(weights), "default", **kw)
     except ValueError as e:  # e.g. unequal ranks under linear/ties/dare
         raise ExportError(f"peft refused --method={method}: {e}") from None
-    model.save_pretrained(str(out), selected_adapters=["default"])
+    from peft import get_peft_model_state_dict
+
+    merged = get_peft_model_state_dict(model, adapter_name="default")
+    check_tensors(merged.items(), f"the merge of {', '.join(map(str, sources))}")
+    with _writing(Path(out)) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"])
     return str(out)
 
 

@@ -450,13 +450,19 @@ def save_artefact(model: nn.Module, out_dir: str | Path, spec: PeftSpec | None =
     and ``dist_ft_adapter.json`` the ``peft:`` section that rebuilds the structure
     (``load_policy(base, dtype, PeftSpec(**json["peft"]), ...)``, then :func:`load_artefact`).
     Full fine-tuning: the whole model through HF ``save_pretrained``. Under ZeRO-3 the caller
-    gathers first."""
-    from safetensors.torch import save_file
+    gathers first. Sealed last (``export.seal``: MANIFEST.json of sha256s, umask modes)."""
+    from dist_ft.export import seal
 
     if not is_trainable_set(model):
         model.save_pretrained(str(out_dir), safe_serialization=True)
-        return
-    out = Path(out_dir)
+    else:
+        _save_trainable_set(model, Path(out_dir), spec)
+    seal(out_dir)
+
+
+def _save_trainable_set(model: nn.Module, out: Path, spec: PeftSpec | None) -> None:
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     state = trainable_state(model)
     tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in state.items()}

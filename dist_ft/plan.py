@@ -15,7 +15,13 @@ from dist_ft.cluster.placement import (
 )
 from dist_ft.config import Config
 
-__all__ = ["actor_spec", "describe_plan", "predict_placement", "resolve_rollout_workers"]
+__all__ = [
+    "actor_spec",
+    "describe_plan",
+    "placement_lines",
+    "predict_placement",
+    "resolve_rollout_workers",
+]
 
 
 def actor_spec(cfg: Config, gpu: bool) -> ActorSpec:
@@ -79,6 +85,31 @@ def predict_placement(
     return out
 
 
+def placement_lines(placed: list[tuple[ActorRequest, str]]) -> list[str]:
+    """One line per actor, where consecutive actors of one role with one request go to one
+    node a line for them all: 10,000 rollout workers print as a few lines, not 10,000."""
+    lines: list[str] = []
+
+    def key(item: tuple[ActorRequest, str]) -> tuple[Any, ...]:
+        a, node = item
+        return a.role, a.describe_asks(), a.bundle, node
+
+    runs: list[list[tuple[ActorRequest, str]]] = []
+    for item in placed:
+        if runs and key(runs[-1][-1]) == key(item):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    for run in runs:
+        (first, node), last = run[0], run[-1][0]
+        if len(run) == 1:
+            lines.append(f"  {first.describe()} -> {node}")
+        else:
+            name = f"{first.role}[{first.index}..{last.index}]"
+            lines.append(f"  {name:18} asks {first.describe_asks()} each -> {node} ({len(run)})")
+    return lines
+
+
 def describe_plan(cfg: Config) -> str:
     """Placement (against the running cluster in Ray mode), derived batch sizes, and the bytes
     a step moves, computed without loading weights or training."""
@@ -104,7 +135,7 @@ def describe_plan(cfg: Config) -> str:
         lines += [
             f"  placement group (PACK), bundle {b}: {dict(r)}" for b, r in enumerate(plan.bundles)
         ]
-        lines += [f"  {a.describe()} -> {node}" for a, node in predict_placement(nodes, plan)]
+        lines += placement_lines(predict_placement(nodes, plan))
         total = ", ".join(f"{k} {v:g}" for k, v in plan.total().items())
         lines.append(f"  all actors together: {total}")
     else:

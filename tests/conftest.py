@@ -1,7 +1,14 @@
+from __future__ import annotations
+
 import os
 import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 # Tests never talk to wandb servers, and never fetch from a hub.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -30,6 +37,57 @@ def build(tiny_path: str, *overrides: str):
 
     cfg = load_config(None, ["run.wandb=disabled", *overrides])
     return cfg, *component_specs(cfg, tiny_path)
+
+
+def make_run(out: Path, *overrides: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """A finished run's directory, and its policy (base + trained set) for reference logits:
+    the real output layout (``prepare_output_dir``'s ``config.yaml``, the final weights by
+    ``save_artefact``, which ``Learner.save_pretrained`` calls), with the trainable tensors
+    moved by a seeded draw in place of training steps."""
+    import torch
+
+    from dist_ft.config import load_config
+    from dist_ft.models import load_policy, resolve_model_path
+    from dist_ft.peft_methods import save_artefact
+    from dist_ft.trainer import prepare_output_dir
+
+    cfg = load_config(None, ["run.wandb=disabled", "peft.r=4", f"run.output_dir={out}", *overrides])
+    run = prepare_output_dir(cfg)
+    base = resolve_model_path(cfg.model.path, cfg.model.tiny)
+    policy = load_policy(base, cfg.model.dtype, cfg.peft, torch.device("cpu")).eval()
+    # Stand-in for training: every trainable tensor moves (LoRA's B, BitFit's added biases and
+    # the bottleneck's up projection start at 0, so the policy differs from the base after)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    final = "model" if cfg.peft.method.value == "none" else "adapter"
+    save_artefact(policy, run / final, cfg.peft)
+    return run, policy
+
+
+def corrupt(file: Path, value: float, seal: bool) -> None:
+    """Overwrite the first float32 of the first tensor in a safetensors ``file`` with ``value``
+    (a flipped exponent), and with ``seal`` re-write the directory's manifest as a run whose
+    training diverged would have: then only the values can tell."""
+    import json
+    import struct
+
+    from dist_ft.export import seal as write_seal
+
+    data = bytearray(file.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    first = min(
+        (v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"]
+    )
+    assert first["dtype"] == "F32"
+    at = 8 + header_len + first["data_offsets"][0]
+    data[at : at + 4] = struct.pack("<f", value)
+    file.write_bytes(bytes(data))
+    if seal:
+        write_seal(file.parent)
 
 
 def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):

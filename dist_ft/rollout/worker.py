@@ -17,25 +17,70 @@ import torch
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
 from dist_ft.batch import ScoredBatch
+from dist_ft.config import ConfigError
 from dist_ft.data import Prompt
 from dist_ft.rewards import RewardError, RewardSet
 from dist_ft.rollout.base import Generator, GeneratorKind, GeneratorSpec
 from dist_ft.sync import Published, WeightTransport, fingerprint
 
 
-def make_generator(name: str, spec: GeneratorSpec) -> Generator:
-    """A built-in engine by :class:`GeneratorKind` value, or a user's ``package.module:Class``."""
+class GeneratorError(ConfigError):
+    """``rollout.generator`` names no usable engine; the message says which and what to fix."""
+
+
+# The Generator protocol's methods every engine needs; use_adapter only under peft.adapters
+_PROTOCOL = ("generate", "load_weights", "export_weights")
+
+
+def resolve_generator(name: str, adapters: bool = False) -> type:
+    """The engine class ``rollout.generator`` names: a :class:`GeneratorKind` value, or a user's
+    ``package.module:Class`` that imports and has the :class:`Generator` methods (with
+    ``adapters``, ``use_adapter`` too). Cheap for a user's class: the CLI checks it before any
+    model loads."""
     if name == GeneratorKind.HF.value:
         from dist_ft.rollout.hf import HFGenerator
 
-        return HFGenerator(spec)
+        return HFGenerator
     module_name, _, cls_name = name.partition(":")
-    if not cls_name:
+    if not (module_name and cls_name):
         known = [k.value for k in GeneratorKind]
-        raise ValueError(
+        raise GeneratorError(
             f"rollout.generator={name!r}: use one of {known} or 'package.module:Class'"
         )
-    return getattr(importlib.import_module(module_name), cls_name)(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user's module: any error on import is theirs to fix
+        raise GeneratorError(
+            f"rollout.generator={name}: cannot import {module_name} ({type(e).__name__}: {e})"
+        ) from None
+    cls = getattr(module, cls_name, None)
+    if not isinstance(cls, type):
+        what = "nothing" if cls is None else f"a {type(cls).__name__}"
+        raise GeneratorError(
+            f"rollout.generator={name}: {module_name}.{cls_name} is {what}, not a class"
+        )
+    needed = (*_PROTOCOL, "use_adapter") if adapters else _PROTOCOL
+    missing = [m for m in needed if not callable(getattr(cls, m, None))]
+    if missing:
+        why = " (peft.adapters switches adapters)" if missing == ["use_adapter"] else ""
+        raise GeneratorError(
+            f"rollout.generator={name}: {cls_name} is not a dist_ft.rollout.Generator: it has "
+            f"no {', '.join(missing)}{why}"
+        )
+    return cls
+
+
+def make_generator(name: str, spec: GeneratorSpec) -> Generator:
+    """A built-in engine by :class:`GeneratorKind` value, or a user's ``package.module:Class``."""
+    cls = resolve_generator(name, bool(spec.peft.adapters))
+    if name == GeneratorKind.HF.value:  # dist_ft's own: an error here is a bug, traceback kept
+        return cls(spec)
+    try:
+        return cls(spec)
+    except Exception as e:  # a user's engine refusing its spec, e.g. a device it lacks
+        raise GeneratorError(
+            f"rollout.generator={name}: {cls.__name__}(spec) raised {type(e).__name__}: {e}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -78,11 +123,6 @@ class RolloutWorker:
         # peft.adapters: task -> (adapter's place, name); a rollout's prompts use one adapter
         adapters = spec.generation.peft.adapters
         self.adapter_of = {t: (i, a) for i, (a, ts) in enumerate(adapters.items()) for t in ts}
-        if adapters and not callable(getattr(self.generator, "use_adapter", None)):
-            raise TypeError(
-                f"peft.adapters needs a generator that switches adapters: "
-                f"rollout.generator={spec.generator} has no use_adapter(name)"
-            )
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, update: Published, transport: WeightTransport, read_back: bool) -> str:

@@ -9,9 +9,10 @@ To add a case, add a row to ROWS.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,48 @@ class Bad:
     files: Mapping[str, str] = field(default_factory=dict)
     absent: str | None = None  # must not appear in stderr, e.g. a source wrongly blamed
     script: bool = False  # run the console script instead of `python -m dist_ft.cli`
+    out: str = "out"  # the run.output_dir given to train and demo runs
+    readonly: str | None = None  # a folder mounted as a read-only filesystem (needs root)
+    loads: bool = False  # stopped only after the model loaded (the run's directory exists)
+    # A copy of a finished run (conftest.make_run) at "run", damaged by this before the command
+    damage: Callable[[Path], None] | None = None
 
 
 SCORE = "def score(prompts, completions, answers):\n    return [0.0] * len(completions)\n"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+ADAPTER = "run/adapter/adapter_model.safetensors"  # in the copy of a finished run
+# A user's rollout engines: one that is no Generator, one that refuses its spec
+ENGINES = (
+    "class Half:\n    def __init__(self, spec):\n        pass\n\n"
+    "def make(spec):\n    return Half(spec)\n\n"
+    "class Refuses:\n    def __init__(self, spec):\n        raise RuntimeError('needs a GPU')\n"
+    "    def generate(self, prompts, n): ...\n    def load_weights(self, tensors): ...\n"
+    "    def export_weights(self): ...\n"
+)
+JUDGED = "reward:\n  functions:\n    - name: judge\n  judge:\n    constitution: k.yaml\n"
+
+
+def header_damaged(run: Path) -> None:
+    """The adapter's safetensors JSON header overwritten, no manifest (an older dist_ft's run)."""
+    f = run / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:8] + b"#" * 16 + f.read_bytes()[24:])
+    (run / "adapter" / "MANIFEST.json").unlink()
+
+
+def absurd_weight(run: Path) -> None:
+    """8 bytes flipped: a weight of 1.18e29 in the adapter the run saved."""
+    from conftest import corrupt
+
+    corrupt(run / "adapter" / "adapter_model.safetensors", 1.18e29, seal=False)
+
+
+def absurd_weight_sealed(run: Path) -> None:
+    """The same weight as a diverged run would have saved it: the manifest agrees."""
+    from conftest import corrupt
+
+    corrupt(run / "adapter" / "adapter_model.safetensors", 1.18e29, seal=True)
 
 
 def row(id: str, *args: str, fragment: str, marks: Any = (), **kw: Any) -> Any:
@@ -207,11 +246,143 @@ ROWS = [
         fragment="reward.functions[0].name: cannot load reward 'nomod:score': "
         "No module named 'nomod'",
     ),
+    # ---- issue 20, item 5: what still ended in a traceback
+    row(
+        "output-dir-is-a-file",
+        "demo",
+        fragment="run.output_dir=out is a file, not a directory: give a directory",
+        files={"out": "notes"},
+    ),
+    row(
+        "output-dir-on-read-only-filesystem",  # was OSError [Errno 30] from mkdir
+        "demo",
+        fragment="run.output_dir=ro/run (its nearest existing folder ro) is on a read-only "
+        "filesystem: give a writable directory",
+        out="ro/run",
+        readonly="ro",
+    ),
+    row(
+        "override-unclosed-list",  # was yaml.scanner.ParserError
+        "demo",
+        "rollout.group_size=[8",
+        fragment="command-line override 'rollout.group_size=[8': '[8' is not a YAML value "
+        "(expected ',' or ']', but got '<stream end>'); close its brackets, or quote it",
+    ),
+    row(
+        "override-unclosed-mapping",
+        "demo",
+        "peft.adapters={a:",
+        fragment="command-line override 'peft.adapters={a:': '{a:' is not a YAML value",
+    ),
+    row(
+        "generator-module-missing",  # was a [rank0] traceback after the model loaded
+        "demo",
+        "rollout.generator=nomod:Engine",
+        fragment="rollout.generator=nomod:Engine: cannot import nomod (ModuleNotFoundError: "
+        "No module named 'nomod')",
+    ),
+    row(
+        "generator-not-a-generator",
+        "demo",
+        "rollout.generator=engines:Half",
+        fragment="rollout.generator=engines:Half: Half is not a dist_ft.rollout.Generator: it "
+        "has no generate, load_weights, export_weights",
+        files={"engines.py": ENGINES},
+    ),
+    row(
+        "generator-not-a-class",
+        "demo",
+        "rollout.generator=engines:make",
+        fragment="rollout.generator=engines:make: engines.make is a function, not a class",
+        files={"engines.py": ENGINES},
+    ),
+    row(
+        "generator-constructor-raises",  # only building it tells: after the model loaded
+        "demo",
+        "rollout.generator=engines:Refuses",
+        fragment="rollout.generator=engines:Refuses: Refuses(spec) raised RuntimeError: "
+        "needs a GPU",
+        files={"engines.py": ENGINES},
+        loads=True,
+    ),
+    row(
+        "constitution-empty-list",  # was a JudgeError traceback after the models loaded
+        "label",
+        "c.yaml",
+        fragment="reward.judge.constitution: constitution 'k.yaml' must be a mapping with "
+        "'principles: [...]' and an optional 'name', not a list",
+        files={"c.yaml": JUDGED, "k.yaml": "[]\n"},
+    ),
+    row(
+        "export-header-damaged",  # was SafetensorError from peft, after the base loaded
+        "export",
+        "run",
+        "--merge",
+        "merged",
+        fragment=f"{ADAPTER} is not a readable safetensors file (Error while deserializing header",
+        damage=header_damaged,
+    ),
+    row(
+        "export-absurd-weight",  # was merged silently, exit 0
+        "export",
+        "run",
+        "--merge",
+        "merged",
+        fragment="run/adapter: adapter_model.safetensors is missing or does not match "
+        "MANIFEST.json: the weights changed after they were saved",
+        damage=absurd_weight,
+    ),
+    row(
+        "export-absurd-weight-sealed",
+        "export",
+        "run",
+        "--merge",
+        "merged",
+        fragment=f"{ADAPTER}: tensor base_model.model.model.layers.0.mlp.down_proj.lora_A"
+        ".weight holds a weight of magnitude 1.18e+29, past 65504",
+        damage=absurd_weight_sealed,
+    ),
 ]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    """A finished run (built on first use: most rows need none)."""
+    made: list[Path] = []
+
+    def get() -> Path:
+        if not made:
+            from conftest import make_run
+
+            made.append(make_run(tmp_path_factory.mktemp("finished"), seed=1)[0])
+        return made[0]
+
+    return get
+
+
+@pytest.fixture
+def readonly_mounts() -> Iterator[list[Path]]:
+    """Folders to mount as read-only tmpfs (as root: chmod does not stop root), unmounted after."""
+    mounted: list[Path] = []
+    yield mounted
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 @pytest.mark.parametrize("bad", ROWS)
-def test_bad_input_fails_fast_with_a_message(bad: Bad, tmp_path: Path) -> None:
+def test_bad_input_fails_fast_with_a_message(
+    bad: Bad, tmp_path: Path, finished_run: Callable[[], Path], readonly_mounts: list[Path]
+) -> None:
+    if bad.readonly is not None:
+        path = tmp_path / bad.readonly
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)])
+        if r.returncode != 0:
+            pytest.skip("mounting a read-only tmpfs needs root")
+        readonly_mounts.append(path)
+    if bad.damage is not None:
+        shutil.copytree(finished_run(), tmp_path / "run")
+        bad.damage(tmp_path / "run")
     for name, text in bad.files.items():
         path = tmp_path / name
         if name.endswith("/"):
@@ -221,14 +392,16 @@ def test_bad_input_fails_fast_with_a_message(bad: Bad, tmp_path: Path) -> None:
             path.write_text(text)
     args = list(bad.args)
     if args[0] in ("train", "demo"):
-        args.append("run.output_dir=out")
+        args.append(f"run.output_dir={bad.out}")
     if bad.script:
         assert DIST_FT.is_file(), f"{DIST_FT} missing: install the package (pip install -e .)"
         cmd = [str(DIST_FT), *args]
     else:
         cmd = [sys.executable, "-m", "dist_ft.cli", *args]
-    # A hang fails the test (TimeoutExpired) instead of stalling the suite.
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # A hang fails the test (TimeoutExpired) instead of stalling the suite; a row that loads
+    # the model (and DeepSpeed) takes 30-40 s alone, minutes on a busy machine.
+    timeout = 900 if bad.loads else 300
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == bad.code, r.stderr[-3000:]
     assert bad.fragment in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
@@ -236,4 +409,6 @@ def test_bad_input_fails_fast_with_a_message(bad: Bad, tmp_path: Path) -> None:
     if bad.absent is not None:
         assert bad.absent not in r.stderr
     # Training never started: it creates the output directory before it loads anything.
-    assert not (tmp_path / "out").exists()
+    assert bad.loads == (tmp_path / bad.out).is_dir()
+    if bad.damage is not None:  # an export writes nothing when it refuses
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

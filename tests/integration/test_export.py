@@ -1,48 +1,28 @@
 """`dist-ft export` and `dist-ft merge` round trips, and a rollout worker's adapter hot-swap.
 
-A "run" here is the real output layout (``prepare_output_dir``'s ``config.yaml``, the final
-weights by ``save_artefact``, which ``Learner.save_pretrained`` calls) with the trainable
-tensors moved by a seeded draw in place of training steps: the export sees what a run leaves.
+A "run" here is ``conftest.make_run``: the real output layout with the trainable tensors moved
+by a seeded draw in place of training steps, so the export sees what a run leaves.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import corrupt, make_run
 from safetensors.torch import load_file
 
 from dist_ft.cli import main
-from dist_ft.config import load_config
-from dist_ft.models import PeftSpec, load_policy, resolve_model_path
-from dist_ft.peft_methods import save_artefact
+from dist_ft.models import PeftSpec
 from dist_ft.sync import fingerprint
-from dist_ft.trainer import prepare_output_dir
 
 LORA_FILE = "adapter_model.safetensors"
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"  # one LoRA layer, peft's key
-
-
-def make_run(out: Path, *overrides: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """A finished run's directory, and its policy (base + trained set) for reference logits."""
-    cfg = load_config(None, ["run.wandb=disabled", "peft.r=4", f"run.output_dir={out}", *overrides])
-    run = prepare_output_dir(cfg)
-    base = resolve_model_path(cfg.model.path, cfg.model.tiny)
-    policy = load_policy(base, cfg.model.dtype, cfg.peft, torch.device("cpu")).eval()
-    # Stand-in for training: every trainable tensor moves (LoRA's B, BitFit's added biases and
-    # the bottleneck's up projection start at 0, so the policy differs from the base after)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    final = "model" if cfg.peft.method.value == "none" else "adapter"
-    save_artefact(policy, run / final, cfg.peft)
-    return run, policy
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +184,128 @@ def test_hot_swap_keeps_the_base_and_loads_the_new_adapter(lora_run, tmp_path, t
             if n in base:
                 assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
     assert torch.allclose(logits(gen.model, ids), logits(policy_b, ids), atol=1e-6)
+
+
+def one_line_error(capsys, code: int) -> str:
+    """The refusal's single stderr line (after the model loads' progress bars), exit code 2."""
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("dist-ft: error: "), err
+    return err
+
+
+def test_export_out_is_refused_when_used_and_replaced_with_overwrite(
+    lora_run, tiny_path, tmp_path, capsys
+):
+    from dist_ft.export import MANIFEST, check_sealed
+
+    run, _ = lora_run
+    out = tmp_path / "a"
+    old = os.umask(0o027)
+    try:
+        assert main(["export", str(run), "--adapter", str(out)]) == 0
+    finally:
+        os.umask(old)
+    # the umask's modes, not safetensors' 0600; a manifest that verifies
+    assert (out / LORA_FILE).stat().st_mode & 0o777 == 0o640
+    check_sealed(out)
+    # the base by its name, and a model card that says which base it needs
+    meta = json.loads((out / "adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] == Path(tiny_path).name
+    card = (out / "README.md").read_text()
+    assert f"Base model: `{Path(tiny_path).name}`" in card and "PeftModel.from_pretrained" in card
+
+    before = (out / MANIFEST).read_text()
+    (out / "note.txt").write_text("mine")
+    err = one_line_error(capsys, main(["export", str(run), "--adapter", str(out)]))
+    assert err == (
+        f"dist-ft: error: --adapter {out} already exists and is not empty: pass --overwrite to "
+        "replace it, or give a new directory"
+    )
+    assert (out / "note.txt").read_text() == "mine" and (out / MANIFEST).read_text() == before
+    assert main(["export", str(run), "--adapter", str(out), "--overwrite"]) == 0
+    assert not (out / "note.txt").exists()  # replaced whole: nothing of the old OUT mixes in
+    check_sealed(out)
+
+    # --overwrite deletes only an earlier export, never a directory of other files
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep")
+    err = one_line_error(capsys, main(["export", str(run), "--merge", str(other), "--overwrite"]))
+    assert f"--merge {other} holds files that are not an exported model or adapter" in err
+    assert (other / "todo.txt").read_text() == "keep"
+
+
+def test_export_and_merge_never_write_into_their_inputs(lora_run, tmp_path, capsys):
+    from dist_ft.export import check_sealed
+
+    run_a, _ = lora_run
+    run_b, _ = make_run(tmp_path / "b", seed=2)
+    capsys.readouterr()
+    cases = [
+        (
+            ["export", str(run_a), "--adapter", str(run_a / "adapter")],
+            f"--adapter {run_a / 'adapter'} is inside the input {run_a}",
+        ),  # was shutil.SameFileError
+        (
+            ["export", str(run_a), "--merge", str(run_a)],
+            f"--merge {run_a} is inside the input {run_a}",
+        ),
+        (
+            ["merge", str(run_a), str(run_b), str(run_b / "adapter")],
+            f"OUT {run_b / 'adapter'} is inside the input {run_b}",
+        ),
+        (
+            ["merge", str(run_a), str(run_b / "adapter"), "--overwrite", str(tmp_path)],
+            f"OUT {tmp_path} holds the input {run_b / 'adapter'}",
+        ),
+    ]
+    for argv, message in cases:
+        err = one_line_error(capsys, main(argv))
+        assert message in err, argv
+    for run in (run_a, run_b):
+        check_sealed(run / "adapter")  # untouched
+        assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml"]
+
+
+def test_merge_refuses_non_finite_weights(lora_run, tmp_path, capsys):
+    run_a, _ = lora_run
+    argv = [
+        "merge",
+        str(run_a),
+        str(run_a / "adapter"),
+        "--weights",
+        "nan,nan",
+        str(tmp_path / "m"),
+    ]
+    err = one_line_error(capsys, main(argv))
+    assert err == "dist-ft: error: --weights=nan,nan: every weight must be finite"
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "seal", "message"),
+    [
+        (1.18e29, False, "adapter: adapter_model.safetensors is missing or does not match"),
+        (1.18e29, True, "holds a weight of magnitude 1.18e+29, past 65504"),
+        (float("nan"), True, "holds 1 non-finite values (NaN or inf)"),
+    ],
+    ids=["damaged", "absurd", "nan"],
+)
+def test_bad_weights_are_refused_by_export_merge_and_compare(
+    lora_run, tmp_path, capsys, value, seal, message
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0], run)
+    weights = run / "adapter" / LORA_FILE
+    corrupt(weights, value, seal)
+    for argv in (
+        ["export", str(run), "--merge", str(tmp_path / "m")],
+        ["export", str(run), "--adapter", str(tmp_path / "a")],
+        ["merge", str(run), str(lora_run[0]), str(tmp_path / "ab")],
+        ["compare", str(run)],
+    ):
+        err = one_line_error(capsys, main(argv))
+        assert str(weights.parent) in err and message in err, (argv, err)
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "run"]  # nothing written

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.placement import ActorSpec, plan_actors
 from dist_ft.models import PeftMethod, PeftSpec, export_state, load_policy, sync_bytes
-from dist_ft.plan import predict_placement
+from dist_ft.plan import placement_lines, predict_placement
 from dist_ft.rollout import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,21 @@ def test_rollout_workers_go_where_the_rollout_resource_is():
     # more workers than `rollout` slots cannot be placed, and the plan says so
     assert placed(nodes, 5, 0, gpu=False)["rollout[4]"] == "UNSCHEDULABLE"
     assert set(placed([node("a", CPU=8.0)], 1, 1, gpu=True).values()) == {"UNSCHEDULABLE"}
+
+
+def test_ten_thousand_rollout_workers_plan_in_seconds_and_a_few_lines():
+    # issue 20: `dist-ft plan` with resources.rollout_workers=10000 printed one line per actor
+    import time
+
+    start = time.perf_counter()
+    nodes = [node("10.0.0.1", CPU=2.0), node("10.0.0.2", CPU=2.0, rollout=2.0)]
+    lines = placement_lines(predict_placement(nodes, plan_actors(ActorSpec(10_000, 1), nodes)))
+    assert time.perf_counter() - start < 10
+    assert lines == [
+        "  rollout[0..1]      asks 1 CPU + 1 rollout each -> 10.0.0.2 (2)",
+        "  rollout[2..9999]   asks 1 CPU + 1 rollout each -> UNSCHEDULABLE (9998)",
+        "  learner[rank 0]    asks 1 CPU -> 10.0.0.1",
+    ]
 
 
 def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):
