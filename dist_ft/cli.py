@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         args.paths += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_third_party()
     from dist_ft.config import ConfigError  # after argparse, which may exit with --help
     from dist_ft.real_models import ModelFetchError
 
@@ -104,6 +107,27 @@ def main(argv: list[str] | None = None) -> int:
         # stack of whatever happened to be running.
         print("dist-ft: interrupted", file=sys.stderr)
         return 130
+
+
+def quiet_third_party() -> None:
+    """Keep the libraries' routine chatter out of a run's output; their other warnings stay.
+    Call it before they are imported: their loggers and progress bars are set up then."""
+    # Said on every CPU run, where CPU is what was asked for.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda r: "Setting accelerator to CPU" not in r.getMessage()
+    )
+    # An optional kernel for 4-bit layers on AVX512-BF16 CPUs, said on import by every run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "pip install kernels" not in r.getMessage()
+    )
+    # peft probes the deprecated name; nothing a user of dist_ft can change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    if not sys.stderr.isatty():
+        # In a file a bar is one line of \r-joined frames. Set in the environment so that Ray
+        # workers started from here inherit it; a user's own setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -266,6 +266,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
             )
             tracker.log(step, row)
+            tracker.log_samples(step, batch, tokenizer, prompts)
             watch.check(step, batch)
 
             # ---- checkpoint: learner state and run state, atomically
@@ -301,7 +302,7 @@ def train(cfg: Config) -> dict[str, Any]:
 # so nothing of an old run (a DPO reference pass above all) is read by the new one.
 RUN_OUTPUTS = (
     *("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "placement.json", "adapter", "model"),
-    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors"),
+    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors", "samples.jsonl"),
 )
 
 
@@ -351,6 +352,7 @@ def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) 
         plot=cfg.run.plot,
         resume_step=state.get("step"),
         run_id=state.get("run_id"),
+        log_samples=cfg.run.log_samples,
         **display,
     )
 
