@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from dist_ft.data import Prompt
 
 LINE_EVERY_S = 30.0  # off a terminal, a progress line at least this often, whatever the steps
+# What an all-zero panel of the plot says, by metric (else "0 at every step")
+ZERO_NOTES = {"kl": "0 at every step: no KL term (algo.beta=0)"}
 SHOWN_CHARS = 160  # of a prompt or completion, in the one sample a log line shows
 
 
@@ -45,8 +47,8 @@ class Tracker:
         """``resume_step``: continue a run whose checkpoint holds this step; metrics logged
         after it (by the process that died) are dropped, earlier ones are kept and reloaded.
         ``run_id``: the tracking run to continue (wandb id). ``shown``: the metrics on the
-        progress line; ``plotted``: one panel each in ``plot_name`` (a metric never logged, or
-        always 0 after the first, gets none). ``breakdown``: a prefix; each metric under it is
+        progress line; ``plotted``: one panel each in ``plot_name`` (see :meth:`figure`).
+        ``breakdown``: a prefix; each metric under it is
         one more line in the first panel (``reward/task/``: the reward of each task).
         ``log_samples``: sampled completions kept per :meth:`log_samples` call.
 
@@ -207,13 +209,13 @@ class Tracker:
             self._wandb.finish()
         return self._plot() if self.plot else None
 
-    def _plot(self) -> Path | None:
-        # The first metric is plotted whenever it was logged, even if always 0 (a reward that
-        # never rose is the point of the plot); the others only when they were ever nonzero (KL
-        # is exactly 0 when its term is off). A step that did not log a metric has no point.
-        first, *rest = self.plotted
-        panels = [first] if any(first in r for r in self.history) else []
-        panels += [k for k in rest if any(r.get(k) for r in self.history)]
+    def figure(self) -> Any:
+        """The plot of ``plotted`` against step (a matplotlib Figure, one panel per metric
+        logged at least once), or None when none was. The first panel also draws the
+        ``breakdown`` metrics; a metric that is 0 at every step is drawn and says so (KL with
+        the KL term off); accuracies get the whole [0, 1] axis, so a small change looks small.
+        """
+        panels = [k for k in self.plotted if any(k in r for r in self.history)]
         if not panels:
             return None
         import matplotlib
@@ -226,20 +228,38 @@ class Tracker:
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * len(panels)), squeeze=False)
         for ax, key in zip(axes[:, 0], panels):
             steps, values = self._series(key)
-            ax.plot(steps, values, alpha=0.35, label="per step")
             k = max(1, len(values) // 30)  # moving average over ~1/30 of the run
-            ax.plot(steps, _smooth(values, k), label=f"mean of {k}")
-            for part in parts if key == first else []:  # smoothed: per step they'd hide the rest
+            ax.plot(steps, values, alpha=0.35 if k > 1 else 1.0, label="per step")
+            if k > 1:  # a mean of 1 would draw the same line again
+                ax.plot(steps, _smooth(values, k), label=f"mean of {k}")
+            for part in parts if key == panels[0] else []:  # smoothed: per step they'd hide all
                 part_steps, part_values = self._series(part)
                 ax.plot(part_steps, _smooth(part_values, k), label=part[len(self.breakdown) :])
-            ax.legend(loc="best")
+            if not any(values):
+                note = ZERO_NOTES.get(key, "0 at every step")
+                ax.text(0.5, 0.75, note, transform=ax.transAxes, ha="center", va="center")
+            if "accuracy" in key:
+                ax.set_ylim(min(0.0, *values), max(1.0, *values))
+            if len(ax.get_lines()) > 1:
+                ax.legend(loc="best")
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{self.run_name}: {', '.join(panels)} by step")
         fig.tight_layout()
+        return fig
+
+    def _plot(self) -> Path | None:
+        fig = self.figure()
+        if fig is None:
+            return None
+        import matplotlib.pyplot as plt
+
         path = self.output_dir / self.plot_name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
     def _series(self, key: str) -> tuple[list[int], list[float]]:
