@@ -1,5 +1,6 @@
 """User rewards that misbehave, importable as ``reward_fns:NAME`` (tests/ is on the path)."""
 
+import os
 import threading
 
 
@@ -48,4 +49,10 @@ def wrong_signature(completions):
 
 def always_zero(prompts, completions, answers):
     """Valid, and 0 for every sample: a reward the policy never satisfies."""
+    return [0.0] * len(completions)
+
+
+def prints_secret(prompts, completions, answers):
+    """Prints a secret of its environment (issue 20: it ended up in wandb's output.log)."""
+    print(f"reward_fns: token={os.environ['DIST_FT_TEST_SECRET']}", flush=True)
     return [0.0] * len(completions)
