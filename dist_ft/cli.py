@@ -127,7 +127,8 @@ def quiet_third_party() -> None:
     if not sys.stderr.isatty():
         # In a file a bar is one line of \r-joined frames. Set in the environment so that Ray
         # workers started from here inherit it; a user's own setting wins.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(bars, "1")
 
 
 def _run(args: argparse.Namespace) -> int:
