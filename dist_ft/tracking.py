@@ -48,9 +48,9 @@ class Tracker:
         after it (by the process that died) are dropped, earlier ones are kept and reloaded.
         ``run_id``: the tracking run to continue (wandb id). ``shown``: the metrics on the
         progress line; ``plotted``: one panel each in ``plot_name`` (see :meth:`figure`).
-        ``breakdown``: a prefix; each metric under it is
-        one more line in the first panel (``reward/task/``: the reward of each task).
-        ``log_samples``: sampled completions kept per :meth:`log_samples` call.
+        ``breakdown``: a prefix; each metric under it is one more line in the first panel
+        (``reward/task/``: the reward of each task). ``log_samples``: sampled completions kept
+        per :meth:`log_samples` call.
 
         Every ``every`` steps (a tenth of the run) and at the first two steps of this process,
         off a terminal a progress line is printed (also when 30 s passed since the last one),

@@ -20,8 +20,8 @@ OWN = [
     r"wandb: offline run \S+/wandb/offline-run-\S+ \(`wandb sync` uploads it\)$",
     r"demo: steps 1-20 of 20; a progress line every 2 steps or 30 s",
     r"step \d+/20 \(\d+%\)  reward/mean \S+  loss \S+  kl \S+  samples_per_s \S+  \[.*\]$",
-    r"sample, step \d+: '.*' -> '.*' \(answer '.*'; reward \S+: char_match \S+, "
-    r"reward_fns:prints_secret \S+\)$",
+    r"sample, step \d+: .+ -> .+ \(answer .+; reward \S+: char_match \S+, "
+    rf"{PRINTS} \S+\)$",
     r"mean reward: first 10 steps \S+, last 10 steps \S+ \(rise \S+\)$",
     r"metrics: \S+  plot: \S+  weights: \S+$",
     rf"reward_fns: token={SECRET}$",
