@@ -134,6 +134,20 @@ class ScoredBatch:
         """[N, T] bool: trained tokens of the samples the loss uses."""
         return self.trainable_mask & self.valid[:, None]
 
+    def turns(self, i: int) -> list[tuple[Span, list[int]]]:
+        """Sample ``i``'s episode as its runs of one span code, in order, padding left out:
+        one (TRAINED, ids) run single-turn; model turns and environment turns alternating
+        multi-turn."""
+        runs: list[tuple[Span, list[int]]] = []
+        for token, code in zip(self.episode_ids[i].tolist(), self.episode_mask[i].tolist()):
+            if code == Span.PAD:
+                continue
+            if runs and runs[-1][0] == code:
+                runs[-1][1].append(token)
+            else:
+                runs.append((Span(code), [token]))
+        return runs
+
     def sample_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's prompt ids and mask, [N, P] each: the prompt table expanded for a
         forward pass (only the learner needs the G copies; they never travel)."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         args.paths += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_third_party()
     from dist_ft.config import ConfigError  # after argparse, which may exit with --help
     from dist_ft.real_models import ModelFetchError
 
@@ -117,6 +120,28 @@ def main(argv: list[str] | None = None) -> int:
         which = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
         print(f"dist-ft: interrupted{which}", file=sys.stderr)
         return 128 + signum
+
+
+def quiet_third_party() -> None:
+    """Keep the libraries' routine chatter out of a run's output; their other warnings stay.
+    Call it before they are imported: their loggers and progress bars are set up then."""
+    # Said on every CPU run, where CPU is what was asked for.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda r: "Setting accelerator to CPU" not in r.getMessage()
+    )
+    # An optional kernel for 4-bit layers on AVX512-BF16 CPUs, said on import by every run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "pip install kernels" not in r.getMessage()
+    )
+    # peft probes the deprecated name; nothing a user of dist_ft can change.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    if not sys.stderr.isatty():
+        # In a file a bar is one line of \r-joined frames. Set in the environment so that Ray
+        # workers started from here inherit it; a user's own setting wins.
+        for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(bars, "1")
 
 
 def _run(args: argparse.Namespace) -> int:

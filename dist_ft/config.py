@@ -241,6 +241,9 @@ class RunConfig:
     # SFT and DPO: evaluate the data.eval_rows held-out rows every N steps and at the end; 0 off.
     eval_every: NonNegInt = 0
     keep_checkpoints: NonNegInt = 2  # 0 keeps every one
+    # GRPO: this many of a step's sampled completions (its first group's first) with prompt,
+    # answer and rewards, to samples.jsonl and wandb, every tenth of the run; 0 = none.
+    log_samples: NonNegInt = 8
     # "none", "auto" (the newest committed checkpoint under output_dir, if any) or a path.
     resume: str = "none"
     # Resuming refuses a config whose training semantics differ from the checkpoint's.

@@ -6,6 +6,8 @@ is one rank of a data-parallel group (``cluster/ray.py`` sets rank, world size a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from collections.abc import Callable
@@ -58,7 +60,10 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     import deepspeed  # here, not at the top: the driver imports LearnerSpec without DeepSpeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    # On CPU it prints "... shm_comm_op built successfully" to stdout each time it loads the
+    # cached op; a failed build raises, so nothing said here is needed
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
                 )
                 tracker.log(step, row)
+                tracker.log_samples(step, batch, tokenizer, prompts)
                 watch.check(step, batch)
 
                 # ---- checkpoint: learner state and run state, atomically
@@ -324,7 +325,7 @@ def train(cfg: Config) -> dict[str, Any]:
 RUN_OUTPUTS = (
     *("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "placement.json", "adapter", "model"),
     runstatus.STATUS_FILE,
-    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors"),
+    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors", "samples.jsonl"),
 )
 
 
@@ -377,6 +378,7 @@ def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) 
         plot=cfg.run.plot,
         resume_step=state.get("step"),
         run_id=state.get("run_id"),
+        log_samples=cfg.run.log_samples,
         **display,
     )
 

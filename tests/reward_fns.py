@@ -62,3 +62,9 @@ def exits_quietly(prompts, completions, answers):
     if _calls[0] == 2:
         os._exit(0)
     return [0.0] * len(completions)
+
+
+def prints_secret(prompts, completions, answers):
+    """Prints a secret of its environment (issue 20: it ended up in wandb's output.log)."""
+    print(f"reward_fns: token={os.environ['DIST_FT_TEST_SECRET']}", flush=True)
+    return [0.0] * len(completions)

@@ -30,6 +30,8 @@ SLURM_BINS = (
     *("sbatch", "scontrol", "scancel", "sinfo", "squeue"),
 )
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+# What Slurm says when a step is cancelled or its task dies of a signal or an exit code
+STEP_ERROR = r"^(slurmstepd|srun): error:|CANCELLED|Killed|Exited with exit code"
 REWARD_LINE = re.compile(r"mean reward: first \d+ steps [\d.]+, last \d+ steps [\d.]+")
 
 
@@ -263,8 +265,15 @@ def test_readme_sbatch_line_completes_and_leaves_no_ray(slurm):
     assert REWARD_LINE.search(log), log[-3000:]
     assert len((job.dir / "run" / "metrics.jsonl").read_text().splitlines()) == 3
     ray_tmp = job.ray_tmp()
-    assert ray_tmp and str(job.id) in ray_tmp and Path(ray_tmp).is_dir(), log[:2000]
+    assert ray_tmp and str(job.id) in ray_tmp, log[:2000]
+    # Ray ran with that temp dir (the script's --temp-dir), and nothing of it is left
+    assert "Ray runtime started" in log, log[:3000]
+    assert not Path(ray_tmp).exists(), sorted(p.name for p in Path(ray_tmp).iterdir())
     assert job_processes(job.id, ray_tmp) == []
+    # A job that worked ends quietly: its Ray steps are stopped, not cancelled or killed
+    errors = [line for line in log.splitlines() if re.search(STEP_ERROR, line)]
+    assert errors == [], log[-4000:]
+    assert "dist_ft: Ray stopped" in log
     print(f"sbatch -> COMPLETED in {time.monotonic() - start:.0f} s")
 
 
