@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist_ft: error: {e}", file=sys.stderr)
         return 2
     if args.nodes is None:
-        print(f"dist_ft: run.output_dir={cfg.run.output_dir} is free for this run")
+        print(f"dist_ft: run.output_dir={cfg.run.output_dir}: ok")
         return 0
 
     res = cfg.resources
