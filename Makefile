@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# ARGS: a.b=c overrides for the run, e.g. make demo ARGS='run.seed=1 run.steps=100'
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dist-ft demo
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dist-ft demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
@@ -29,7 +30,7 @@ test-unit: $(STAMP)
 
 # Everything but tests/slow (Ray clusters, SLURM, resume, chaos, the demo).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit tests/integration tests/test_*.py
+	$(PY) -m pytest -q tests/unit tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -180,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = demo_replaces(cfg, overrides)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        for missing in _missing_inputs(cfg):  # printing is fine; a run would stop on these
+            print(f"dist-ft: warning: {missing}", file=sys.stderr)
         return 0
     if args.command == "plan":
         from dist_ft.plan import describe_plan
@@ -345,6 +347,26 @@ def preflight(cfg: Config, samples: bool = False) -> None:
         from dist_ft.rollout.worker import resolve_generator
 
         resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
+
+
+def _missing_inputs(cfg: Config) -> list[str]:
+    """What a run of ``cfg`` would not find on this machine: the model directory (the message
+    ``check_model_path`` gives a run) and a ``data.source`` that is neither built in nor a path."""
+    from dist_ft.models import check_model_path
+    from dist_ft.tasks import SOURCES
+
+    missing = []
+    try:
+        check_model_path(cfg.model.path, "model.path")
+    except FileNotFoundError as e:
+        missing.append(str(e))
+    source = cfg.data.source
+    if source not in SOURCES and not Path(source).exists():
+        missing.append(
+            f"data.source={source} does not exist here (a .jsonl/.parquet file or a "
+            f"save_to_disk folder; built in: {', '.join(SOURCES)})"
+        )
+    return missing
 
 
 def _fail(e: BaseException, code: int, named: bool = False) -> int:

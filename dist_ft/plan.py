@@ -129,8 +129,12 @@ def describe_plan(cfg: Config) -> str:
         # planned as asked even on a machine without one, which only plans.
         gpu = res.device == "cuda" or (res.device == "auto" and torch.cuda.is_available())
         spec = actor_spec(cfg, gpu)
-        nodes = probe_nodes(res.ray_address, plan_actors(spec, []).total()["CPU"])
+        nodes = probe_nodes(res.ray_address)
         lines += [f"  node {n['NodeManagerAddress']}: {n['Resources']}" for n in nodes]
+        if res.ray_address == "local":
+            lines.append(
+                "  (this machine; a ray_address=local run starts Ray on it, loopback only)"
+            )
         plan = plan_actors(spec, nodes)
         lines += [
             f"  placement group (PACK), bundle {b}: {dict(r)}" for b, r in enumerate(plan.bundles)
@@ -138,6 +142,15 @@ def describe_plan(cfg: Config) -> str:
         lines += placement_lines(predict_placement(nodes, plan))
         total = ", ".join(f"{k} {v:g}" for k, v in plan.total().items())
         lines.append(f"  all actors together: {total}")
+        cores, need = nodes[0]["Resources"]["CPU"], plan.total()["CPU"]
+        if res.ray_address == "local" and need > cores:
+            # init_ray gives a private Ray at least the CPUs asked for, so the CPU requests are
+            # placed anyway; the actors' threads then share the cores (see OMP_NUM_THREADS).
+            lines.append(
+                f"  CPU requests beyond this machine's {cores:g} cores: a ray_address=local run "
+                f"starts anyway (its Ray gets {need:g} CPU slots), {need / cores:.1f}x "
+                "oversubscribed; GPU and custom requests are placed only as listed"
+            )
     else:
         workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
         lines.append(f"  {workers} rollout worker(s) and 1 learner in this process")

@@ -329,13 +329,15 @@ RUN_OUTPUTS = (
 )
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """``run.output_dir``, created, with the resolved config in it; before any model is loaded.
+def check_run_dir(cfg: Config) -> bool:
+    """Whether a fresh run must first remove another run's outputs from ``run.output_dir``
+    (``run.overwrite=true``); ConfigError when it holds one and neither ``run.resume`` nor
+    ``run.overwrite`` says what to do with it. Reads only: launchers call it before they submit.
 
     A fresh run refuses a directory that holds another run: its metrics would be overwritten,
     and its higher-numbered checkpoints would outlive the new run's in pruning and be the ones
-    ``run.resume=auto`` picks. ``run.overwrite=true`` removes the old run's outputs first. No
-    run starts in a directory whose run is still training (status.json, a live pid here).
+    ``run.resume=auto`` picks. No run starts in a directory whose run is still training
+    (status.json, a live pid here).
     """
     out = Path(cfg.run.output_dir)
     previous = runstatus.read(out)
@@ -344,15 +346,25 @@ def prepare_output_dir(cfg: Config) -> Path:
             f"run.output_dir={out} {runstatus.unfinished(out)}: stop that process first, or "
             "choose another run.output_dir"
         )
-    ckpts = checkpoint.root(out)
-    held = held_outputs(out, ("metrics.jsonl", ckpts.name))
-    if held and cfg.run.resume == "none":
-        if not cfg.run.overwrite:
-            raise ConfigError(
-                f"run.output_dir={out} already holds another run ({', '.join(held)}): choose "
-                "another run.output_dir, continue that run with run.resume=auto, or replace it "
-                "with run.overwrite=true"
-            )
+    held = held_outputs(out, ("metrics.jsonl", checkpoint.root(out).name))
+    if not held or cfg.run.resume != "none":
+        return False
+    if not cfg.run.overwrite:
+        raise ConfigError(
+            f"run.output_dir={out} already holds another run ({', '.join(held)}): choose "
+            "another run.output_dir, continue that run with run.resume=auto, or replace it "
+            "with run.overwrite=true"
+        )
+    return True
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """``run.output_dir``, created, with the resolved config in it; before any model is loaded.
+    Refuses a directory that holds another run (``check_run_dir``); ``run.overwrite=true``
+    removes the old run's outputs first."""
+    out = Path(cfg.run.output_dir)
+    if check_run_dir(cfg):
+        ckpts = checkpoint.root(out)
         old = [out / name for name in RUN_OUTPUTS] + [ckpts, *out.glob("*-interrupted-step-*")]
         for path in old:
             if path.is_dir():

@@ -73,17 +73,28 @@ resolved="$(dist-ft train "${args[@]}" --print-config)" || exit
 out="$(awk -v q="'" '/^run:/ {r = 1; next} /^[^ ]/ {r = 0}
     r && sub(/^  output_dir: /, "") {gsub("^" q "|" q "$", ""); print}' <<<"$resolved")"
 [[ -n "$out" ]] || die "could not read run.output_dir from the resolved config"
+host="${addr#*://}"
+host="${host%%/*}"
+host="${host%:*}"
+case "$host" in
+    127.0.0.1 | localhost | "[::1]") local_out=1 ;;
+    *) local_out=0 ;;
+esac
 if [[ "$out" != /* ]]; then
-    host="${addr#*://}"
-    host="${host%%/*}"
-    host="${host%:*}"
-    case "$host" in
-        127.0.0.1 | localhost | "[::1]") out="$(pwd)/$out" ;;
+    case "$local_out" in
+        1) out="$(pwd)/$out" ;;
         *) die "run.output_dir=$out is relative, so the job would write it inside its" \
             "temporary copy of the repo on the cluster; pass run.output_dir=/an/absolute/path" \
             "that the head node of $addr can write" ;;
     esac
     args+=("run.output_dir=$out")
+fi
+# A run.output_dir that holds another run is refused here, by the trainer's own check, rather
+# than by the job after the upload. Only where the head node writes this machine's paths: a
+# remote head's directory cannot be seen from here (its job refuses it as `dist-ft train` does).
+if [[ "$local_out" == 1 ]]; then
+    command -v python >/dev/null || die "no python on PATH (activate the env that has dist-ft)"
+    python launch/slurm/preflight.py "${args[@]}" >/dev/null || exit
 fi
 echo "ray_submit.sh: run outputs go to $out on the node that runs the job" \
     "(the head node; this machine for a cluster started here)" >&2

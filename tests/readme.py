@@ -1,5 +1,5 @@
-"""The shell commands README.md shows, as argv lists: the one parser every doc test uses, so a
-README edit that breaks a command fails a test instead of a user."""
+"""The shell commands README.md shows: the one parser every doc test uses, so a README edit that
+breaks a command fails a test instead of a user."""
 
 from __future__ import annotations
 
@@ -9,17 +9,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[list[str]]:
-    """Every command in README.md's ```bash blocks, in order: continuation lines joined, comment
-    lines and trailing comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in text.split("```bash")[1:]:
+def readme_lines(readme: Path = ROOT / "README.md") -> list[str]:
+    """Every command in ``readme``'s ```bash blocks, in order, as the shell line a user pastes:
+    continuation lines joined, comment lines and trailing comments dropped (so that a test can
+    append overrides), the rest byte for byte."""
+    lines = []
+    for block in readme.read_text().split("```bash")[1:]:
         body = block.split("```", 1)[0].replace("\\\n", " ")
-        commands += [
-            argv for argv in map(lambda s: shlex.split(s, comments=True), body.splitlines()) if argv
-        ]
-    return commands
+        for line in body.splitlines():
+            argv = shlex.split(line, comments=True)
+            if not argv:
+                continue
+            # A '#' starts a comment only where the shell sees a new word: cut at the first one
+            # after which the words are still the command's.
+            cuts = [i for i, c in enumerate(line) if c == "#" and line[i - 1 : i].isspace()]
+            cut = next((i for i in cuts if shlex.split(line[:i]) == argv), len(line))
+            lines.append(line[:cut].strip())
+    return lines
+
+
+def readme_commands() -> list[list[str]]:
+    """``readme_lines()`` as argv lists."""
+    return [shlex.split(line) for line in readme_lines()]
 
 
 def readme_command(*prefix: str) -> list[str]:

@@ -127,7 +127,8 @@ def check_gcs(address: str, source: str) -> None:
     host, sep, port = hostport.rpartition(":")
     if not (sep and host and port.isdigit()):
         raise RayConnectError(
-            f"Ray address {address!r} (from {source}) is not HOST:PORT, 'auto' or 'local'"
+            f"Ray address {address!r} (from {source}) is not HOST:PORT (a head node's GCS "
+            "address, e.g. 10.0.0.5:6379, as `ray start --head` prints it), 'auto' or 'local'"
         )
     host = host.strip("[]")
     where = f"Ray cluster at {host}:{port} (from {source})"

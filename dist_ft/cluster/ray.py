@@ -36,14 +36,21 @@ def cluster_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n["Alive"]]
 
 
-def probe_nodes(address: str, num_cpus: float) -> list[dict[str, Any]]:
-    """The live nodes at ``address`` (see ``init_ray``; ``num_cpus`` sizes a local Ray), for a
-    plan: connects, reads and disconnects, unless this process is already connected."""
+def probe_nodes(address: str) -> list[dict[str, Any]]:
+    """The live nodes at ``address`` (see ``init_ray``), for a plan: connects, reads and
+    disconnects, unless this process is already connected. ``"local"`` is this machine as it
+    is, in ``ray.nodes()`` form: the private Ray a run starts is sized to the actors' request,
+    so it would fit any plan and show nothing about the machine."""
     import ray
 
     if ray.is_initialized():
         return cluster_nodes()
-    init_ray(address, num_cpus)
+    if address == "local":
+        have = {"CPU": float(os.cpu_count() or 1)}
+        if gpus := torch.cuda.device_count():
+            have["GPU"] = float(gpus)
+        return [{"NodeManagerAddress": "127.0.0.1", "Resources": have}]
+    init_ray(address, 0)
     try:
         return cluster_nodes()
     finally:

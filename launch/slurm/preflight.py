@@ -1,8 +1,12 @@
 """Fail a SLURM job in seconds, with the numbers, when its config asks Ray for more CPUs or GPUs
-than the job was granted.
+than the job was granted, or when its run.output_dir already holds another run.
 
-Usage: python launch/slurm/preflight.py --nodes N --cpus-per-node C [--gpus-per-node G]
+Usage: python launch/slurm/preflight.py [--nodes N --cpus-per-node C [--gpus-per-node G]]
            CONFIG [a.b=c ...]
+
+Without --nodes only the config and run.output_dir are checked (launch/ray_submit.sh does that
+before it uploads anything). The output dir check is the trainer's own (check_run_dir), so a
+job is refused for exactly what `dist-ft train` would refuse, before Ray starts instead of after.
 
 Without it, actors that do not fit wait unplaced for resources.actor_timeout_s (600 s by
 default) before the run fails. It sums exactly what RayCluster asks for (the requests of
@@ -19,21 +23,28 @@ import sys
 from dist_ft.cluster.placement import plan_actors
 from dist_ft.config import ConfigError, load_config
 from dist_ft.plan import actor_spec
+from dist_ft.trainer import check_run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="preflight.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--cpus-per-node", type=float, required=True)
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--cpus-per-node", type=float)
     p.add_argument("--gpus-per-node", type=float, default=0.0)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if (args.nodes is None) != (args.cpus_per_node is None):
+        p.error("--nodes and --cpus-per-node go together")
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"dist_ft: error: {e}", file=sys.stderr)
         return 2
+    if args.nodes is None:
+        print(f"dist_ft: run.output_dir={cfg.run.output_dir}: ok")
+        return 0
 
     res = cfg.resources
     # The Ray nodes this job starts: one per SLURM node, none advertising `rollout`.

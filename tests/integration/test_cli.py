@@ -116,3 +116,24 @@ def test_demo_never_replaces_an_unfinished_run_it_kept_weights_of(tmp_path):
         "choose another run.output_dir"
     )
     assert (kept / "adapter_model.safetensors").read_bytes() == b"trained"
+
+
+def test_print_config_warns_of_a_missing_model_and_data(tmp_path):
+    """The config prints (exit 0), and stderr names what a run would not find: one line each."""
+    r = subprocess.run(
+        [str(DIST_FT), "train", "configs/demo.yaml", "--print-config",
+         f"model.path={tmp_path / 'no-model'}", f"data.source={tmp_path / 'no.jsonl'}"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith("model:"), r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("dist-ft: warning: ")]
+    assert len(warnings) == 2, r.stderr
+    assert warnings[0].startswith(f"dist-ft: warning: model.path={tmp_path / 'no-model'} is not")
+    assert warnings[1].startswith(
+        f"dist-ft: warning: data.source={tmp_path / 'no.jsonl'} does not exist here"
+    )
+    r = subprocess.run(  # the built-in recipe has both: no warning
+        [str(DIST_FT), "train", "configs/demo.yaml", "--print-config"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

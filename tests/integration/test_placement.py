@@ -2,6 +2,7 @@
 asks Ray for, what `dist-ft plan` predicts with and what the SLURM preflight sums. Pure unit
 tests of the function, then the agreement test against what a live local Ray granted."""
 
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dist_ft.cluster.placement import ActorRequest, ActorSpec, plan_actors
 from dist_ft.plan import predict_placement
 
 ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # dist-ft, python and ray, for ray_submit.sh
 
 
 def node(addr="10.0.0.1", **resources):
@@ -119,6 +121,29 @@ def test_slurm_preflight_sums_the_same_requests():
     r = preflight("--nodes", "2", "--cpus-per-node", "1.5", "configs/demo.yaml",
                   "resources.mode=ray", "resources.colocate=true")  # fmt: skip
     assert r.returncode == 3 and "the largest single request 2" in r.stderr, r.stderr
+
+
+def test_preflight_and_ray_submit_refuse_a_used_output_dir(tmp_path):
+    """A run.output_dir that holds another run is refused before anything is submitted, with the
+    trainer's own message and exit 2: by the SLURM preflight (before Ray starts) and by
+    ray_submit.sh (before its upload: no Ray answers at its address, and it never asks)."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"step": 1}\n')
+    refusal = f"dist_ft: error: run.output_dir={used} already holds another run (metrics.jsonl): "
+    r = preflight("--nodes", "1", "--cpus-per-node", "4", "configs/demo.yaml",
+                  "resources.mode=ray", f"run.output_dir={used}")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(refusal), r.stderr
+    r = preflight("configs/demo.yaml", f"run.output_dir={used}", "run.resume=auto")
+    assert r.returncode == 0 and r.stdout == f"dist_ft: run.output_dir={used}: ok\n", r.stderr
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(
+        ["launch/ray_submit.sh", "--address", "http://127.0.0.1:9", "configs/demo.yaml",
+         f"run.output_dir={used}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(refusal), r.stderr
+    assert "run outputs go to" not in r.stderr  # stopped before it would submit
 
 
 # ---------------------------------------------------------------- agreement with a live Ray

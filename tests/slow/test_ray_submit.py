@@ -114,7 +114,9 @@ def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
         assert ("sending the Ray auth token" in r.stderr) == earlier_local_run
         assert re.search(r"mean reward: first \d+ steps [\d.]+, last \d+ steps [\d.]+", r.stdout)
         out = Path(re.search(r"run outputs go to (.+) on the node", r.stderr).group(1))
-        assert out == repo / "runs" / "demo"  # under the submitting checkout, not Ray's copy
+        # under the submitting checkout, not Ray's copy: the README line's run.output_dir
+        named = [a.split("=", 1)[1] for a in submit if a.startswith("run.output_dir=")]
+        assert out == repo / named[-1]
         assert f"metrics: {out / 'metrics.jsonl'}" in r.stdout  # the job's log says the same
         # inside the job, resources.ray_address=auto is the address Ray's job runner hands it
         assert re.search(

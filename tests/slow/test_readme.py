@@ -1,121 +1,161 @@
-"""Doc tests: every command README.md shows is run by a test, as written.
+"""Doc test: README.md's commands, verbatim and in README order, as a newcomer runs them: on a
+fresh copy of the checkout, with an empty HOME, in one shell, so what one command leaves behind
+(`runs/demo` above all) is there for the next, and the README's own PATH step is the one that
+puts `dist-ft` on PATH.
 
-The `dist-ft` commands run here, verbatim from the README, with only documented `a.b=c`
-overrides appended where a run would otherwise take minutes (fewer steps, an output directory
-in tmp). The others run in the test named for them, which reads the command from the README too.
+What this test changes, and why:
+- Overrides where a run would take minutes, appended to the README's line (the last value of a
+  key wins): `run.steps=3` for training commands, `ARGS='run.steps=3'` for `make demo` (the
+  Makefile's documented way), `label.prompts=16` for `dist-ft label`. Never an output directory:
+  the README's recipes must not collide as written.
+- The copy reuses the checkout's built `.venv` (a symlink; building one takes minutes): files
+  are copied with their times, so `make` finds the venv up to date for them. That venv's
+  `dist-ft` would import the checkout's `dist_ft` (an editable install), so PYTHONPATH points
+  at the copy, whose `dist_ft` then comes first (checked below).
+- `TORCH_EXTENSIONS_DIR` keeps DeepSpeed's build cache (~35 s a fresh HOME would spend on it).
+- Commands that need a service this test does not start run in their own test, which reads them
+  from README.md (OWNERS). In their place here runs the check they make before anything starts:
+  `launch/slurm/preflight.py` on the same config and overrides (what `launch/ray_submit.sh`
+  runs before its upload and the sbatch script before Ray), so a recipe whose output directory
+  an earlier one already holds fails here, in order.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from readme import ROOT, readme_commands
+from readme import ROOT, readme_lines
 
-BIN = Path(sys.executable).parent
-# Commands a dedicated test runs (reading them from README.md): prefix -> test file.
-ELSEWHERE = {
-    ("make", "test"): ".ci/run",  # CI's own command
-    ("make", "demo"): "tests/slow/test_demo.py",
+# Commands a dedicated test runs (reading them from README.md): prefix -> that test.
+OWNERS = {
+    ("make", "test"): ".ci/run",  # CI's own command; this test is part of it
     ("ray", "start", "--head"): "tests/slow/test_ray_submit.py",
     ("launch/ray_submit.sh",): "tests/slow/test_ray_submit.py",
     ("sbatch",): "tests/slow/test_slurm.py",
 }
+PREFLIGHT = "python launch/slurm/preflight.py"
+TRAINS = ("demo", "train", "sft", "dpo")
 
 
-def _owner(argv: list[str]) -> str | None:
-    for prefix, path in ELSEWHERE.items():
-        if tuple(argv[: len(prefix)]) == prefix:
-            return path
-    return None
+def owner(argv: list[str]) -> str | None:
+    return next((path for p, path in OWNERS.items() if tuple(argv[: len(p)]) == p), None)
 
 
-DIST_FT = [argv for argv in readme_commands() if argv[0] == "dist-ft"]
+def as_run_here(line: str) -> str:
+    """The shell line this test runs for a README ``line``: the line itself with short-run
+    overrides appended, or for a command another test owns, the check it makes first."""
+    argv = shlex.split(line)
+    if argv[0] == "launch/ray_submit.sh":  # its own leading resources.* first, as it does
+        config, *overrides = argv[1:]
+        return shlex.join([*PREFLIGHT.split(), config, "resources.mode=ray",
+                           "resources.ray_address=auto", *overrides])  # fmt: skip
+    if argv[0] == "sbatch":  # what the sbatch script passes to its preflight
+        after = argv[argv.index("launch/slurm/dist_ft.sbatch") + 1 :]
+        return shlex.join([*PREFLIGHT.split(), after[0], "resources.mode=ray", *after[1:]])
+    if owner(argv):
+        return ":"  # a service (or the whole suite): nothing to check before it
+    if argv[:2] == ["make", "demo"]:
+        return f"{line} ARGS='run.steps=3'"
+    if argv[:2] == ["dist-ft", "label"]:
+        return f"{line} label.prompts=16"
+    if argv[0] == "dist-ft" and argv[1] in TRAINS and "--print-config" not in argv:
+        return f"{line} run.steps={2 if 'resources.mode=ray' in argv else 3}"
+    return line
 
 
 def test_every_readme_command_is_run_by_a_test():
-    for argv in readme_commands():
-        if argv[0] == "dist-ft":
-            continue  # test_readme_dist_ft_command below
-        owner = _owner(argv)
-        assert owner is not None, f"no test runs the README command {' '.join(argv)!r}"
-        text = (ROOT / owner).read_text()
+    for line in readme_lines():
+        path = owner(shlex.split(line))
+        if path is None:
+            continue  # run in order below
+        text = (ROOT / path).read_text()
         # the owner reads the command from README.md, so the two cannot drift apart
-        assert "make test" in text if owner == ".ci/run" else "readme" in text, owner
+        assert "make test" in text if path == ".ci/run" else "readme" in text, path
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """Finished runs for the README's export and merge commands, named as there (runs/demo,
-    runs/a, runs/b): short SFT runs of the tiny LoRA recipe, a and b from different seeds."""
-    root = tmp_path_factory.mktemp("runs")
-    for name, seed in (("demo", 0), ("a", 1), ("b", 2)):
-        r = subprocess.run(
-            [
-                str(BIN / "dist-ft"),
-                "sft",
-                "configs/sft_demo.yaml",
-                "run.steps=1",
-                "run.eval_every=0",
-                f"run.seed={seed}",
-                "run.wandb=disabled",
-                f"run.output_dir={root / name}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
-    return root
-
-
-@pytest.fixture(scope="module")
-def rlaif(tmp_path_factory) -> Path:
-    """runs/rlaif_dpo_demo for the README's `dist-ft label` and for the `dist-ft dpo` after it,
-    which trains on what label wrote (the two run in README order)."""
-    return tmp_path_factory.mktemp("rlaif_dpo_demo")
+def fresh_copy(dest: Path) -> None:
+    """The files a commit of the working tree would hold (tracked and new, not ignored), with
+    their times, and the checkout's built .venv linked in."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():  # a tracked file deleted in the working tree is not copied
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("argv", DIST_FT, ids=[" ".join(a[1:3]) for a in DIST_FT])
-def test_readme_dist_ft_command(argv, tmp_path, request):
-    extra: list[str] = []
-    argv = [a.replace("HOST:PORT", "local") for a in argv]  # plan: describe this machine
-    if argv[1] in ("export", "merge", "compare"):  # the README's run and output paths, made here
-        root = request.getfixturevalue("runs")
-        argv = [a.replace("runs/", f"{root}/").replace("out/", f"{tmp_path}/out/") for a in argv]
-    if argv[1] == "label" or any(a.startswith("data.source=runs/rlaif_dpo_demo/") for a in argv):
-        rlaif = request.getfixturevalue("rlaif")
-        argv = [a.replace("runs/rlaif_dpo_demo/", f"{rlaif}/") for a in argv]
-        if argv[1] == "label":  # a smaller run: 16 prompts x 4 samples
-            extra += [f"label.output={rlaif}/labels.jsonl", "label.prompts=16"]
-            extra.append("rollout.group_size=4")
-    if "--print-config" not in argv and argv[1] in ("train", "demo", "sft", "dpo"):
-        extra.append(f"run.output_dir={tmp_path / 'run'}")
-        if not any(a.startswith("run.steps=") for a in argv):
-            extra.append("run.steps=3")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run(
-        [*argv, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    home.mkdir()
+    fresh_copy(repo)
+    venv_bin = str(ROOT / ".venv" / "bin")
+    drop = ("VIRTUAL_ENV", "PYTHONPATH", "DIST_FT_CACHE", "XDG_CACHE_HOME", "WANDB_MODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RAY_")}
+    env.update(
+        HOME=str(home),
+        PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv_bin),
+        PYTHONPATH=str(repo),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path.home() / ".cache" / "torch_extensions"),
     )
-    assert r.returncode == 0, (argv, r.stdout[-2000:], r.stderr[-3000:])
-    if "--print-config" in argv:
-        assert "model:" in r.stdout
-    elif argv[1] == "plan":
-        assert "rollout" in r.stdout
-    elif argv[1] in ("sft", "dpo"):
-        assert f"{argv[1]} loss: first" in r.stdout
-        assert (tmp_path / "run" / "metrics.jsonl").exists()
-    elif argv[1] in ("export", "merge"):
-        assert any((tmp_path / "out").rglob("*.safetensors")), r.stdout
-    elif argv[1] == "compare":
-        assert r.stdout.startswith("Mean reward over "), r.stdout
-    elif argv[1] == "label":
-        assert " pairs from 16 prompts -> " in r.stdout
-    else:
-        assert "mean reward: first" in r.stdout
-        assert (tmp_path / "run" / "metrics.jsonl").exists()
+    lines = readme_lines()
+    source = lines.index("source .venv/bin/activate")
+    script = ["command -v dist-ft && { echo '@@ dist-ft is on PATH already'; exit 99; }"]
+    for i, line in enumerate(lines):
+        script += [
+            f"printf '\\n@@ %s\\n' {shlex.quote(as_run_here(line))}",
+            "SECONDS=0",
+            as_run_here(line),
+            "rc=$?",
+            'printf "@@ rc %d, %d s\\n" "$rc" "$SECONDS"',
+            '[ "$rc" = 0 ] || exit "$rc"',
+        ]
+        if i == source:  # the copy's code is what the venv's dist-ft runs
+            script.append("python -c 'import dist_ft.cli as c; print(\"@@ code\", c.__file__)'")
+    log = tmp_path / "log"
+    with log.open("w") as f:
+        r = subprocess.run(
+            ["bash", "-c", "\n".join(script)],
+            cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1800,
+        )  # fmt: skip
+    text = log.read_text()
+    # one section per command: its line, its output, its exit code and seconds
+    sections = re.findall(r"\n@@ (.*)\n((?:(?!\n@@ ).)*?)@@ rc (\d+), (\d+) s", text, re.S)
+    print("\n".join(f"{int(s):4d} s  rc {rc}  {cmd}" for cmd, _, rc, s in sections))
+    assert r.returncode == 0, text[-6000:]
+    assert f"@@ code {repo}/dist_ft/cli.py" in text, text[:3000]
+    assert [cmd for cmd, *_ in sections] == [as_run_here(line) for line in lines]
+    for (_, out, _, _), line in zip(sections, lines, strict=True):
+        argv = shlex.split(line)
+        if argv[:2] == ["make", "demo"]:
+            assert "mean reward: first" in out, out
+        if argv[0] != "dist-ft":
+            continue
+        if "--print-config" in argv:  # the recipe's model and data are not on this machine
+            assert "model:" in out and "dist-ft: warning: model.path=" in out, out
+        elif argv[1] == "plan":
+            assert "UNSCHEDULABLE" in out and "oversubscribed" in out, out
+        elif argv[1] in ("sft", "dpo"):
+            assert f"{argv[1]} loss: first" in out, out
+        elif argv[1] in TRAINS:
+            assert "mean reward: first" in out, out
+        elif argv[1] == "compare":
+            assert "Mean reward over " in out, out
+        elif argv[1] == "label":
+            assert " pairs from 16 prompts -> " in out, out
+    for made in ("runs/demo", "runs/from-file", "runs/lr5e-4", "runs/multitask_demo",
+                 "runs/sft-demo", "runs/dpo-demo", "runs/rlaif_dpo_demo", "runs/ray"):  # fmt: skip
+        assert (repo / made / "metrics.jsonl").is_file(), made
+    for made in ("out/merged", "out/adapter", "out/ab", "out/ties"):
+        assert any((repo / made).rglob("*.safetensors")), made

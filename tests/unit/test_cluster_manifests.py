@@ -266,6 +266,8 @@ def _run_ray_submit(tmp_path: Path, args: list[str], env: dict[str, str]) -> tup
     (repo / "configs").mkdir()
     (repo / "configs" / "tiny.yaml").write_text("run: {}\n")
     shutil.copy2(RAY_SUBMIT, repo / "launch" / "ray_submit.sh")
+    # with the output-dir check it runs before submitting to a cluster on this machine
+    shutil.copytree(RAY_SUBMIT.parent / "slurm", repo / "launch" / "slurm")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     argv_file = tmp_path / "argv.json"
@@ -284,7 +286,7 @@ def _run_ray_submit(tmp_path: Path, args: list[str], env: dict[str, str]) -> tup
         env=base_env | env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(argv_file.read_text()), result.stdout + result.stderr
