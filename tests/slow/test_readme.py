@@ -144,8 +144,8 @@ def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
             continue
         if "--print-config" in argv:  # the recipe's model and data are not on this machine
             assert "model:" in out and "dist-ft: warning: model.path=" in out, out
-        elif argv[1] == "plan":
-            assert "UNSCHEDULABLE" in out and "oversubscribed" in out, out
+        elif argv[1] == "plan":  # this machine as it is, not a Ray sized to the request
+            assert f"node 127.0.0.1: {{'CPU': {float(os.cpu_count() or 1)}" in out, out
         elif argv[1] in ("sft", "dpo"):
             assert f"{argv[1]} loss: first" in out, out
         elif argv[1] in TRAINS:
