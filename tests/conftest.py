@@ -1,6 +1,8 @@
+import contextlib
 import os
 import signal
 
+import psutil
 import pytest
 
 # Tests never talk to wandb servers, and never fetch from a hub.
@@ -93,3 +95,26 @@ def terminal_sigint() -> None:
     without job control (a CI script, ``cmd &``) starts its children with SIGINT ignored, and
     Python then never raises KeyboardInterrupt: a user at a terminal has the default action."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def session_procs(sid: int) -> list[psutil.Process]:
+    """The processes of session ``sid`` (what a `ray start` run as its leader left running)."""
+    procs = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):  # exited meanwhile
+            if os.getsid(p.pid) == sid:
+                procs.append(p)
+    return procs
+
+
+def stop_session(sid: int) -> None:
+    """Kill what `ray start` (session leader ``sid``) spawned: every process of that session
+    and their descendants (a job's entrypoint gets a session of its own)."""
+    procs: dict[int, psutil.Process] = {}
+    for p in session_procs(sid):
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            procs.update({c.pid: c for c in [p, *p.children(recursive=True)]})
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(list(procs.values()), timeout=30)

@@ -22,6 +22,7 @@ ELSEWHERE = {
     ("make", "demo"): "tests/slow/test_demo.py",
     ("ray", "start", "--head"): "tests/slow/test_ray_submit.py",
     ("launch/ray_submit.sh",): "tests/slow/test_ray_submit.py",
+    ("launch/ray_stop.py",): "tests/slow/test_ray_submit.py",
     ("sbatch",): "tests/slow/test_slurm.py",
 }
 
