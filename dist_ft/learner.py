@@ -74,8 +74,14 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         listener.bind((master_addr, master_port))
         listener.listen()
         listen_fd = listener.detach()  # the store owns and closes it
+    # torch's env:// waits as long for the other ranks (30 min), not TCPStore's own 5 min
     store = dist.TCPStore(
-        master_addr, master_port, world_size, rank == 0, master_listen_fd=listen_fd
+        master_addr,
+        master_port,
+        world_size,
+        rank == 0,
+        timeout=dist.constants.default_pg_timeout,
+        master_listen_fd=listen_fd,
     )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)

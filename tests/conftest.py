@@ -1,6 +1,10 @@
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -118,3 +122,27 @@ def stop_session(sid: int) -> None:
         with contextlib.suppress(psutil.Error):  # exited meanwhile
             p.send_signal(signal.SIGKILL)
     psutil.wait_procs(list(procs.values()), timeout=30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_ray_node(argv: list[str], sessions: list[int], env: dict[str, str] | None = None) -> None:
+    """``ray start ARGV`` in a session of its own, appended to ``sessions`` before it can
+    fail: its daemons keep that session, so ``stop_session`` stops this node and nothing else
+    on the machine."""
+    p = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    sessions.append(p.pid)
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, out[-3000:]

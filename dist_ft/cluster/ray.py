@@ -147,9 +147,9 @@ def startup_state(handle: Any, req: ActorRequest) -> str:
     restarting, or alive and not answering."""
     from ray._private import state
 
-    info = state.actors(handle._actor_id.hex())
-    status, pid = info["State"], info.get("Pid") or 0
-    where = f"pid {pid} on node {info['Address'].get('IPAddress') or '?'}"
+    info = state.actors(handle._actor_id.hex())  # {} if the GCS does not know it
+    status, pid = info.get("State", "UNKNOWN"), info.get("Pid") or 0
+    where = f"pid {pid} on node {info.get('Address', {}).get('IPAddress') or '?'}"
     if status == "PENDING_CREATION" and not pid:
         return (
             f"not placed: it asks {req.describe_asks()}; "

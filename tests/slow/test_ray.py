@@ -3,7 +3,6 @@
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_adam_close, build, dpo_batch, stop_session
+from conftest import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
 
 from dist_ft.adapters import make_sampler
 from dist_ft.algos.objective import Objective
@@ -31,29 +30,7 @@ from dist_ft.tasks import demo_format_rows
 from dist_ft.trainer import load_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def start_ray_node(argv: list[str], sessions: list[int]) -> None:
-    """``ray start ARGV`` in a session of its own: its daemons keep that session, so
-    ``stop_session`` stops this node and nothing else on the machine."""
-    p = subprocess.Popen(
-        [RAY, "start", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    sessions.append(p.pid)
-    out, _ = p.communicate(timeout=180)
-    assert p.returncode == 0, out[-3000:]
 
 
 def private_ports(host: str) -> list[str]:

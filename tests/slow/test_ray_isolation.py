@@ -7,7 +7,6 @@ head must still answer afterwards.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import session_procs, stop_session
+from conftest import free_port, session_procs, start_ray_node, stop_session
 
 from dist_ft.cluster.connect import check_gcs
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 # Each Ray a test starts, one of each kind: a `ray.init(num_cpus=...)` fixture (which discovery
 # turned into a connect to the stale address), RayCluster's own private Ray, and the multi-node
 # fixture (which ran a global `ray stop --force`).
@@ -31,33 +29,21 @@ RAY_TESTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_head(temp_dir: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def start_head(temp_dir: str, sessions: list[int]) -> None:
     """`ray start --head` on free ports with its own temp dir, as a user on a shared node
-    would, in a session of its own (its daemons keep it: stop_session finds them)."""
-    head = subprocess.Popen(
+    would (auth off: a user's head, not this test's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    start_ray_node(
         [
-            RAY,
-            *("start", "--head", "--port", str(free_port()), "--temp-dir", temp_dir),
+            *("--head", "--port", str(free_port()), "--temp-dir", temp_dir),
             *("--ray-client-server-port", str(free_port())),
             *("--dashboard-agent-listen-port", str(free_port())),
             *("--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats"),
             *("--memory", str(1 << 30), "--object-store-memory", str(256 << 20)),
         ],
-        env={**env, "RAY_AUTH_MODE": "disabled"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        sessions,
+        {**env, "RAY_AUTH_MODE": "disabled"},
     )
-    out, _ = head.communicate(timeout=180)
-    assert head.returncode == 0, out[-3000:]
-    return head
 
 
 def head_daemons(sid: int) -> tuple[list[psutil.Process], str]:
@@ -85,9 +71,10 @@ def test_ray_tests_pass_beside_an_unrelated_head_and_a_stale_address_file(tmp_pa
     stale.parent.mkdir()
     stale.write_text(f"127.0.0.1:{free_port()}\n")  # a cluster that has stopped since
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    head = start_head(head_tmp, env)
+    sessions: list[int] = []
     try:
-        daemons, address = head_daemons(head.pid)
+        start_head(head_tmp, sessions)
+        daemons, address = head_daemons(sessions[0])
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *RAY_TESTS],
             cwd=ROOT,
@@ -103,7 +90,8 @@ def test_ray_tests_pass_beside_an_unrelated_head_and_a_stale_address_file(tmp_pa
         check_gcs(address, "the unrelated head")
         assert stale.read_text().startswith("127.0.0.1:")  # not rewritten by a test either
     finally:
-        stop_session(head.pid)
+        for sid in sessions:
+            stop_session(sid)
         shutil.rmtree(head_tmp, ignore_errors=True)
         shutil.rmtree(tests_tmp, ignore_errors=True)
 
@@ -112,12 +100,12 @@ def test_ray_tests_pass_beside_an_unrelated_head_and_a_stale_address_file(tmp_pa
 def test_ray_stop_script_stops_its_cluster_alone():
     """launch/ray_stop.py PORT (the README's teardown) stops the head at PORT, every process of
     it, and leaves another head running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     dirs = [tempfile.mkdtemp(prefix="r", dir="/tmp") for _ in range(2)]
-    heads: list[subprocess.Popen[str]] = []
+    sessions: list[int] = []
     try:
-        heads = [start_head(d, env) for d in dirs]
-        (mine, address), (other, _) = head_daemons(heads[0].pid), head_daemons(heads[1].pid)
+        for d in dirs:
+            start_head(d, sessions)
+        (mine, address), (other, _) = head_daemons(sessions[0]), head_daemons(sessions[1])
         r = subprocess.run(
             [sys.executable, str(ROOT / "launch" / "ray_stop.py"), address.split(":")[1]],
             capture_output=True,
@@ -128,7 +116,7 @@ def test_ray_stop_script_stops_its_cluster_alone():
         assert r.stdout.startswith("ray_stop: stopped ")
         assert alive(mine) == [] and alive(other) == other
     finally:
-        for head in heads:
-            stop_session(head.pid)
+        for sid in sessions:
+            stop_session(sid)
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
