@@ -535,8 +535,13 @@ class RayCluster:
             try:
                 prints.append(self._get(ref, self._name("rollout", k)))
                 self._worker_version[k] = update.version
-            except RayActorError:  # restarted by Ray; loads the weights before its next share
+            except RayActorError as e:  # restarted by Ray; loads the weights before its next share
                 self._worker_version[k] = None
+                warnings.warn(
+                    f"{self._name('rollout', k)} died during the weight sync "
+                    f"({type(e).__name__}); it loads v{update.version} before its next share",
+                    stacklevel=2,
+                )
         check_fingerprints(update, prints, read_back)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 

@@ -50,9 +50,8 @@ def head_daemons(sid: int) -> tuple[list[psutil.Process], str]:
     """The processes of the head started in session ``sid``, and its GCS address."""
     daemons = session_procs(sid)
     gcs = next(p for p in daemons if p.name() == "gcs_server")
-    listen = [c.laddr for c in gcs.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
-    port = int(next(a for a in gcs.cmdline() if a.startswith("--gcs_server_port=")).split("=")[1])
-    return daemons, next(f"{a.ip}:{a.port}" for a in listen if a.port == port)
+    args = dict(a.lstrip("-").split("=", 1) for a in gcs.cmdline() if "=" in a)
+    return daemons, f"{args['node-ip-address']}:{args['gcs_server_port']}"
 
 
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -107,7 +106,7 @@ def test_ray_stop_script_stops_its_cluster_alone():
             start_head(d, sessions)
         (mine, address), (other, _) = head_daemons(sessions[0]), head_daemons(sessions[1])
         r = subprocess.run(
-            [sys.executable, str(ROOT / "launch" / "ray_stop.py"), address.split(":")[1]],
+            [sys.executable, str(ROOT / "launch" / "ray_stop.py"), address.rpartition(":")[2]],
             capture_output=True,
             text=True,
             timeout=120,
