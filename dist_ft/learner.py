@@ -47,7 +47,14 @@ def free_port() -> int:
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-    """Join the learner group. gloo on CPU, nccl on GPU. Idempotent within a process."""
+    """Join the learner group. gloo on CPU, nccl on GPU. Idempotent within a process.
+
+    Every socket of the group listens on one address, never on all interfaces: torch's env://
+    rendezvous binds its store to the wildcard whatever MASTER_ADDR says, so rank 0 binds the
+    store's socket to ``master_addr`` itself (127.0.0.1 in debug mode and on a private Ray, the
+    node's cluster address on a real cluster) and hands it over; gloo and NCCL listen on the
+    interface that faces ``master_addr`` unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say
+    otherwise."""
     if dist.is_initialized():
         return
     os.environ.update(
@@ -57,13 +64,53 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
     )
+    iface = interface_towards(master_addr)
+    if iface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+    listen_fd = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((master_addr, master_port))
+        listener.listen()
+        listen_fd = listener.detach()  # the store owns and closes it
+    # torch's env:// waits as long for the other ranks (30 min), not TCPStore's own 5 min
+    store = dist.TCPStore(
+        master_addr,
+        master_port,
+        world_size,
+        rank == 0,
+        timeout=dist.constants.default_pg_timeout,
+        master_listen_fd=listen_fd,
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     import deepspeed  # here, not at the top: the driver imports LearnerSpec without DeepSpeed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     # On CPU it prints "... shm_comm_op built successfully" to stdout each time it loads the
     # cached op; a failed build raises, so nothing said here is needed
     with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above
+
+
+def interface_towards(addr: str) -> str | None:
+    """The name of this host's network interface that traffic to ``addr`` leaves by ("lo" for
+    a loopback address), or None if no route or no such interface is found."""
+    import psutil
+
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))  # a UDP connect sends nothing: it only picks the route
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local for a in addrs):
+            return name
+    return None
 
 
 @dataclass(frozen=True)

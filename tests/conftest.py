@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import pytest
 
 if TYPE_CHECKING:
@@ -151,3 +156,50 @@ def terminal_sigint() -> None:
     without job control (a CI script, ``cmd &``) starts its children with SIGINT ignored, and
     Python then never raises KeyboardInterrupt: a user at a terminal has the default action."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def session_procs(sid: int) -> list[psutil.Process]:
+    """The processes of session ``sid`` (what a `ray start` run as its leader left running)."""
+    procs = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):  # exited meanwhile
+            if os.getsid(p.pid) == sid:
+                procs.append(p)
+    return procs
+
+
+def stop_session(sid: int) -> None:
+    """Kill what `ray start` (session leader ``sid``) spawned: every process of that session
+    and their descendants (a job's entrypoint gets a session of its own)."""
+    procs: dict[int, psutil.Process] = {}
+    for p in session_procs(sid):
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            procs.update({c.pid: c for c in [p, *p.children(recursive=True)]})
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(list(procs.values()), timeout=30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_ray_node(argv: list[str], sessions: list[int], env: dict[str, str] | None = None) -> None:
+    """``ray start ARGV`` in a session of its own, appended to ``sessions`` before it can
+    fail: its daemons keep that session, so ``stop_session`` stops this node and nothing else
+    on the machine."""
+    p = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    sessions.append(p.pid)
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode == 0, out[-3000:]

@@ -5,6 +5,8 @@ exactly as a user's engine would be."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from dist_ft.batch import Span
@@ -81,3 +83,12 @@ class DriftingLoader(NaiveSampler):
         if self.loads > 1:
             tensors = {k: v.to(torch.bfloat16).to(v.dtype) for k, v in tensors.items()}
         super().load_weights(tensors)
+
+
+class SlowStart(NaiveSampler):
+    """NaiveSampler whose construction takes 10 minutes, as a model load on a swapping node
+    can: an actor holding it is placed and stays in its ``__init__``."""
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        time.sleep(600)
+        super().__init__(spec)

@@ -20,7 +20,7 @@ from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
-from dist_ft.cluster.placement import ActorRequest, ActorSpec, plan_actors
+from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
 from dist_ft.sync import Published, check_fingerprints, describe, to_rollout_dtype
 
 if TYPE_CHECKING:
@@ -148,6 +148,53 @@ class ObjectStoreTransport:
         return ray.get(update.handle)
 
 
+def startup_state(handle: Any, req: ActorRequest) -> str:
+    """What keeps an actor that has not answered its first call, from Ray's actor table: not
+    placed (and which resources no node has free), placed and still in ``__init__``, dead or
+    restarting, or alive and not answering."""
+    from ray._private import state
+
+    info = state.actors(handle._actor_id.hex())  # {} if the GCS does not know it
+    status, pid = info.get("State", "UNKNOWN"), info.get("Pid") or 0
+    where = f"pid {pid} on node {info.get('Address', {}).get('IPAddress') or '?'}"
+    if status == "PENDING_CREATION" and not pid:
+        return (
+            f"not placed: it asks {req.describe_asks()}; "
+            f"{missing_resources(req.required(), cluster_nodes())}"
+        )
+    if status in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
+        return (
+            f"placed ({where}) but still starting: its __init__ (imports, model load) has not "
+            "returned; a busy or swapping node is slow, a hung one never returns"
+        )
+    if status == "RESTARTING":
+        return f"crashed while starting and is being restarted (restart {info['NumRestarts']})"
+    if status == "DEAD":
+        return f"died while starting ({where}): {info.get('DeathCause') or 'no cause recorded'}"
+    return f"started ({where}) but its first call did not answer: stalled process or lost node"
+
+
+def missing_resources(asks: dict[str, float], nodes: list[dict[str, Any]]) -> str:
+    """Which of ``asks`` (a resource dict, Ray's names) the cluster cannot give now: what no
+    live node has at all, else what is held by other actors or tasks."""
+    import ray
+
+    free = ray.available_resources()
+    lacking, held = [], []
+    for name, need in asks.items():
+        most = max((n["Resources"].get(name, 0.0) for n in nodes), default=0.0)
+        total = sum(n["Resources"].get(name, 0.0) for n in nodes)
+        if most < need:
+            lacking.append(f"{need:g} {name} (the largest node has {most:g})")
+        elif free.get(name, 0.0) < need:
+            held.append(f"{name} ({free.get(name, 0.0):g} of {total:g} free)")
+    if lacking:
+        return f"no live node has {', '.join(lacking)}: see `dist-ft plan`"
+    if held:
+        return f"held by other actors or tasks: {', '.join(held)}"
+    return "what it asks is free now (freed meanwhile, or split across nodes)"
+
+
 class ActorTimeoutError(TimeoutError):
     """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
 
@@ -216,7 +263,13 @@ class RayCluster:
             from ray.util.placement_group import placement_group
 
             self._pg = placement_group(list(self.requests.bundles), strategy="PACK")
-            ray.get(self._pg.ready(), timeout=timeout_s)
+            ready, _ = ray.wait([self._pg.ready()], timeout=timeout_s)
+            if not ready:
+                raise ActorTimeoutError(
+                    f"placement group {list(self.requests.bundles)} not placed within "
+                    f"{timeout_s:.0f} s (resources.actor_timeout_s): "
+                    f"{missing_resources(self.requests.largest(), cluster_nodes())}"
+                )
 
         # Judges first, each on the node of one of the rollout workers it will serve (soft:
         # anywhere if that node is full); the workers then find them by handle.
@@ -242,14 +295,8 @@ class RayCluster:
             for a in self.requests.of("rollout")
         ]
         self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
-        unplaced = "not placed: does the cluster have the resources they ask for? (dist-ft plan)"
         actors = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
-        self._info = {
-            kind: self._get(
-                [a.__ray_call__.remote(actor_info) for a in group], f"{kind} {unplaced}"
-            )
-            for kind, group in actors.items()
-        }
+        self._info = {kind: self._started(kind, group) for kind, group in actors.items()}
         self._start_learners(learner)
         self._update: Published | None = None  # the latest weights, as published
         self._syncs = 0
@@ -284,6 +331,30 @@ class RayCluster:
         return ray.remote(cls).options(
             num_cpus=req.num_cpus, num_gpus=req.num_gpus, resources=dict(req.resources), **opts
         )
+
+    def _started(self, kind: Role, group: list[Any]) -> list[dict[str, Any]]:
+        """Where each actor of ``group`` runs, once each has answered (its ``__init__`` done).
+        One that has not within the timeout is named with what holds it: resources it waits
+        for, a start-up still under way on its node, or its death."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = [a.__ray_call__.remote(actor_info) for a in group]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            i = refs.index(pending[0])
+            req = self.requests.of(kind)[i]
+            raise ActorTimeoutError(
+                f"{req.name} {startup_state(group[i], req)} "
+                f"({self.timeout_s:.0f} s, resources.actor_timeout_s)"
+            )
+        out = []
+        for req, ref in zip(self.requests.of(kind), refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as e:
+                raise RuntimeError(f"{req.name} died while starting: {e}") from None
+        return out
 
     def _judge_for(self, i: int) -> RemoteJudge | None:
         if not self.judges:
@@ -471,8 +542,13 @@ class RayCluster:
             try:
                 prints.append(self._get(ref, self._name("rollout", k)))
                 self._worker_version[k] = update.version
-            except RayActorError:  # restarted by Ray; loads the weights before its next share
+            except RayActorError as e:  # restarted by Ray; loads the weights before its next share
                 self._worker_version[k] = None
+                warnings.warn(
+                    f"{self._name('rollout', k)} died during the weight sync "
+                    f"({type(e).__name__}); it loads v{update.version} before its next share",
+                    stacklevel=2,
+                )
         check_fingerprints(update, prints, read_back)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slow.test_ray_submit import stop_session  # tests/ is on pythonpath (pyproject)
+from conftest import stop_session
 
 from dist_ft.cluster.connect import RayConnectError, check_gcs, protect_token_file
 

@@ -75,7 +75,12 @@ def ray_sees_tests():
     import ray
 
     tests = str(Path(__file__).resolve().parents[1])
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests}})
+    ray.init(
+        address="local",  # private: never another Ray that discovery finds on the machine
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": tests}},
+    )
     yield
     ray.shutdown()
 

@@ -111,3 +111,66 @@ def test_stalled_rollout_actor_is_named_within_the_timeout(tmp_path):
     assert elapsed < timeout_s + 60
     time.sleep(2)  # the raylet reaps its workers as the driver's Ray shuts down
     assert not alive(victim)
+
+
+@pytest.mark.slow
+def test_an_aborted_rollout_actor_is_noticed_in_seconds_not_at_the_timeout(tmp_path):
+    """SIGABRT (a native crash, "Mutex corrupt") on a rollout worker: its share is issued
+    again with a line naming it, and the run goes on long before resources.actor_timeout_s."""
+    out = tmp_path / "abort"
+    proc = launch(out, "run.steps=8", "resources.actor_timeout_s=3600")
+    wait_for(lambda: steps_logged(out) >= 2, proc)
+    victim = rollout_pids(out)[1]
+    done = steps_logged(out)
+    os.kill(victim, signal.SIGABRT)
+    t0 = time.perf_counter()
+    wait_for(lambda: steps_logged(out) >= done + 2, proc, timeout=300)
+    elapsed = time.perf_counter() - t0
+    _, err = proc.communicate(timeout=600)
+    print(f"SIGABRT: 2 more steps {elapsed:.1f} s after it")
+    assert proc.returncode == 0, err[-4000:]
+    assert f"rollout worker 1 (pid {victim} on node 127.0.0.1) died (" in err, err[-4000:]
+    assert "issuing its" in err
+
+
+def startup_error(tiny_path: str, *overrides: str, **kwargs) -> str:
+    """The message a RayCluster whose actors do not all start within 30 s fails with, on a
+    private Ray whose workers can import tests/generators.py."""
+    import ray
+    from conftest import build
+
+    from dist_ft.cluster.ray import ActorTimeoutError, RayCluster
+
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=2", *overrides)
+    tests = str(Path(__file__).resolve().parents[1])
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": tests}},
+    )
+    try:
+        with pytest.raises(ActorTimeoutError) as e:
+            RayCluster(wk, lk, 1, 1, timeout_s=30, **kwargs)
+        return str(e.value)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_be_placed_is_named_with_the_resource_missing(tiny_path):
+    assert startup_error(tiny_path, rollout_gpus=1) == (
+        "rollout[0] not placed: it asks 1 CPU + 1 GPU; no live node has 1 GPU (the largest "
+        "node has 0): see `dist-ft plan` (30 s, resources.actor_timeout_s)"
+    )
+
+
+@pytest.mark.slow
+def test_an_actor_still_in_its_init_is_named_as_placed_and_starting(tiny_path):
+    msg = startup_error(tiny_path, "rollout.generator=generators:SlowStart")
+    assert msg.startswith("rollout[0] placed (pid "), msg
+    assert msg.endswith(
+        ") but still starting: its __init__ (imports, model load) has not "
+        "returned; a busy or swapping node is slow, a hung one never returns "
+        "(30 s, resources.actor_timeout_s)"
+    )

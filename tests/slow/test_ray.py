@@ -2,16 +2,17 @@
 
 import json
 import secrets
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_adam_close, build, dpo_batch
+from conftest import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
 
 from dist_ft.adapters import make_sampler
 from dist_ft.algos.objective import Objective
@@ -29,42 +30,43 @@ from dist_ft.tasks import demo_format_rows
 from dist_ft.trainer import load_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def ray_stop() -> None:
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+def private_ports(host: str) -> list[str]:
+    """Free ports for what a node would otherwise put on a fixed default (the Ray client server
+    on 10001, the dashboard agent on 52365): another Ray on the machine may hold those."""
+    return [
+        *("--ray-client-server-port", str(free_port(host))),
+        *("--dashboard-agent-listen-port", str(free_port(host))),
+    ]
 
 
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     """A head and a second node with the `rollout` resource, on their own loopback addresses
-    (Ray rewrites 127.0.0.1 to the external address). Yields the head's GCS address. Both
-    nodes are stopped whatever happens."""
+    (Ray rewrites 127.0.0.1 to the external address), ports and temp dir. Yields the head's GCS
+    address. Both nodes are stopped by their own process sessions whatever happens; any other
+    Ray on the machine is left alone (never `ray stop`)."""
     # Token auth on every node and the driver (a fresh token per test, never written out).
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    ray_stop()
+    # Short: Ray's unix sockets live under it and their paths must fit in 107 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     port = free_port(HEAD_IP)
     common = [
         "--disable-usage-stats",
+        "--temp-dir",
+        ray_tmp,
         "--memory",
         str(4 << 30),
         "--object-store-memory",
         str(1 << 30),
     ]
+    sessions: list[int] = []
     try:
-        subprocess.run(
+        start_ray_node(
             [
-                RAY,
-                "start",
                 "--head",
                 "--node-ip-address",
                 HEAD_IP,
@@ -73,16 +75,13 @@ def two_node_cluster(monkeypatch):
                 "--num-cpus",
                 "3",
                 "--include-dashboard=false",
+                *private_ports(HEAD_IP),
                 *common,
             ],
-            check=True,
-            capture_output=True,
-            timeout=180,
+            sessions,
         )
-        subprocess.run(
+        start_ray_node(
             [
-                RAY,
-                "start",
                 "--address",
                 f"{HEAD_IP}:{port}",
                 "--node-ip-address",
@@ -91,15 +90,16 @@ def two_node_cluster(monkeypatch):
                 "2",
                 "--resources",
                 '{"rollout": 2}',
+                *private_ports(NODE_IP),
                 *common,
             ],
-            check=True,
-            capture_output=True,
-            timeout=180,
+            sessions,
         )
         yield f"{HEAD_IP}:{port}"
     finally:
-        ray_stop()
+        for sid in reversed(sessions):
+            stop_session(sid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # The driver: a real `dist-ft train` in its own process, connected to the cluster the way a

@@ -7,12 +7,10 @@ its own RAY_TMPDIR, and teardown that stops only the processes its `ray start` s
 `ray stop` would stop every Ray on the machine.
 """
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import session_procs, stop_session
 from readme import readme_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,27 +41,12 @@ def in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def stop_session(sid: int) -> None:
-    """Kill what `ray start` (session leader ``sid``) spawned: every process of that session
-    and their descendants (a job's entrypoint gets a session of its own)."""
-    procs: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                procs.update({c.pid: c for c in [p, *p.children(recursive=True)]})
-        except (OSError, psutil.Error):
-            pass  # exited meanwhile
-    for p in procs.values():
-        with contextlib.suppress(psutil.Error):  # exited meanwhile
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(list(procs.values()), timeout=30)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("earlier_local_run", [False, True], ids=["fresh", "token-left"])
 def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
     start = readme_command("ray", "start", "--head")
     submit = readme_command("launch/ray_submit.sh")
+    stop = readme_command("launch/ray_stop.py")
     busy = [port for port in (6379, 8265) if in_use(port)]
     if busy:
         pytest.skip(f"another Ray holds {busy}, the default ports the README recipe uses")
@@ -105,6 +89,7 @@ def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
         t0 = time.perf_counter()
         r = run(start, timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
+        head_sid = sids[-1]
         t1 = time.perf_counter()
         r = run([*submit, *SHORT], timeout=600)
         t2 = time.perf_counter()
@@ -124,6 +109,12 @@ def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
         )
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [1, 2, 3, 4]
+        # the README's teardown: every process the head's `ray start` left is gone
+        head = session_procs(head_sid)
+        assert head
+        r = run(stop, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert [p for p in head if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     finally:
         for sid in sids:
             stop_session(sid)

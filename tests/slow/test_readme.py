@@ -37,6 +37,7 @@ OWNERS = {
     ("make", "test"): ".ci/run",  # CI's own command; this test is part of it
     ("ray", "start", "--head"): "tests/slow/test_ray_submit.py",
     ("launch/ray_submit.sh",): "tests/slow/test_ray_submit.py",
+    ("launch/ray_stop.py",): "tests/slow/test_ray_submit.py",
     ("sbatch",): "tests/slow/test_slurm.py",
 }
 PREFLIGHT = "python launch/slurm/preflight.py"
