@@ -195,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     from dist_ft.checkpoint import CheckpointError
     from dist_ft.data import DatasetError
     from dist_ft.rewards import RewardError
+    from dist_ft.rollout.worker import GeneratorError
     from dist_ft.trainer import train
 
     offline = cfg.algo.objective.value != "grpo"
@@ -205,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
             summary = train_offline(cfg)
         else:
             summary = train(cfg)
-    except DatasetError as e:
+    except (DatasetError, GeneratorError) as e:  # a user's engine refused when built
         return _fail(e, 2)
     except (RewardError, CheckpointError, TimeoutError) as e:  # stopped mid-run, loudly
         return _fail(e, 1, named=True)
@@ -229,10 +230,11 @@ def _label(cfg: Config) -> int:
     from dist_ft.data import DatasetError
     from dist_ft.label import label
     from dist_ft.rewards import RewardError
+    from dist_ft.rollout.worker import GeneratorError
 
     try:
         s = label(cfg)
-    except DatasetError as e:
+    except (DatasetError, GeneratorError) as e:
         return _fail(e, 2)
     except (RewardError, TimeoutError) as e:
         return _fail(e, 1, named=True)
@@ -301,7 +303,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     """Refuse, with the key to fix, what training would otherwise hit only after its imports and
     the model load (20-40 s in): a missing CUDA device, a reward function that cannot be
     imported, an incomplete model directory."""
-    from dist_ft.config import ConfigError, check_device, check_output_dir
+    from dist_ft.config import ConfigError
     from dist_ft.models import check_model_path
     from dist_ft.rewards import RewardError, resolve, sandbox
 
@@ -344,9 +346,48 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     if cfg.resources.mode == "local" and cfg.rollout.generator != "hf" and rollouts:
         # a user's engine is built only after the model loads (20-40 s in): import and check
         # it now (on Ray the workers import it, maybe from a package installed only there)
-        from dist_ft.rollout.worker import resolve_generator
+        from dist_ft.rollout.worker import GeneratorError, resolve_generator
 
-        resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
+        try:
+            resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
+        except GeneratorError as e:
+            raise ConfigError(str(e)) from None
+
+
+def check_device(device: str) -> None:
+    """Refuse ``resources.device=cuda`` where CUDA is missing, before any model loads."""
+    from dist_ft.config import ConfigError
+
+    if device != "cuda":
+        return
+    import torch  # only for "cuda": asking costs a CUDA init
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "resources.device=cuda but torch sees no CUDA device on this machine "
+            "(torch.cuda.is_available() is False); set resources.device=auto or cpu",
+            keys=("resources.device",),
+        )
+
+
+def check_output_dir(path: str, key: str = "run.output_dir") -> None:
+    """Refuse a ``run.output_dir`` that cannot be created or written (a file, a read-only
+    filesystem, a folder without write permission), before any model loads."""
+    from dist_ft.config import ConfigError
+
+    out = Path(path)
+    here = out
+    while not here.exists() and here != here.parent:  # the nearest part that exists
+        here = here.parent
+    if not here.is_dir():
+        what = "is a file" if here == out else f"lies under {here}, which is a file"
+        raise ConfigError(f"{key}={path} {what}, not a directory: give a directory", keys=(key,))
+    if os.access(here, os.W_OK | os.X_OK):
+        return
+    readonly = os.statvfs(here).f_flag & os.ST_RDONLY
+    why = "on a read-only filesystem" if readonly else "not writable by this user"
+    where = "" if here == out else f" (its nearest existing folder {here})"
+    raise ConfigError(f"{key}={path}{where} is {why}: give a writable directory", keys=(key,))
 
 
 def _missing_inputs(cfg: Config) -> list[str]:

@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import enum
 import math
-import os
 import re
 import types
 import typing
@@ -579,15 +578,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as e:  # e.g. an unclosed flow list or mapping: `a.b=[8`
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        try:  # an unclosed flow list or mapping (`a.b=[8`) is no value
+            _set_path(tree, key, yaml.safe_load(raw) if raw else "")
+        except yaml.YAMLError as e:
+            why = f"{raw!r} is not a YAML value ({getattr(e, 'problem', None) or e})"
             raise ConfigError(
-                f"command-line override '{item}': {raw!r} is not a YAML value ({problem}); "
-                f"close its brackets, or quote it to pass a string: {key}='\"{raw}\"'"
+                f"command-line override '{item}': {why}; close it or quote it"
             ) from None
-        _set_path(tree, key, value)
         # the override replaces the whole value at `key`, whatever the file set below it
         sources = {k: s for k, s in sources.items() if not k.startswith(f"{key}.")}
         sources[key] = f"command-line override '{item}'"
@@ -595,35 +592,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return _build(Config, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{_blame(e.keys, sources)}: {e}", e.keys) from None
-
-
-def check_device(device: str) -> None:
-    """Refuse ``resources.device=cuda`` where CUDA is missing, before any model loads."""
-    if device != "cuda":
-        return
-    import torch  # only for "cuda": asking costs a CUDA init
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "resources.device=cuda but torch sees no CUDA device on this machine "
-            "(torch.cuda.is_available() is False); set resources.device=auto or cpu",
-            keys=("resources.device",),
-        )
-
-
-def check_output_dir(path: str, key: str = "run.output_dir") -> None:
-    """Refuse a ``run.output_dir`` that cannot be created or written (a file, a read-only
-    filesystem, a folder without write permission), before any model loads."""
-    out = Path(path)
-    here = out
-    while not here.exists() and here != here.parent:  # the nearest part that exists
-        here = here.parent
-    if not here.is_dir():
-        what = "is a file" if here == out else f"lies under {here}, which is a file"
-        raise ConfigError(f"{key}={path} {what}, not a directory: give a directory", keys=(key,))
-    if os.access(here, os.W_OK | os.X_OK):
-        return
-    readonly = os.statvfs(here).f_flag & os.ST_RDONLY
-    why = "on a read-only filesystem" if readonly else "not writable by this user"
-    where = "" if here == out else f" (its nearest existing folder {here})"
-    raise ConfigError(f"{key}={path}{where} is {why}: give a writable directory", keys=(key,))

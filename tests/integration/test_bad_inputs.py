@@ -266,7 +266,7 @@ ROWS = [
         "demo",
         "rollout.group_size=[8",
         fragment="command-line override 'rollout.group_size=[8': '[8' is not a YAML value "
-        "(expected ',' or ']', but got '<stream end>'); close its brackets, or quote it",
+        "(expected ',' or ']', but got '<stream end>'); close it or quote it",
     ),
     row(
         "override-unclosed-mapping",
