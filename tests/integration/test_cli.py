@@ -121,8 +121,8 @@ def test_demo_never_replaces_an_unfinished_run_it_kept_weights_of(tmp_path):
 def test_print_config_warns_of_a_missing_model_and_data(tmp_path):
     """The config prints (exit 0), and stderr names what a run would not find: one line each."""
     r = subprocess.run(
-        [str(DIST_FT), "train", "configs/demo.yaml", "--print-config",
-         f"model.path={tmp_path / 'no-model'}", f"data.source={tmp_path / 'no.jsonl'}"],
+        [str(DIST_FT), "train", "configs/demo.yaml", f"model.path={tmp_path / 'no-model'}",
+         f"data.source={tmp_path / 'no.jsonl'}", "algo.sft_warmup_steps=0", "--print-config"],
         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.startswith("model:"), r.stderr
