@@ -15,9 +15,8 @@ it (reference logprobs, exports, fingerprints) the model is peft's as loaded. Th
 second copy of the adapted weights (425 MB for SmolLM2-135M in fp32), allocated at the first
 decode. In debug mode W0 is the learner's own frozen tensor (:meth:`MergedLoRA.rebase`, from
 ``HFGenerator.share_frozen``) and the merged copy lives only while a decode runs: held across
-steps it would sit beside the learner's activations at their peak, 425 MB over TRL's peak RSS
-on SmolLM2. It is rebuilt from W0 every step anyway (each sync changes the adapter): what the
-release adds is the allocation, ~2% of a step.
+steps it sat beside the learner's activations at their peak. It is rebuilt from W0 every step
+anyway (each sync changes the adapter), so the release costs one allocation of it a step.
 
 fp32 only: the logprobs then come from the sampling pass, and the merged weight differs from
 the learner's W0 x + scaling * B (A x) by fp32 rounding alone. A bf16 weight cannot hold a
