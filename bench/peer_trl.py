@@ -1,4 +1,4 @@
-"""TRL's GRPOTrainer vs dist_ft's debug mode: samples/s, phases, peak RSS, roofline fraction.
+"""TRL's GRPOTrainer vs dist_ft's debug mode: samples/s, phases, peak RSS, fraction of peak.
 
 Both train the same model on the same rows with the same reward (bench/peer_reward.py, a user
 ``module:function`` reward on both sides) and the same step: B=4 prompts x G=4, 16 new tokens,
@@ -9,13 +9,17 @@ kernel's rusage of that child), the frameworks alternate run by run (ABBA: a dri
 load falls on both), and the first ``--warmup`` steps of every run are not timed. A step's time
 is the wall time from the end of one step to the end of the next, for both frameworks.
 
-Model FLOPs per sample, for the roofline fraction: 6 N (P + T), N = weights that take part in a
-matmul (every linear layer, lm_head included), P and T the mean prompt and completion tokens:
-2N per token to generate, 2N forward and 2N backward (input gradients only: LoRA leaves the base
-weights frozen) to train. The peak is this machine's fp32 matmul rate, measured here with the
-same thread count.
+Prompts (``--prompts``): ``chat``, the demo rows under the model's chat template (~33 tokens on
+SmolLM2), or ``plain``, the same rows as ``PLAIN`` renders them (~9 tokens), TRL given the rendered
+text.
 
-    python bench/peer_trl.py [--model tiny|smollm2|DIR] [--runs 3] [--steps 12] [--out F.md]
+FLOPs per sample, for the fraction of peak: what each framework computes for a sample, from its
+own algorithm (bench/flops.py: each group's prompt once in dist_ft, every sample's own copy in
+TRL; the backward of what trains), at the mean prompt and completion lengths. The peak is this
+machine's fp32 matmul rate, measured here with the same thread count.
+
+    python bench/peer_trl.py [--model tiny|smollm2|DIR] [--prompts chat|plain] [--runs 3]
+        [--steps 12] [--out F.md]
         [--set resources.mode=ray --set resources.rollout_workers=2 ...]   (dist_ft alone)
 """
 
@@ -30,13 +34,23 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from flops import Shape, Step, dist_ft_flops, fraction_of_peak, trl_flops
 
 HERE = Path(__file__).resolve().parent
 YAML = HERE / "peer_trl.yaml"
 FRAMEWORKS = ("trl", "dist_ft")
 PHASES = ("rollout_seconds", "train_seconds", "sync_seconds")  # dist_ft's metrics.jsonl
+PLAIN = "User: {prompt}\nAssistant:"  # --prompts plain: data.plain_template, both frameworks
+PROMPTS = {
+    "chat": ["data.template=chat"],
+    # a YAML double-quoted value: the override parser would read "User: ..." as a mapping
+    "plain": ["data.template=plain", "data.plain_template=" + json.dumps(PLAIN)],
+}
+FLOPS = {"trl": trl_flops, "dist_ft": dist_ft_flops}  # FLOPs per sample (bench/flops.py)
 
 
 # ------------------------------------------------------------------------- child processes
@@ -75,8 +89,11 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load(spec)
     rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)  # dist_ft's rows
-    chats = [[{"role": "user", "content": r["prompt"]}] for r in rows]  # TRL applies the template
-    data = Dataset.from_list([{"prompt": c, "answer": r["answer"]} for c, r in zip(chats, rows)])
+    if cfg.data.template == "chat":  # TRL applies the template
+        prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    else:  # plain text TRL passes through as it is
+        prompts = [cfg.data.plain_template.format(prompt=r["prompt"]) for r in rows]
+    data = Dataset.from_list([{"prompt": c, "answer": r["answer"]} for c, r in zip(prompts, rows)])
     stamps: list[float] = []  # perf_counter at the end of every optimizer step
     lengths: list[float] = []  # mean completion tokens of every step, as TRL logs them
 
@@ -176,6 +193,7 @@ def run_child(
             f"run.steps={args.steps}",
             f"run.seed={index}",  # each run its own samples; both frameworks the same seed
             f"run.output_dir={out}",
+            *PROMPTS[args.prompts],
             # --set: dist_ft alone (e.g. its Ray mode); TRL reads only the shared values
             *(args.set if framework == "dist_ft" else []),
         ],
@@ -236,23 +254,34 @@ def run_child(
     return row
 
 
-def model_shape(model_path: str, cfg: Any) -> tuple[int, float]:
-    """N, the weights that take part in a matmul (built on the meta device, no weights read),
-    and P, the mean prompt tokens of the rows as the chat template renders them."""
+def model_shape(model_path: str, cfg: Any) -> tuple[Shape, float]:
+    """The policy's weight counts (built on the meta device with the config's PEFT method, no
+    weights read) and P, the mean prompt tokens of the rows as the config renders them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_ft.data import load_rows, render
     from dist_ft.models import load_tokenizer
+    from dist_ft.peft_methods import apply_method
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    model = apply_method(model, cfg.peft)
+    adapted = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A")]
+    shape = Shape(
+        body=sum(w.numel() for w in linear if w is not head),
+        head=head.numel(),
+        adapter=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        adapted=sum(w.numel() for w in adapted),
+        rank=cfg.peft.r,
+    )
     tok = load_tokenizer(model_path)
     rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)
     texts = [render(tok, r["prompt"], cfg.data.template, cfg.data.plain_template) for r in rows]
     p = statistics.fmean(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
-    return n, p
+    return shape, p
 
 
 def spread(values: list[float], fmt: str = ".2f") -> str:
@@ -262,9 +291,7 @@ def spread(values: list[float], fmt: str = ".2f") -> str:
     return f"{mid:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def report(
-    rows: list[dict[str, Any]], args: argparse.Namespace, n: int, prompt_tokens: float, peak: float
-) -> str:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, shape: Shape, peak: float) -> str:
     by = {fw: [r for r in rows if r["framework"] == fw] for fw in FRAMEWORKS}
     versions = ", ".join(
         f"{p} {importlib.metadata.version(p)}" for p in ("trl", "transformers", "peft", "torch")
@@ -272,26 +299,31 @@ def report(
     load = " -> ".join(f"{x:.1f}" for x in args.load)
     mode = ", ".join(args.set) if args.set else "debug mode"
     lines = [
-        f"# TRL GRPOTrainer vs dist_ft ({mode}), model `{args.model}`",
+        f"# TRL GRPOTrainer vs dist_ft ({mode}), model `{args.model}`, {args.prompts} prompts",
         "",
         f"{args.settings}, {args.threads} torch threads; {args.runs} run(s) per framework, "
         f"interleaved (ABBA), {args.steps} steps per run of which {args.warmup} warm-up steps "
         f"are not timed. {versions}. Median over runs (min-max). Load average (1 min) before "
         f"-> after: {load} on {os.cpu_count()} cores; other processes share them.",
         "",
-        "| framework | samples/s | s/step | completion tokens | peak RSS (MB) | model GFLOP/s "
-        "| of peak |",
-        "|---|---|---|---|---|---|---|",
+        "| framework | samples/s | s/step | completion tokens | peak RSS (MB) | GFLOP/sample "
+        "| GFLOP/s | of peak |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fw, rs in by.items():
         sps = [r["samples_per_s"] for r in rs]
         tokens = statistics.fmean(r["completion_tokens"] for r in rs)
-        flops = [6 * n * (prompt_tokens + r["completion_tokens"]) * r["samples_per_s"] for r in rs]
+        # each run at its own mean completion length
+        steps = [replace(args.step, completion_tokens=r["completion_tokens"]) for r in rs]
+        per_sample = [FLOPS[fw](shape, step) for step in steps]
+        rates = [f * x for f, x in zip(per_sample, sps)]
+        shares = [fraction_of_peak(f, x, peak * 1e9) for f, x in zip(per_sample, sps)]
         lines.append(
             f"| {fw} | {spread(sps)} | {spread([r['s_per_step'] for r in rs], '.3f')} "
             f"| {tokens:.1f} | {spread([r['peak_rss_mb'] for r in rs], ',.0f')} "
-            f"| {spread([f / 1e9 for f in flops], '.2f')} "
-            f"| {spread([100 * f / 1e9 / peak for f in flops], '.2f')}% |"
+            f"| {statistics.fmean(per_sample) / 1e9:.2f} "
+            f"| {spread([f / 1e9 for f in rates], '.2f')} "
+            f"| {spread([100 * x for x in shares], '.1f')}% |"
         )
     ratios = [
         d["samples_per_s"] / t["samples_per_s"]
@@ -310,8 +342,10 @@ def report(
         f"- dist_ft per step ({step:.3f} s, from its metrics.jsonl): {split}",
         f"- peak fp32 matmul, 1024x1024, {args.threads} threads: {peak:.1f} GFLOP/s "
         f"(best of a measurement before and after the runs)",
-        f"- model FLOPs per sample: 6 N (P + T), N = {n / 1e6:.2f}M matmul weights, P = "
-        f"{prompt_tokens:.1f} prompt tokens, T = the completion tokens above",
+        f"- FLOPs per sample: what each framework computes (bench/flops.py): "
+        f"{shape.body / 1e6:.2f}M weights below the output layer, {shape.head / 1e6:.2f}M in it, "
+        f"{shape.adapter / 1e6:.2f}M LoRA weights; P = {args.step.prompt_tokens:.1f} prompt tokens "
+        f"({args.prompts}), T = the completion tokens above",
         "",
         "| run | framework | samples/s | s/step | peak RSS (MB) | process wall s |",
         "|---|---|---|---|---|---|",
@@ -332,14 +366,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for x, fw in enumerate(FRAMEWORKS):
-        values = [r["samples_per_s"] for r in rows if r["framework"] == fw]
-        ax.bar(x, statistics.median(values), color=f"C{x}", alpha=0.6)
-        ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
-    ax.set_xticks(range(len(FRAMEWORKS)), FRAMEWORKS)
-    ax.set_ylabel("samples/s (median; dots: runs)")
-    ax.set_title(title)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    panels = [("samples_per_s", "samples/s"), ("peak_rss_mb", "peak RSS (MB)")]
+    for ax, (key, label) in zip(axes, panels):
+        for x, fw in enumerate(FRAMEWORKS):
+            values = [r[key] for r in rows if r["framework"] == fw]
+            ax.bar(x, statistics.median(values), color=f"C{x}", alpha=0.6)
+            ax.scatter([x] * len(values), values, color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(FRAMEWORKS)), FRAMEWORKS)
+        ax.set_ylabel(f"{label} (median; dots: runs)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -349,6 +385,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a local HF directory")
+    parser.add_argument(
+        "--prompts", choices=sorted(PROMPTS), default="chat", help="the prompts' format"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per framework")
     parser.add_argument("--steps", type=int, default=12, help="steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of a run not timed")
@@ -375,7 +414,7 @@ def main() -> None:
     from dist_ft.models import resolve_model_path
     from dist_ft.real_models import MODELS, real_model_path
 
-    cfg = load_config(YAML)
+    cfg = load_config(YAML, PROMPTS[args.prompts])
     args.samples_per_step = cfg.samples_per_step
     p = cfg.peft
     args.settings = (
@@ -390,7 +429,14 @@ def main() -> None:
     else:  # "tiny" (the same directory dist_ft's model.path=tiny resolves to) or a directory
         model_path = resolve_model_path(args.model, cfg.model.tiny, "--model")
     work = (args.workdir or Path("runs") / "bench-peer" / Path(args.model).name).resolve()
-    n, prompt_tokens = model_shape(model_path, cfg)
+    shape, prompt_tokens = model_shape(model_path, cfg)
+    args.step = Step(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0.0,  # each run's own mean
+        group_size=cfg.rollout.group_size,
+        samples=cfg.samples_per_step,
+        merged_decode=cfg.rollout.merge_lora,
+    )
     peak = matmul_gflops(args.threads)
     print(f"model {args.model} ({model_path}), fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
 
@@ -401,12 +447,14 @@ def main() -> None:
     peak = max(peak, matmul_gflops(args.threads))
     args.load.append(os.getloadavg()[0])
 
-    text = report(rows, args, n, prompt_tokens, peak)
+    text = report(rows, args, shape, peak)
     print("\n" + text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        title = f"GRPO on {args.model}, {args.samples_per_step} samples/step"
+        title = (
+            f"GRPO on {args.model}, {args.prompts} prompts, {args.samples_per_step} samples/step"
+        )
         png = plot(rows, args.out.with_suffix(".png"), title)
         print(f"\nwritten: {args.out}" + (f", {png}" if png else ""))
 

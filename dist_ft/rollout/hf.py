@@ -123,9 +123,10 @@ class HFGenerator:
 
     def share_frozen(self, donor: torch.nn.Module) -> None:
         """Debug mode: hold the learner's frozen tensors (the base, under a PEFT method) rather
-        than a copy of the same bytes; under ``rollout.merge_lora`` this worker's copy of an
-        adapted weight becomes its merged weight instead. Only tensors equal in name, shape,
-        dtype and device are taken (none from a ZeRO-3 partition)."""
+        than a copy of the same bytes; under ``rollout.merge_lora`` the merged weights then
+        exist only while a decode runs (:meth:`MergedLoRA.rebase`), not beside the learner's
+        step. Only tensors equal in name, shape, dtype and device are taken (none from a ZeRO-3
+        partition)."""
         theirs = {n: p for n, p in donor.named_parameters() if not p.requires_grad}
         layer_of = {}
         if self.merged is not None:

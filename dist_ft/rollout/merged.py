@@ -13,8 +13,10 @@ would instead leave W0 + d - d in the base, a rounding step away from what the l
 more with every sync. The layers point at the merged tensors only inside ``decoding``; outside
 it (reference logprobs, exports, fingerprints) the model is peft's as loaded. The cost is a
 second copy of the adapted weights (425 MB for SmolLM2-135M in fp32), allocated at the first
-decode; in debug mode none: W0 is the learner's own frozen tensor, and the worker's copy of it
-becomes the merged one (:meth:`MergedLoRA.rebase`, from ``HFGenerator.share_frozen``).
+decode. In debug mode W0 is the learner's own frozen tensor (:meth:`MergedLoRA.rebase`, from
+``HFGenerator.share_frozen``) and the merged copy lives only while a decode runs: held across
+steps it sat beside the learner's activations at their peak. It is rebuilt from W0 every step
+anyway (each sync changes the adapter), so the release costs one allocation of it a step.
 
 fp32 only: the logprobs then come from the sampling pass, and the merged weight differs from
 the learner's W0 x + scaling * B (A x) by fp32 rounding alone. A bf16 weight cannot hold a
@@ -43,14 +45,16 @@ class MergedLoRA:
         self.start = [m.base_layer.weight.data for m in self.layers]
         self.merged: list[torch.Tensor | None] = [None] * len(self.layers)  # at the first decode
         self.merged_from: list[tuple[str, int, int]] | None = None
+        self.transient = False  # merged weights released after each decode (see rebase)
 
     def rebase(self, index: int, w0: torch.Tensor) -> None:
-        """Layer ``index``'s W0 is ``w0``, the same values held elsewhere (the learner's); the
-        tensor the layer held so far becomes its merged weight's buffer."""
-        layer = self.layers[index]
-        self.merged[index] = layer.base_layer.weight.data
-        self.start[index] = layer.base_layer.weight.data = w0
+        """Layer ``index``'s W0 is ``w0``, the same values held elsewhere (the learner's, in this
+        process); the tensor the layer held so far is dropped, and from now on the merged
+        weights exist only inside :meth:`decoding`."""
+        self.start[index] = self.layers[index].base_layer.weight.data = w0
+        self.merged[index] = None
         self.merged_from = None
+        self.transient = True
 
     def _adapter_state(self) -> list[tuple[str, int, int]]:
         """(adapter, A's version, B's version) of every layer: changes with any write."""
@@ -86,3 +90,6 @@ class MergedLoRA:
             for layer, w0 in zip(self.layers, self.start):
                 layer.base_layer.weight.data = w0
                 layer.merged_adapters = []
+            if self.transient:
+                self.merged = [None] * len(self.layers)
+                self.merged_from = None

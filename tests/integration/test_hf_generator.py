@@ -155,8 +155,10 @@ def test_debug_mode_workers_hold_the_learners_frozen_base_and_stay_on_policy(
     start = {n: p.detach().clone() for n, p in frozen.items()}
     for step in range(3):  # each rollout after a sync decodes through freshly merged weights
         batch = cluster.collect(cluster.submit_rollout(step, demo_prompts[4 * step : 4 * step + 4]))
+        # no merged copy is held while the learner trains: it lives only inside a decode
+        assert gen.merged.merged == [None] * len(gen.merged.layers), step
         metrics = cluster.train_step(batch, Objective.GRPO)
         assert abs(metrics["ratio"] - 1.0) < 1e-5, step
         cluster.sync_weights()
-    # the merged weights were written to the worker's old copies, never to the learner's base
+    # the merged weights were written to buffers of their own, never to the learner's base
     assert all(torch.equal(theirs[n], w) for n, w in start.items())
