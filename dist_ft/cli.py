@@ -308,7 +308,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     from dist_ft.rewards import RewardError, resolve, sandbox
 
     check_device(cfg.resources.device)
-    check_output_dir(cfg.run.output_dir)
+    check_writable_dir(cfg.run.output_dir)
     if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local":
         from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
@@ -370,7 +370,7 @@ def check_device(device: str) -> None:
         )
 
 
-def check_output_dir(path: str, key: str = "run.output_dir") -> None:
+def check_writable_dir(path: str, key: str = "run.output_dir") -> None:
     """Refuse a ``run.output_dir`` that cannot be created or written (a file, a read-only
     filesystem, a folder without write permission), before any model loads."""
     from dist_ft.config import ConfigError
