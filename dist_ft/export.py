@@ -498,9 +498,14 @@ def merge_adapters(
 
 
 def _adapter_dir(path: Path) -> Path:
-    """An adapter directory: ``path`` itself or a run's ``path/adapter``."""
+    """An adapter directory: ``path`` itself or a run's ``path/adapter`` (a finished run's:
+    an unfinished one's adapter/ is not the one it would have saved)."""
+    from dist_ft.runstatus import unfinished
+
     for d in (path, path / "adapter"):
         if (d / "adapter_config.json").is_file():
+            if d != path and (why := unfinished(path)):
+                raise ExportError(f"{path} {why}: only a finished run's adapter is merged")
             return d
         if (d / CONFIG_FILE).is_file():
             method = json.loads((d / CONFIG_FILE).read_text())["peft"]["method"]
