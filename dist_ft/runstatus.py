@@ -59,7 +59,7 @@ class RunStatus:
             "steps": self.total,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         if reason is not None:
             row["reason"] = reason
