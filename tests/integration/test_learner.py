@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build
+from conftest import assert_adam_close, build
 
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
@@ -192,5 +192,5 @@ def test_a_groups_prompt_runs_once_and_the_update_equals_the_padded_forwards(
         padded.step(batch)
     a, b = snapshot(shared.module, True), snapshot(padded.module, True)
     assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+    for name in a:  # two summation orders: Adam-eps-sized gradients may move apart (conftest)
+        assert_adam_close(a[name], b[name], lk.lr, name)
