@@ -38,6 +38,9 @@ def start_head(temp_dir: str, sessions: list[int]) -> None:
             *("--head", "--port", str(free_port()), "--temp-dir", temp_dir),
             *("--ray-client-server-port", str(free_port())),
             *("--dashboard-agent-listen-port", str(free_port())),
+            # not Ray's default 8265, which `ray start` checks even without a dashboard and
+            # another head on the machine (the README recipe's, a user's) may hold
+            *("--dashboard-port", str(free_port())),
             *("--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats"),
             *("--memory", str(1 << 30), "--object-store-memory", str(256 << 20)),
         ],
