@@ -309,7 +309,11 @@ def preflight(cfg: Config, samples: bool = False) -> None:
 
     check_device(cfg.resources.device)
     check_writable_dir(cfg.run.output_dir)
-    if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local":
+    # A program that embeds dist_ft and connected Ray itself is used as connected (RayCluster
+    # does so too): ray_address, and a discovery file it might name, are not read then.
+    ray = sys.modules.get("ray")
+    attached = ray is not None and ray.is_initialized()
+    if cfg.resources.mode == "ray" and cfg.resources.ray_address != "local" and not attached:
         from dist_ft.cluster.connect import check_address  # socket and gRPC only: ray loads later
 
         check_address(cfg.resources.ray_address)
