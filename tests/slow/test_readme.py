@@ -133,7 +133,9 @@ def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
         )  # fmt: skip
     text = log.read_text()
     # one section per command: its line, its output, its exit code and seconds
-    sections = re.findall(r"\n@@ (.*)\n((?:(?!\n@@ ).)*?)@@ rc (\d+), (\d+) s", text, re.S)
+    sections = re.findall(
+        r"^@@ (?!rc |code )([^\n]*)\n(.*?)^@@ rc (\d+), (\d+) s$", text, re.S | re.M
+    )
     print("\n".join(f"{int(s):4d} s  rc {rc}  {cmd}" for cmd, _, rc, s in sections))
     assert r.returncode == 0, text[-6000:]
     assert f"@@ code {repo}/dist_ft/cli.py" in text, text[:3000]
