@@ -5,9 +5,10 @@
 
 `ray stop` stops every Ray process on the machine, other users' and other jobs' clusters too.
 This finds the GCS server holding PORT, reads its session directory (unique to that cluster,
-named in the command line of each of its processes: GCS, raylet, agents, workers; the Ray client
-server names the GCS address instead) and stops exactly the processes that name it: SIGTERM,
-then SIGKILL for any left after 10 s. Exit 1 when no Ray GCS of this user listens on PORT.
+named in the command line of its GCS, raylet and helpers; the Ray client server names the GCS
+address instead) and stops exactly the processes that name it and their descendants (the
+raylet's agents and workers rename themselves `ray::...`, which drops the session from their
+command line): SIGTERM, then SIGKILL for any left after 10 s. Exit 1 when no Ray GCS of this user listens on PORT.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def main(argv: list[str]) -> int:
         return 1
     session, address = found
     # Its client server names the GCS address instead of the session directory.
-    procs = [
+    named = [
         p
         for p in psutil.process_iter(["cmdline"])
         if any(session in arg or arg == f"--address={address}" for arg in p.info["cmdline"] or [])
     ]
+    found = {p.pid: p for p in named}
+    for p in named:
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            found.update({c.pid: c for c in p.children(recursive=True)})
+    procs = list(found.values())
     for p in procs:
         with contextlib.suppress(psutil.Error):  # exited meanwhile
             p.terminate()

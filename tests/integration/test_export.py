@@ -62,7 +62,9 @@ def test_merged_model_loads_without_dist_ft_and_matches(lora_run, ids, tmp_path)
     subprocess.run([sys.executable, "-c", plain, *args], check=True, cwd=tmp_path)
     got = torch.load(tmp_path / "logits.pt")
     expected = logits(policy, ids)
-    assert torch.allclose(got, expected, atol=1e-5)
+    # W + s*B@A summed once reassociates float32 sums: logits of size ~3 moved by 1e-5 on CI's
+    # CPU. A wrong merge moves them by more than 1e-3 (test_merge_differs_from_base).
+    assert torch.allclose(got, expected, atol=1e-4)
 
 
 def test_merge_differs_from_base(lora_run, ids, tiny_path):

@@ -14,6 +14,7 @@ from dist_ft.runstatus import Interrupted, RunStatus
 
 def test_a_signal_inside_a_step_waits_for_its_end_and_a_second_one_does_not(tmp_path):
     status = RunStatus(tmp_path, 0, 10)
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's if a test ran ray.init here
     status.handle_signals()
     try:
         finished = []
@@ -35,7 +36,7 @@ def test_a_signal_inside_a_step_waits_for_its_end_and_a_second_one_does_not(tmp_
             pass
     finally:
         status.restore_signals()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_status_tells_a_live_run_from_one_that_vanished(tmp_path):
