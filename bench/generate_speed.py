@@ -31,7 +31,7 @@ import torch
 from dist_ft.config import load_config
 from dist_ft.data import demo_rows, render
 from dist_ft.models import PeftSpec, resolve_model_path
-from dist_ft.real_models import MODELS, real_model_path
+from dist_ft.recipes.fetch_model import MODELS, real_model_path
 from dist_ft.rollout.base import GeneratorSpec
 from dist_ft.rollout.hf import HFGenerator
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from dist_ft.config import load_config
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.rollout import RolloutWorker
-from dist_ft.trainer import component_specs, load_prompts
+from dist_ft.run.samplers import load_prompts
+from dist_ft.run.specs import component_specs
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

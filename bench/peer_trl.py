@@ -64,7 +64,7 @@ def load(spec: dict[str, Any]) -> Any:
 
 def child_dist_ft(spec: dict[str, Any]) -> dict[str, Any]:
     """dist_ft through its public entry, ``train(cfg)``; the times come from its metrics.jsonl."""
-    from dist_ft.trainer import train
+    from dist_ft.recipes.grpo import train
 
     cfg = load(spec)
     train(cfg)
@@ -412,7 +412,7 @@ def main() -> None:
 
     from dist_ft.config import load_config
     from dist_ft.models import resolve_model_path
-    from dist_ft.real_models import MODELS, real_model_path
+    from dist_ft.recipes.fetch_model import MODELS, real_model_path
 
     cfg = load_config(YAML, PROMPTS[args.prompts])
     args.samples_per_step = cfg.samples_per_step

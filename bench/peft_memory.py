@@ -59,7 +59,7 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     from dist_ft.config import load_config
     from dist_ft.learner import Learner
     from dist_ft.models import resolve_model_path
-    from dist_ft.trainer import component_specs
+    from dist_ft.run.specs import component_specs
 
     overrides = [
         "run.wandb=disabled",
@@ -75,7 +75,7 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     elif Path(model).is_dir():  # e.g. sync_seconds.py's 0.5B-shaped model
         path = model
     else:
-        from dist_ft.real_models import real_model_path
+        from dist_ft.recipes.fetch_model import real_model_path
 
         path = str(real_model_path(model))
     _, spec = component_specs(cfg, path)

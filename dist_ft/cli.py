@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_third_party()
     from dist_ft.config import ConfigError  # after argparse, which may exit with --help
-    from dist_ft.real_models import ModelFetchError
+    from dist_ft.recipes.fetch_model import ModelFetchError
 
     try:
         return _run(args)
@@ -150,8 +150,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("export", "merge"):
         return _export(args)
     if args.command == "compare":
-        from dist_ft.compare import compare_run
-        from dist_ft.export import ExportError
+        from dist_ft.recipes.compare import compare_run
+        from dist_ft.run.artefacts import ExportError
 
         try:
             table = compare_run(args.run_dir, args.prompts, args.samples).table(args.show)
@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         print(table, end="")
         return 0
     if args.command == "fetch-model":
-        from dist_ft.real_models import real_model_path
+        from dist_ft.recipes.fetch_model import real_model_path
 
         # The path alone on stdout (model.path=$(dist-ft fetch-model smollm2)): what the build's
         # libraries print there (DeepSpeed's accelerator line, on import) goes to stderr.
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"dist-ft: warning: {missing}", file=sys.stderr)
         return 0
     if args.command == "plan":
-        from dist_ft.plan import describe_plan
+        from dist_ft.recipes.plan import describe_plan
 
         print(describe_plan(cfg))
         return 0
@@ -192,16 +192,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "label":
         return _label(cfg)
     # Training's imports (datasets, deepspeed, ray) only once the inputs are known to be good.
-    from dist_ft.checkpoint import CheckpointError
     from dist_ft.data import DatasetError
+    from dist_ft.recipes.grpo import train
     from dist_ft.rewards import RewardError
     from dist_ft.rollout.worker import GeneratorError
-    from dist_ft.trainer import train
+    from dist_ft.run.checkpoint import CheckpointError
 
     offline = cfg.algo.objective.value != "grpo"
     try:
         if offline:
-            from dist_ft.offline import train_offline
+            from dist_ft.recipes.sft_dpo import train_offline
 
             summary = train_offline(cfg)
         else:
@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _label(cfg: Config) -> int:
     from dist_ft.data import DatasetError
-    from dist_ft.label import label
+    from dist_ft.recipes.label import label
     from dist_ft.rewards import RewardError
     from dist_ft.rollout.worker import GeneratorError
 
@@ -249,7 +249,8 @@ def _label(cfg: Config) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dist_ft.export import ExportError, export_run, merge_adapters
+    from dist_ft.recipes.export import export_run, merge_adapters
+    from dist_ft.run.artefacts import ExportError
 
     try:
         if args.command == "export":

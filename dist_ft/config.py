@@ -3,8 +3,8 @@
 Precedence is defaults < YAML < ``a.b=c`` overrides. The defaults alone are a complete run: the
 built-in demo (tiny model, letter-repeat task, GRPO with LoRA), so ``dist-ft demo`` needs no file.
 
-Only ``cli.py`` and ``trainer.py`` see the whole tree; components take typed specs that
-``trainer.component_specs`` builds from it (``peft:`` is ``models.PeftSpec`` itself).
+Only ``cli.py``, ``recipes/`` and ``run/`` see the whole tree; components take typed specs that
+``run.specs.component_specs`` builds from it (``peft:`` is ``models.PeftSpec`` itself).
 """
 
 from __future__ import annotations

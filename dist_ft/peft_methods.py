@@ -451,7 +451,7 @@ def save_artefact(model: nn.Module, out_dir: str | Path, spec: PeftSpec | None =
     (``load_policy(base, dtype, PeftSpec(**json["peft"]), ...)``, then :func:`load_artefact`).
     Full fine-tuning: the whole model through HF ``save_pretrained``. Under ZeRO-3 the caller
     gathers first. Sealed last (``export.seal``: MANIFEST.json of sha256s, umask modes)."""
-    from dist_ft.export import seal
+    from dist_ft.run.artefacts import seal
 
     if not is_trainable_set(model):
         model.save_pretrained(str(out_dir), safe_serialization=True)

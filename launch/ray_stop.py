@@ -8,7 +8,8 @@ This finds the GCS server holding PORT, reads its session directory (unique to t
 named in the command line of its GCS, raylet and helpers; the Ray client server names the GCS
 address instead) and stops exactly the processes that name it and their descendants (the
 raylet's agents and workers rename themselves `ray::...`, which drops the session from their
-command line): SIGTERM, then SIGKILL for any left after 10 s. Exit 1 when no Ray GCS of this user listens on PORT.
+command line): SIGTERM, then SIGKILL for any left after 10 s. Exit 1 when no Ray GCS of this
+user listens on PORT.
 """
 
 from __future__ import annotations

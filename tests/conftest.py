@@ -38,7 +38,7 @@ def demo_prompts():
 def build(tiny_path: str, *overrides: str):
     """The RolloutSpec and LearnerSpec of a config with ``overrides``."""
     from dist_ft.config import load_config
-    from dist_ft.trainer import component_specs
+    from dist_ft.run.specs import component_specs
 
     cfg = load_config(None, ["run.wandb=disabled", *overrides])
     return cfg, *component_specs(cfg, tiny_path)
@@ -54,7 +54,7 @@ def make_run(out: Path, *overrides: str, seed: int = 0) -> tuple[Path, torch.nn.
     from dist_ft.config import load_config
     from dist_ft.models import load_policy, resolve_model_path
     from dist_ft.peft_methods import save_artefact
-    from dist_ft.trainer import prepare_output_dir
+    from dist_ft.run.outputs import prepare_output_dir
 
     cfg = load_config(None, ["run.wandb=disabled", "peft.r=4", f"run.output_dir={out}", *overrides])
     run = prepare_output_dir(cfg)
@@ -79,7 +79,7 @@ def corrupt(file: Path, value: float, seal: bool) -> None:
     import json
     import struct
 
-    from dist_ft.export import seal as write_seal
+    from dist_ft.run.artefacts import seal as write_seal
 
     data = bytearray(file.read_bytes())
     header_len = struct.unpack("<Q", data[:8])[0]
@@ -103,7 +103,7 @@ def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):
 
     from dist_ft.data import prepare_preferences
     from dist_ft.models import load_tokenizer
-    from dist_ft.offline import demo_pair_rows, make_batch, with_reference
+    from dist_ft.recipes.sft_dpo import demo_pair_rows, make_batch, with_reference
 
     tok = load_tokenizer(tiny_path)
     rows = demo_pair_rows(pairs, seed)

@@ -22,8 +22,8 @@ import sys
 
 from dist_ft.cluster.placement import plan_actors
 from dist_ft.config import ConfigError, load_config
-from dist_ft.plan import actor_spec
-from dist_ft.trainer import check_run_dir
+from dist_ft.run.outputs import check_run_dir
+from dist_ft.run.specs import actor_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,9 @@ from conftest import build
 from dist_ft.cluster import LocalCluster
 from dist_ft.config import ConfigError, load_config
 from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.recipes.grpo import train
+from dist_ft.run.samplers import load_prompts
 from dist_ft.sync import fingerprint
-from dist_ft.trainer import load_prompts, train
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = "peft.adapters={repeat: [repeat], next: [next]}"

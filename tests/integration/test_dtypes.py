@@ -27,9 +27,9 @@ import torch
 
 from dist_ft.config import ConfigError, load_config
 from dist_ft.models import DTYPES
+from dist_ft.recipes.grpo import train
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import InProcessTransport
-from dist_ft.trainer import train
 
 FAST = ["run.wandb=disabled", "run.plot=false", "run.steps=3", "algo.sft_warmup_steps=0"]
 SAME_DTYPE_TOL, MIXED_DTYPE_TOL = 1e-5, 1e-2
@@ -141,7 +141,7 @@ def test_fp16_training_off_cuda_is_refused_at_load_naming_both_keys(device):
 def test_a_sync_in_another_dtype_than_the_worker_holds_is_refused_before_loading(tiny_path):
     # A worker loaded in bf16 holds its LoRA adapter in bf16 too (peft would upcast it to fp32).
     cfg = load_config(None, ["run.wandb=disabled", "rollout.dtype=bfloat16", "peft.method=lora"])
-    from dist_ft.trainer import component_specs
+    from dist_ft.run.specs import component_specs
 
     rollout, _ = component_specs(cfg, tiny_path)
     worker = RolloutWorker(rollout)

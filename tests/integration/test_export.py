@@ -198,7 +198,7 @@ def one_line_error(capsys, code: int) -> str:
 def test_export_out_is_refused_when_used_and_replaced_with_overwrite(
     lora_run, tiny_path, tmp_path, capsys
 ):
-    from dist_ft.export import MANIFEST, check_sealed
+    from dist_ft.run.artefacts import MANIFEST, check_sealed
 
     run, _ = lora_run
     out = tmp_path / "a"
@@ -238,7 +238,7 @@ def test_export_out_is_refused_when_used_and_replaced_with_overwrite(
 
 
 def test_export_and_merge_never_write_into_their_inputs(lora_run, tmp_path, capsys):
-    from dist_ft.export import check_sealed
+    from dist_ft.run.artefacts import check_sealed
 
     run_a, _ = lora_run
     run_b, _ = make_run(tmp_path / "b", seed=2)

@@ -25,7 +25,7 @@ def test_a_second_generator_matches_the_learner_at_ratio_one(tiny_path, demo_pro
 
 def test_a_second_generator_trains_end_to_end_through_config(tmp_path):
     from dist_ft.config import load_config
-    from dist_ft.trainer import train
+    from dist_ft.recipes.grpo import train
 
     cfg = load_config(
         None,

@@ -19,7 +19,7 @@ from dist_ft.algos.dpo import DPOLoss, DPOParams, dpo_loss
 from dist_ft.algos.objective import Objective
 from dist_ft.config import load_config
 from dist_ft.learner import Learner
-from dist_ft.offline import REFERENCE_FILE, train_offline
+from dist_ft.recipes.sft_dpo import REFERENCE_FILE, train_offline
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))

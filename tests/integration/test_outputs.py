@@ -293,7 +293,7 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_says_so_removes_the_partial_keeps_the_rest(small_disk):
-    from dist_ft.checkpoint import verify
+    from dist_ft.run.checkpoint import verify
 
     out = small_disk.parent
     rc, _, stderr = run(out, *CKPT, "run.steps=6")

@@ -17,7 +17,6 @@ from dist_ft.batch import Span
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
 from dist_ft.models import load_tokenizer, packed_completion_logprobs
-from dist_ft.offline import make_batch
 from dist_ft.packing import (
     block_causal_mask,
     example_sums,
@@ -25,6 +24,7 @@ from dist_ft.packing import (
     pack_examples,
     scored_targets,
 )
+from dist_ft.recipes.sft_dpo import make_batch
 
 ROWS = [
     {"prompt": "Repeat c:", "completion": "cccc"},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, plan_actors
-from dist_ft.plan import predict_placement
+from dist_ft.recipes.plan import predict_placement
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # dist-ft, python and ray, for ray_submit.sh
@@ -171,8 +171,8 @@ def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, mo
     from dist_ft.cluster.ray import cluster_nodes
     from dist_ft.config import load_config
     from dist_ft.models import resolve_model_path
-    from dist_ft.plan import actor_spec, describe_plan
-    from dist_ft.trainer import component_specs, judge_kwargs
+    from dist_ft.recipes.plan import describe_plan
+    from dist_ft.run.specs import actor_spec, component_specs, judge_kwargs
 
     # defined here, so Ray ships it by value (actors cannot import tests)
     def held(_self):

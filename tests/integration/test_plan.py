@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.placement import ActorSpec, plan_actors
 from dist_ft.models import PeftMethod, PeftSpec, export_state, load_policy, sync_bytes
-from dist_ft.plan import placement_lines, predict_placement
+from dist_ft.recipes.plan import placement_lines, predict_placement
 from dist_ft.rollout import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_a_local_plan_describes_this_machine_as_it_is():
     import ray
 
     from dist_ft.config import load_config
-    from dist_ft.plan import describe_plan
+    from dist_ft.recipes.plan import describe_plan
 
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",

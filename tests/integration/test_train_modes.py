@@ -8,7 +8,7 @@ from bad_rows import write_bad_dataset, write_clean_dataset
 
 from dist_ft.config import load_config
 from dist_ft.data import DatasetError
-from dist_ft.trainer import train
+from dist_ft.recipes.grpo import train
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["run.wandb=disabled", "run.plot=false", "run.deterministic=true"]

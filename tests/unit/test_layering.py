@@ -48,7 +48,7 @@ def test_only_cluster_imports_ray():
 def test_importing_the_cluster_package_loads_no_ray():
     """Ray is imported where it is used, so local mode and the SLURM preflight never load it."""
     code = (
-        "import sys, dist_ft.cluster, dist_ft.cluster.placement, dist_ft.plan\n"
+        "import sys, dist_ft.cluster, dist_ft.cluster.placement, dist_ft.recipes.plan\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ray')\n"
         "print(bad[:5]); sys.exit(1 if bad else 0)"
     )
@@ -82,28 +82,35 @@ def modules_importing(module: str) -> set[str]:
 
 
 def test_components_take_typed_specs_not_the_config():
-    """The config tree stops at the driver modules that turn it into specs (trainer.py builds
-    RolloutSpec and LearnerSpec; the loops, the CLI, the plan and the cluster factory read
-    their sections).
-    Learners, rollout workers, generators, models, rewards and the payload never see it."""
-    assert modules_importing("dist_ft.config") == {
-        "adapters.py",  # the trainer's turns of peft.adapters' prompts
-        "cli.py",
-        "compare.py",  # reads a finished run's config.yaml
-        "export.py",  # reads a finished run's config.yaml
-        "label.py",  # the RLAIF labelling driver
-        "lifecycle.py",  # both loops' resume, checkpoints and stops (driver side)
-        "offline.py",  # the SFT/DPO loop
-        "plan.py",
-        "trainer.py",
-        "cluster/__init__.py",
-        "cluster/connect.py",
+    """The config tree stops at the driver: the CLI, the recipes and run/ (whose specs.py
+    turns it into RolloutSpec, LearnerSpec, ActorSpec), and the cluster factory that reads
+    ``resources.*``. Learners, rollout workers, generators, models, rewards and the payload
+    never see it."""
+    driver = {"cli.py", "cluster/__init__.py", "cluster/connect.py"}
+    users = modules_importing("dist_ft.config")
+    assert {m for m in users if not m.startswith(("recipes/", "run/"))} == driver
+
+
+def test_nothing_imports_the_recipes_but_the_cli():
+    """A recipe is an entry point: what two of them share lives in run/, never in a recipe."""
+    users = {
+        p.relative_to(PKG).as_posix()
+        for p in PKG.rglob("*.py")
+        if any(
+            (n.module or "").startswith("dist_ft.recipes")
+            or (n.module == "dist_ft" and any(a.name == "recipes" for a in n.names))
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.ImportFrom)
+        )
     }
+    assert {u for u in users if not u.startswith("recipes/")} == {"cli.py"}
+    # and no recipe imports another (each is read on its own)
+    assert {u for u in users if u.startswith("recipes/")} == set()
 
 
 def test_the_driver_builds_specs_without_loading_deepspeed():
     code = (
-        "import sys, dist_ft.trainer, dist_ft.learner\n"
+        "import sys, dist_ft.recipes.grpo, dist_ft.learner\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')\n"
         "print(bad[:5]); sys.exit(1 if bad else 0)"
     )

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from dist_ft import checkpoint, runstatus
-from dist_ft.runstatus import Interrupted, RunStatus
+from dist_ft.run import checkpoint, runstatus
+from dist_ft.run.runstatus import Interrupted, RunStatus
 
 
 def test_a_signal_inside_a_step_waits_for_its_end_and_a_second_one_does_not(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from dist_ft.batch import ScoredBatch, Span
 from dist_ft.data import Prompt
 from dist_ft.models import load_tokenizer
-from dist_ft.tracking import Tracker, sample_rows
+from dist_ft.run.tracking import Tracker, sample_rows
 
 
 def tracker(out, total: int, **kw) -> Tracker:

@@ -1,5 +1,5 @@
-"""How a training run continues and how it stops, shared by both loops (GRPO's ``trainer.train``
-and SFT/DPO's ``offline.train_offline``) so that the two cannot drift: which checkpoint a run
+"""How a training run continues and how it stops, shared by both loops (GRPO's
+``recipes.grpo.train`` and SFT/DPO's ``recipes.sft_dpo.train_offline``) so that the two cannot drift: which checkpoint a run
 resumes from (or why it refuses), when and how a checkpoint is written, and what a run stopped
 before its end keeps (weights, a checkpoint, ``status.json``)."""
 
@@ -13,22 +13,13 @@ from typing import Any
 
 import torch
 
-from dist_ft import checkpoint, runstatus
 from dist_ft.cluster import Cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.rewards import RewardError
-from dist_ft.runstatus import RunStatus
-from dist_ft.tracking import Tracker
-
-
-def held_outputs(out: Path, names: tuple[str, ...]) -> list[str]:
-    """Those of ``names`` in ``out`` that hold something (a non-empty file or directory)."""
-    paths = [out / n for n in names]
-    return [
-        p.name
-        for p in paths
-        if (p.is_file() and p.stat().st_size > 0) or (p.is_dir() and any(p.iterdir()))
-    ]
+from dist_ft.run import checkpoint, runstatus
+from dist_ft.run.outputs import held_outputs
+from dist_ft.run.runstatus import RunStatus
+from dist_ft.run.tracking import Tracker
 
 
 def open_checkpoint(

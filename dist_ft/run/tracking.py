@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dist_ft.batch import ScoredBatch, Span
-from dist_ft.ledger import truncate_jsonl
+from dist_ft.config import Config, config_to_dict
+from dist_ft.run.ledger import truncate_jsonl
 
 if TYPE_CHECKING:
     from dist_ft.data import Prompt
@@ -324,3 +326,32 @@ def _smooth(values: list[float], k: int) -> list[float]:
     """Trailing moving average over ``k`` values (fewer at the start)."""
     windows = [values[max(0, i - k + 1) : i + 1] for i in range(len(values))]
     return [sum(w) / len(w) for w in windows]
+
+
+def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) -> Tracker:
+    """metrics.jsonl, wandb and the progress bar of a run (continued from ``state`` when it
+    resumes); ``display``: what the progress line shows and the plot draws (see Tracker)."""
+    return Tracker(
+        out,
+        run_name=cfg.run.name,
+        total_steps=cfg.run.steps,
+        wandb_mode=cfg.run.wandb,
+        wandb_project=cfg.run.wandb_project,
+        config=config_to_dict(cfg),
+        plot=cfg.run.plot,
+        resume_step=state.get("step"),
+        run_id=state.get("run_id"),
+        log_samples=cfg.run.log_samples,
+        **display,
+    )
+
+
+def finish_tracking(tracker: Tracker) -> Path | None:
+    """Close metrics, wandb and the plot; returns the plot. A failure here is only a warning: it
+    runs in ``finally``, where an exception would skip the cluster's shutdown and replace the
+    error that stopped the run. metrics.jsonl is complete either way (each row is flushed)."""
+    try:
+        return tracker.finish()
+    except Exception as e:
+        warnings.warn(f"finishing the run failed: {type(e).__name__}: {e}", stacklevel=2)
+        return None

@@ -115,10 +115,11 @@ def compare_run(
     ``max_prompts`` good rows of its data (0 = all): greedy, and ``samples`` per prompt."""
     from dist_ft.config import ConfigError
     from dist_ft.data import load_rows
-    from dist_ft.export import finished_run
     from dist_ft.peft_methods import load_artefact
     from dist_ft.rewards import RewardSet
-    from dist_ft.trainer import component_specs, load_prompts, resolve_device
+    from dist_ft.run.artefacts import finished_run
+    from dist_ft.run.samplers import load_prompts
+    from dist_ft.run.specs import component_specs, resolve_device
 
     cfg, weights = finished_run(run_dir)
     run, method = Path(run_dir), cfg.peft.method

@@ -34,7 +34,8 @@ from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import load_rows, write_rejects
 from dist_ft.models import load_tokenizer, resolve_model_path
 from dist_ft.rewards.judge import load_constitution
-from dist_ft.trainer import component_specs, judge_kwargs, load_prompts
+from dist_ft.run.samplers import load_prompts
+from dist_ft.run.specs import component_specs, judge_kwargs
 
 
 def label(cfg: Config) -> dict[str, Any]:

@@ -5,166 +5,40 @@ from __future__ import annotations
 import collections
 import json
 import random
-import shutil
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from dist_ft import checkpoint, runstatus
-from dist_ft.adapters import AdapterSampler, adapter_rows, make_sampler
-from dist_ft.algos.grpo import LossParams
 from dist_ft.algos.objective import Objective
 from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
-from dist_ft.config import Config, ConfigError, config_to_dict
+from dist_ft.config import Config, ConfigError
 from dist_ft.data import (
-    PreparedPrompts,
     PromptSampler,
-    Reject,
     encode_pairs,
-    load_rows,
-    prepare_prompts,
     render,
-    write_rejects,
 )
-from dist_ft.learner import LearnerSpec
-from dist_ft.ledger import Ledger
-from dist_ft.lifecycle import (
+from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.rewards import RewardError, applies, task_mismatch
+from dist_ft.run import runstatus
+from dist_ft.run.ledger import Ledger
+from dist_ft.run.lifecycle import (
     checkpoint_due,
-    held_outputs,
     open_checkpoint,
     restore_driver_rng,
     stop_run,
     write_checkpoint,
 )
-from dist_ft.models import load_tokenizer, resolve_model_path
-from dist_ft.peft_methods import auto_lr
-from dist_ft.rewards import RewardError, applies, task_mismatch
-from dist_ft.rollout import GeneratorSpec, RolloutSpec
-from dist_ft.runstatus import RunStatus
+from dist_ft.run.outputs import keep_rejects, prepare_output_dir
+from dist_ft.run.runstatus import RunStatus
+from dist_ft.run.samplers import AdapterSampler, adapter_rows, load_prompts, make_sampler
+from dist_ft.run.specs import component_specs, judge_kwargs
+from dist_ft.run.tracking import Tracker, finish_tracking, make_tracker
 from dist_ft.tasks import demo_format_rows
-from dist_ft.tracking import Tracker
 
 TASK_METRIC = "reward/task/"  # + a task name: its mean total reward, when the data has several
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("resources.device=cuda but no CUDA device is visible")
-    return device
-
-
-def judge_kwargs(cfg: Config) -> dict[str, Any] | None:
-    """JudgeWorker arguments when a reward function is the RLAIF judge, else None."""
-    if not any(f.name == "judge" for f in cfg.reward.functions):
-        return None
-    j = cfg.reward.judge
-    return {
-        "model_path": resolve_model_path(j.model.path, j.model.tiny),
-        "constitution": j.constitution,
-        "mode": j.mode,
-        "ratings": j.ratings,
-        "template": j.template or None,
-        "device": resolve_device(cfg.resources.device),
-        "dtype": j.model.dtype,
-        "batch_size": j.batch_size,
-        "trust_remote_code": j.model.trust_remote_code,
-    }
-
-
-def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:
-    """What rollout workers and learners are built from: the config tree stops here."""
-    device = resolve_device(cfg.resources.device)
-    rollout = RolloutSpec(
-        generation=GeneratorSpec(
-            model_path=model_path,
-            dtype=cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype,
-            peft=cfg.peft,
-            device=device,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            need_ref_logprobs=cfg.algo.beta > 0,
-            trust_remote_code=cfg.model.trust_remote_code,
-            cpu_linear=cfg.resources.cpu_linear,
-            merge_lora=cfg.rollout.merge_lora,
-        ),
-        generator=cfg.rollout.generator,
-        group_size=cfg.rollout.group_size,
-        rewards=[(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
-        reward_tasks=[f.tasks for f in cfg.reward.functions],
-        reward_timeout_s=cfg.reward.timeout_s,
-        on_reward_error=cfg.reward.on_error,
-        scale_rewards=cfg.algo.scale_rewards,
-        seed=cfg.run.seed,
-        deterministic=cfg.run.deterministic,
-    )
-    learner = LearnerSpec(
-        model_path=model_path,
-        dtype=cfg.model.dtype,
-        peft=cfg.peft,
-        device=device,
-        loss=loss_params(cfg),
-        temperature=cfg.rollout.temperature,
-        lr=auto_lr(cfg.peft.method) if cfg.learner.lr == "auto" else cfg.learner.lr,
-        weight_decay=cfg.learner.weight_decay,
-        grad_clip=cfg.learner.grad_clip,
-        zero_stage=cfg.learner.zero_stage,
-        offload=cfg.learner.offload,
-        samples_per_step=cfg.samples_per_step,
-        micro_batches=cfg.learner.micro_batches,
-        seed=cfg.run.seed,
-        trust_remote_code=cfg.model.trust_remote_code,
-        deterministic=cfg.run.deterministic,
-        dpo=cfg.dpo,
-        pack=cfg.learner.pack,
-        cpu_linear=cfg.resources.cpu_linear,
-    )
-    return rollout, learner
-
-
-def keep_rejects(out: Path, source: str, rejects: list[Reject]) -> None:
-    """The rows ``data.on_bad_row=skip`` left out, in <output_dir>/rejects.jsonl, and said."""
-    if rejects:
-        write_rejects(out / "rejects.jsonl", rejects)
-        print(
-            f"data: skipped {len(rejects)} malformed rows of {source} "
-            f"(data.on_bad_row=skip), written to {out / 'rejects.jsonl'}"
-        )
-
-
-def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
-    """``data.*``'s rows, validated and rendered (bad rows raise or are returned as rejects)."""
-    d = cfg.data
-    return prepare_prompts(
-        load_rows(d.source, d.demo_size, cfg.run.seed),
-        tokenizer,
-        source=d.source,
-        prompt_field=d.prompt_field,
-        answer_field=d.answer_field,
-        template=d.template,
-        plain_template=d.plain_template,
-        max_prompt_tokens=d.max_prompt_tokens,
-        on_bad_row=d.on_bad_row,
-        task_field=d.task_field,
-    )
-
-
-def loss_params(cfg: Config) -> LossParams:
-    return LossParams(
-        loss_type=cfg.algo.loss,
-        eps_low=cfg.algo.eps_low,
-        eps_high=cfg.algo.eps_high,
-        beta=cfg.algo.beta,
-        max_tokens=cfg.rollout.max_new_tokens,
-    )
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -318,83 +192,6 @@ def train(cfg: Config) -> dict[str, Any]:
     }
 
 
-# What a run writes to its output_dir that a later run must not mix with its own. wandb/ stays:
-# wandb keeps one directory per run id there.
-# What a run writes (besides config.yaml and checkpoints/): run.overwrite=true removes them all,
-# so nothing of an old run (a DPO reference pass above all) is read by the new one.
-RUN_OUTPUTS = (
-    *("metrics.jsonl", "ledger.jsonl", "rejects.jsonl", "placement.json", "adapter", "model"),
-    runstatus.STATUS_FILE,
-    *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors", "samples.jsonl"),
-)
-
-
-def check_run_dir(cfg: Config) -> bool:
-    """Whether a fresh run must first remove another run's outputs from ``run.output_dir``
-    (``run.overwrite=true``); ConfigError when it holds one and neither ``run.resume`` nor
-    ``run.overwrite`` says what to do with it. Reads only: launchers call it before they submit.
-
-    A fresh run refuses a directory that holds another run: its metrics would be overwritten,
-    and its higher-numbered checkpoints would outlive the new run's in pruning and be the ones
-    ``run.resume=auto`` picks. No run starts in a directory whose run is still training
-    (status.json, a live pid here).
-    """
-    out = Path(cfg.run.output_dir)
-    previous = runstatus.read(out)
-    if previous is not None and runstatus.running_here(previous):
-        raise ConfigError(
-            f"run.output_dir={out} {runstatus.unfinished(out)}: stop that process first, or "
-            "choose another run.output_dir"
-        )
-    held = held_outputs(out, ("metrics.jsonl", checkpoint.root(out).name))
-    if not held or cfg.run.resume != "none":
-        return False
-    if not cfg.run.overwrite:
-        raise ConfigError(
-            f"run.output_dir={out} already holds another run ({', '.join(held)}): choose "
-            "another run.output_dir, continue that run with run.resume=auto, or replace it "
-            "with run.overwrite=true"
-        )
-    return True
-
-
-def prepare_output_dir(cfg: Config) -> Path:
-    """``run.output_dir``, created, with the resolved config in it; before any model is loaded.
-    Refuses a directory that holds another run (``check_run_dir``); ``run.overwrite=true``
-    removes the old run's outputs first."""
-    out = Path(cfg.run.output_dir)
-    if check_run_dir(cfg):
-        ckpts = checkpoint.root(out)
-        old = [out / name for name in RUN_OUTPUTS] + [ckpts, *out.glob("*-interrupted-step-*")]
-        for path in old:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        print(f"run.overwrite=true: removed the previous run's outputs from {out}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return out
-
-
-def make_tracker(cfg: Config, out: Path, state: dict[str, Any], **display: Any) -> Tracker:
-    """metrics.jsonl, wandb and the progress bar of a run (continued from ``state`` when it
-    resumes); ``display``: what the progress line shows and the plot draws (see Tracker)."""
-    return Tracker(
-        out,
-        run_name=cfg.run.name,
-        total_steps=cfg.run.steps,
-        wandb_mode=cfg.run.wandb,
-        wandb_project=cfg.run.wandb_project,
-        config=config_to_dict(cfg),
-        plot=cfg.run.plot,
-        resume_step=state.get("step"),
-        run_id=state.get("run_id"),
-        log_samples=cfg.run.log_samples,
-        **display,
-    )
-
-
 def step_metrics(
     learner: dict[str, float],
     batch: ScoredBatch,
@@ -496,17 +293,6 @@ class RewardWatch:
             self.reasons.get(n, f"reward '{n}' failed (its first error is printed above)")
             for n in names
         )
-
-
-def finish_tracking(tracker: Tracker) -> Path | None:
-    """Close metrics, wandb and the plot; returns the plot. A failure here is only a warning: it
-    runs in ``finally``, where an exception would skip the cluster's shutdown and replace the
-    error that stopped the run. metrics.jsonl is complete either way (each row is flushed)."""
-    try:
-        return tracker.finish()
-    except Exception as e:
-        warnings.warn(f"finishing the run failed: {type(e).__name__}: {e}", stacklevel=2)
-        return None
 
 
 def save_checkpoint(

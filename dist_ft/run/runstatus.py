@@ -1,7 +1,7 @@
 """A run's state in ``<output_dir>/status.json``, and the signals that stop it cleanly.
 
-Every training loop (GRPO's ``trainer.train``, SFT/DPO's ``offline.train_offline``) keeps one
-:class:`RunStatus`: ``running`` from the start, with the process id, host and the last step
+Every training loop (GRPO's ``recipes.grpo.train``, SFT/DPO's ``recipes.sft_dpo.train_offline``)
+keeps one :class:`RunStatus`: ``running`` from the start, with the process id, host and the last step
 trained (rewritten after each step), then ``finished``, ``interrupted`` (SIGINT, SIGTERM) or
 ``failed`` with a one-line reason. A process that dies without a word (SIGKILL, the OOM killer,
 a reward that calls ``os._exit``) leaves ``running``: :func:`unfinished` tells that apart from a

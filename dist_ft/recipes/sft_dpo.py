@@ -42,23 +42,19 @@ from dist_ft.data import (
     prepare_prompts,
     prepare_sft,
 )
-from dist_ft.lifecycle import (
+from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.run.lifecycle import (
     checkpoint_due,
     open_checkpoint,
     restore_driver_rng,
     stop_run,
     write_checkpoint,
 )
-from dist_ft.models import load_tokenizer, resolve_model_path
-from dist_ft.runstatus import FINISHED, RunStatus
+from dist_ft.run.outputs import keep_rejects, prepare_output_dir
+from dist_ft.run.runstatus import FINISHED, RunStatus
+from dist_ft.run.specs import component_specs
+from dist_ft.run.tracking import finish_tracking, make_tracker
 from dist_ft.tasks import SOURCES, demo_rows
-from dist_ft.trainer import (
-    component_specs,
-    finish_tracking,
-    keep_rejects,
-    make_tracker,
-    prepare_output_dir,
-)
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
@@ -242,7 +238,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
     """Run SFT or DPO (``algo.objective``) for ``cfg.run.steps`` steps. Returns a summary."""
     objective = cfg.algo.objective
     if objective is Objective.GRPO:
-        raise ValueError("algo.objective=grpo runs through dist_ft.trainer.train")
+        raise ValueError("algo.objective=grpo runs through dist_ft.recipes.grpo.train")
     dpo = objective is Objective.DPO
     out = prepare_output_dir(cfg)
     random.seed(cfg.run.seed)

@@ -8,38 +8,19 @@ from typing import Any
 
 from dist_ft.cluster.placement import (
     ActorRequest,
-    ActorSpec,
     Placement,
     plan_actors,
     resolve_rollout_workers,
 )
 from dist_ft.config import Config
+from dist_ft.run.specs import actor_spec
 
 __all__ = [
-    "actor_spec",
     "describe_plan",
     "placement_lines",
     "predict_placement",
     "resolve_rollout_workers",
 ]
-
-
-def actor_spec(cfg: Config, gpu: bool) -> ActorSpec:
-    """The placement inputs of a config: ``resources.*`` plus the RLAIF judge actors (none
-    unless a reward function is the judge); ``gpu``: whether the run trains on CUDA."""
-    res = cfg.resources
-    judges = cfg.reward.judge.actors if any(f.name == "judge" for f in cfg.reward.functions) else 0
-    return ActorSpec(
-        res.rollout_workers,
-        res.learners,
-        judges,
-        res.rollout_cpus,
-        res.rollout_gpus,
-        res.learner_cpus,
-        res.learner_gpus,
-        res.colocate,
-        gpu,
-    )
 
 
 def predict_placement(

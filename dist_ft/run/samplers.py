@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dist_ft.config import ConfigError
-from dist_ft.data import Prompt, PromptSampler
+from dist_ft.config import Config, ConfigError
+from dist_ft.data import (
+    PreparedPrompts,
+    Prompt,
+    PromptSampler,
+    load_rows,
+    prepare_prompts,
+)
 from dist_ft.tasks import DEFAULT_TASK
 
 if TYPE_CHECKING:
@@ -80,3 +86,20 @@ def adapter_rows(
         if mine := [r for r in rows if r.get("task", DEFAULT_TASK) in tasks]:
             parts.append((index, mine))
     return parts
+
+
+def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
+    """``data.*``'s rows, validated and rendered (bad rows raise or are returned as rejects)."""
+    d = cfg.data
+    return prepare_prompts(
+        load_rows(d.source, d.demo_size, cfg.run.seed),
+        tokenizer,
+        source=d.source,
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        template=d.template,
+        plain_template=d.plain_template,
+        max_prompt_tokens=d.max_prompt_tokens,
+        on_bad_row=d.on_bad_row,
+        task_field=d.task_field,
+    )

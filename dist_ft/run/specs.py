@@ -1,0 +1,120 @@
+"""The one bridge from the config tree to the frozen specs that workers are built from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_ft.algos.grpo import LossParams
+from dist_ft.cluster.placement import ActorSpec
+from dist_ft.config import Config
+from dist_ft.learner import LearnerSpec
+from dist_ft.models import resolve_model_path
+from dist_ft.peft_methods import auto_lr
+from dist_ft.rollout import GeneratorSpec, RolloutSpec
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("resources.device=cuda but no CUDA device is visible")
+    return device
+
+
+def judge_kwargs(cfg: Config) -> dict[str, Any] | None:
+    """JudgeWorker arguments when a reward function is the RLAIF judge, else None."""
+    if not any(f.name == "judge" for f in cfg.reward.functions):
+        return None
+    j = cfg.reward.judge
+    return {
+        "model_path": resolve_model_path(j.model.path, j.model.tiny),
+        "constitution": j.constitution,
+        "mode": j.mode,
+        "ratings": j.ratings,
+        "template": j.template or None,
+        "device": resolve_device(cfg.resources.device),
+        "dtype": j.model.dtype,
+        "batch_size": j.batch_size,
+        "trust_remote_code": j.model.trust_remote_code,
+    }
+
+
+def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:
+    """What rollout workers and learners are built from: the config tree stops here."""
+    device = resolve_device(cfg.resources.device)
+    rollout = RolloutSpec(
+        generation=GeneratorSpec(
+            model_path=model_path,
+            dtype=cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype,
+            peft=cfg.peft,
+            device=device,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            need_ref_logprobs=cfg.algo.beta > 0,
+            trust_remote_code=cfg.model.trust_remote_code,
+            cpu_linear=cfg.resources.cpu_linear,
+            merge_lora=cfg.rollout.merge_lora,
+        ),
+        generator=cfg.rollout.generator,
+        group_size=cfg.rollout.group_size,
+        rewards=[(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
+        reward_tasks=[f.tasks for f in cfg.reward.functions],
+        reward_timeout_s=cfg.reward.timeout_s,
+        on_reward_error=cfg.reward.on_error,
+        scale_rewards=cfg.algo.scale_rewards,
+        seed=cfg.run.seed,
+        deterministic=cfg.run.deterministic,
+    )
+    learner = LearnerSpec(
+        model_path=model_path,
+        dtype=cfg.model.dtype,
+        peft=cfg.peft,
+        device=device,
+        loss=loss_params(cfg),
+        temperature=cfg.rollout.temperature,
+        lr=auto_lr(cfg.peft.method) if cfg.learner.lr == "auto" else cfg.learner.lr,
+        weight_decay=cfg.learner.weight_decay,
+        grad_clip=cfg.learner.grad_clip,
+        zero_stage=cfg.learner.zero_stage,
+        offload=cfg.learner.offload,
+        samples_per_step=cfg.samples_per_step,
+        micro_batches=cfg.learner.micro_batches,
+        seed=cfg.run.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+        deterministic=cfg.run.deterministic,
+        dpo=cfg.dpo,
+        pack=cfg.learner.pack,
+        cpu_linear=cfg.resources.cpu_linear,
+    )
+    return rollout, learner
+
+
+def loss_params(cfg: Config) -> LossParams:
+    return LossParams(
+        loss_type=cfg.algo.loss,
+        eps_low=cfg.algo.eps_low,
+        eps_high=cfg.algo.eps_high,
+        beta=cfg.algo.beta,
+        max_tokens=cfg.rollout.max_new_tokens,
+    )
+
+
+def actor_spec(cfg: Config, gpu: bool) -> ActorSpec:
+    """The placement inputs of a config: ``resources.*`` plus the RLAIF judge actors (none
+    unless a reward function is the judge); ``gpu``: whether the run trains on CUDA."""
+    res = cfg.resources
+    judges = cfg.reward.judge.actors if any(f.name == "judge" for f in cfg.reward.functions) else 0
+    return ActorSpec(
+        res.rollout_workers,
+        res.learners,
+        judges,
+        res.rollout_cpus,
+        res.rollout_gpus,
+        res.learner_cpus,
+        res.learner_gpus,
+        res.colocate,
+        gpu,
+    )
