@@ -23,8 +23,8 @@ completion tokens):
   one position), then G decodes of T tokens each on the merged weights (``rollout.merge_lora``:
   no LoRA matmuls, but W0 + B @ A is rebuilt once a step, 2 r x (adapted weights)). The behaviour
   logprobs come from the sampling pass (fp32). The learner runs each prompt once (P tokens,
-  ``models.group_logprobs``) and the G completions' T - 1 tokens against its cache, forward and
-  backward, the output layer at 1 + G (T - 1) positions.
+  ``model.logprobs.group_logprobs``) and the G completions' T - 1 tokens against its cache,
+  forward and backward, the output layer at 1 + G (T - 1) positions.
 """
 
 from __future__ import annotations

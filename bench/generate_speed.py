@@ -30,7 +30,8 @@ import torch
 
 from dist_ft.config import load_config
 from dist_ft.data import demo_rows, render
-from dist_ft.models import PeftSpec, resolve_model_path
+from dist_ft.model.loading import resolve_model_path
+from dist_ft.model.spec import PeftSpec
 from dist_ft.recipes.fetch_model import MODELS, real_model_path
 from dist_ft.rollout.base import GeneratorSpec
 from dist_ft.rollout.hf import HFGenerator

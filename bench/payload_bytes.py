@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_ft.config import load_config
-from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rollout import RolloutWorker
 from dist_ft.run.samplers import load_prompts
 from dist_ft.run.specs import component_specs

@@ -85,7 +85,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from dist_ft.data import load_rows
-    from dist_ft.models import lora_config
+    from dist_ft.model.peft import lora_config
 
     cfg = load(spec)
     rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)  # dist_ft's rows
@@ -261,8 +261,8 @@ def model_shape(model_path: str, cfg: Any) -> tuple[Shape, float]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_ft.data import load_rows, render
-    from dist_ft.models import load_tokenizer
-    from dist_ft.peft_methods import apply_method
+    from dist_ft.model.loading import load_tokenizer
+    from dist_ft.model.peft import apply_method
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
@@ -411,7 +411,7 @@ def main() -> None:
         parser.error("need 1 <= --warmup < --steps: a timed window starts at a step's end")
 
     from dist_ft.config import load_config
-    from dist_ft.models import resolve_model_path
+    from dist_ft.model.loading import resolve_model_path
     from dist_ft.recipes.fetch_model import MODELS, real_model_path
 
     cfg = load_config(YAML, PROMPTS[args.prompts])

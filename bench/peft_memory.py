@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dist_ft.models import PeftMethod
+from dist_ft.model.spec import PeftMethod
 
 MiB = 1024 * 1024
 
@@ -58,7 +58,7 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     from dist_ft.batch import ScoredBatch
     from dist_ft.config import load_config
     from dist_ft.learner import Learner
-    from dist_ft.models import resolve_model_path
+    from dist_ft.model.loading import resolve_model_path
     from dist_ft.run.specs import component_specs
 
     overrides = [

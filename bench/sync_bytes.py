@@ -12,7 +12,9 @@ from __future__ import annotations
 from transformers import AutoConfig, Qwen2Config
 
 from dist_ft.config import TinyModelConfig
-from dist_ft.models import PeftMethod, PeftSpec, resolve_model_path, sync_bytes
+from dist_ft.model.loading import resolve_model_path
+from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.weights import sync_bytes
 
 SHAPES = {
     "0.5B (Qwen2.5-0.5B dims)": Qwen2Config(
@@ -38,7 +40,7 @@ SHAPES = {
 
 def measured_tiny_adapter_bytes(path: str) -> int:
     """What a real sync sends: the learner's export of the tiny model's adapter."""
-    from dist_ft.algos.grpo import LossParams
+    from dist_ft.algos.settings import LossParams
     from dist_ft.learner import Learner, LearnerSpec
 
     spec = LearnerSpec(

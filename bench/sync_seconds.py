@@ -48,10 +48,10 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from dist_ft.cluster import make_cluster
 from dist_ft.config import load_config
-from dist_ft.models import resolve_model_path
+from dist_ft.model.loading import resolve_model_path
+from dist_ft.model.tiny import cache_dir
 from dist_ft.run.specs import component_specs
 from dist_ft.sync import check_fingerprints, describe, to_rollout_dtype
-from dist_ft.tiny import cache_dir
 
 ROLLOUT_WORKERS, LEARNERS = 2, 1
 # Large: only the first sync of the new path reads back (RayCluster reads back on sync 0).

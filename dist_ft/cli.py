@@ -305,7 +305,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
     the model load (20-40 s in): a missing CUDA device, a reward function that cannot be
     imported, an incomplete model directory."""
     from dist_ft.config import ConfigError
-    from dist_ft.models import check_model_path
+    from dist_ft.model.spec import check_model_path
     from dist_ft.rewards import RewardError, resolve, sandbox
 
     check_device(cfg.resources.device)
@@ -398,7 +398,7 @@ def check_writable_dir(path: str, key: str = "run.output_dir") -> None:
 def _missing_inputs(cfg: Config) -> list[str]:
     """What a run of ``cfg`` would not find on this machine: the model directory (the message
     ``check_model_path`` gives a run) and a ``data.source`` that is neither built in nor a path."""
-    from dist_ft.models import check_model_path
+    from dist_ft.model.spec import check_model_path
     from dist_ft.tasks import SOURCES
 
     missing = []

@@ -19,25 +19,19 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dist_ft import onednn
 from dist_ft.algos.common import group_slots
-from dist_ft.algos.dpo import DPOParams, dpo_loss, sequence_logps
-from dist_ft.algos.grpo import LossParams, loss_count, normaliser_from_count, policy_loss
+from dist_ft.algos.dpo import dpo_loss, sequence_logps
+from dist_ft.algos.grpo import loss_count, normaliser_from_count, policy_loss
 from dist_ft.algos.objective import Objective
+from dist_ft.algos.settings import DPOParams, LossParams
 from dist_ft.algos.sft import sft_loss
 from dist_ft.batch import ScoredBatch
-from dist_ft.models import (
-    DTYPES,
-    PeftMethod,
-    PeftSpec,
-    export_state,
-    group_logprobs,
-    is_adapter,
-    load_policy,
-    packed_completion_logprobs,
-    shares_prompt_cache,
-)
-from dist_ft.peft_methods import adapter_parameters, use_adapter
+from dist_ft.model import onednn
+from dist_ft.model.loading import DTYPES, load_policy
+from dist_ft.model.logprobs import group_logprobs, packed_completion_logprobs, shares_prompt_cache
+from dist_ft.model.peft import adapter_parameters, use_adapter
+from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.weights import export_state, is_adapter
 
 
 def free_port() -> int:
@@ -326,7 +320,7 @@ class Learner:
         ``pack``: one forward over the rows packed (``models.packed_completion_logprobs``), the
         same logprobs to float error with no compute spent on padding. SFT and DPO pack (when
         ``self.pack``). Otherwise each group's prompt runs once for its samples
-        (``models.group_logprobs``). GRPO never packs: its importance ratio divides by the
+        (``model.logprobs.group_logprobs``). GRPO never packs: its importance ratio divides by the
         rollout worker's logprobs, which ``rollout/hf.py`` computes in bf16/fp16 with
         ``group_logprobs`` on the same layout, and the same function on the same layout is what
         keeps on-policy ratios at 1 there (tests/integration/test_dtypes.py holds them to 1e-5).
@@ -475,9 +469,9 @@ class Learner:
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         """The trained result, rank 0 writes: HF ``save_pretrained`` (safetensors), the adapter
-        alone under peft; bitfit and adapter in dist_ft's format (``peft_methods.save_artefact``).
+        alone under peft; bitfit and adapter in dist_ft's format (``model.weights.save_artefact``).
         """
-        from dist_ft.peft_methods import save_artefact
+        from dist_ft.model.weights import save_artefact
 
         with self._gathered(list(self.module.parameters())):
             if self.is_main:

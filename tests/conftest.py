@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     from dist_ft.config import TinyModelConfig
-    from dist_ft.models import resolve_model_path
+    from dist_ft.model.loading import resolve_model_path
 
     return resolve_model_path("tiny", TinyModelConfig())
 
@@ -52,8 +52,8 @@ def make_run(out: Path, *overrides: str, seed: int = 0) -> tuple[Path, torch.nn.
     import torch
 
     from dist_ft.config import load_config
-    from dist_ft.models import load_policy, resolve_model_path
-    from dist_ft.peft_methods import save_artefact
+    from dist_ft.model.loading import load_policy, resolve_model_path
+    from dist_ft.model.weights import save_artefact
     from dist_ft.run.outputs import prepare_output_dir
 
     cfg = load_config(None, ["run.wandb=disabled", "peft.r=4", f"run.output_dir={out}", *overrides])
@@ -102,7 +102,7 @@ def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):
     import torch
 
     from dist_ft.data import prepare_preferences
-    from dist_ft.models import load_tokenizer
+    from dist_ft.model.loading import load_tokenizer
     from dist_ft.recipes.sft_dpo import demo_pair_rows, make_batch, with_reference
 
     tok = load_tokenizer(tiny_path)

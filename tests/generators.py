@@ -10,7 +10,8 @@ import time
 import torch
 
 from dist_ft.batch import Span
-from dist_ft.models import export_state, import_state, is_adapter, load_policy, load_tokenizer
+from dist_ft.model.loading import load_policy, load_tokenizer
+from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout import Generation, GeneratorSpec
 
 

@@ -8,55 +8,10 @@ learner runs its forward over whatever row layout it likes and reduces with
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Annotated
-
 import torch
 import torch.nn.functional as F
 
-from dist_ft.ranges import Range
-
-
-class DPOLoss(str, enum.Enum):
-    # -log sigmoid(beta * h), h = chosen log-ratio - rejected log-ratio (Rafailov et al. 2023);
-    # label_smoothing > 0 makes it conservative DPO (cDPO)
-    SIGMOID = "sigmoid"
-    # (h_tok - 1 / (2 beta))^2, h_tok from per-token mean log-ratios (Azar et al. 2023, Eq. 17,
-    # with TRL's length normalisation: see dpo_loss)
-    IPO = "ipo"
-    # -log sigmoid(beta * (mean logp_w - mean logp_l) - gamma): per-token mean logprobs, no
-    # reference model (Meng et al. 2024)
-    SIMPO = "simpo"
-
-
-@dataclass(frozen=True)
-class DPOParams:
-    """Knobs of :func:`dpo_loss`.
-
-    ``beta``: for SIGMOID and IPO, the strength of the pull towards the reference (IPO's tau);
-    TRL's default 0.1. For SIMPO, the scale of the reward beta * mean logprob, which has no
-    reference to stay near: the SimPO paper tunes it to 2-10, so 0.1 is far too small there.
-    ``label_smoothing``: the assumed probability that a pair's label is flipped (conservative
-    DPO, the formula of older TRL's sigmoid loss; TRL 1.16's "sigmoid" ignores it, its "aot"
-    and CPO/SimPO losses keep it); SIGMOID and SIMPO only. ``simpo_gamma``: SimPO's target
-    reward margin, in reward units (the paper's gamma, TRL's ``CPOConfig.simpo_gamma``); SIMPO
-    only.
-    """
-
-    loss: DPOLoss = DPOLoss.SIGMOID
-    beta: Annotated[float, Range(gt=0)] = 0.1
-    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
-    simpo_gamma: Annotated[float, Range()] = 0.5
-
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        # At 0.5 the label carries no information and the loss no longer prefers chosen.
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
-        if self.loss is DPOLoss.IPO and self.label_smoothing:
-            raise ValueError("IPO has no label smoothing: its squared loss has no flipped label")
+from dist_ft.algos.settings import DPOLoss, DPOParams
 
 
 def sequence_logps(

@@ -6,28 +6,10 @@ Bg = groups in a batch (group ids index them).
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import torch
 
 from dist_ft.algos.common import group_slots, masked_mean
-
-
-class LossType(str, enum.Enum):
-    GRPO = "grpo"  # token mean per sequence, then mean over sequences (DeepSeekMath)
-    DR_GRPO = "dr_grpo"  # token sum over a constant N x max_tokens: no length bias (Dr.GRPO)
-    DAPO = "dapo"  # token sum over all tokens of the batch, clip-higher (DAPO)
-    GSPO = "gspo"  # one length-normalised importance ratio per sequence (GSPO)
-
-
-@dataclass(frozen=True)
-class LossParams:
-    loss_type: LossType = LossType.GRPO
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.0  # KL coefficient; 0 disables the KL term
-    max_tokens: int = 1  # Dr.GRPO's constant: the completion budget (rollout.max_new_tokens)
+from dist_ft.algos.settings import LossParams, LossType
 
 
 def group_advantages(

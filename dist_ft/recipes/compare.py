@@ -15,13 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_ft.models import (
-    PeftMethod,
-    PeftSpec,
-    load_policy,
-    load_tokenizer,
-    resolve_model_path,
-)
+from dist_ft.model.loading import load_policy, load_tokenizer, resolve_model_path
+from dist_ft.model.spec import PeftMethod, PeftSpec
 
 
 @dataclass
@@ -115,7 +110,7 @@ def compare_run(
     ``max_prompts`` good rows of its data (0 = all): greedy, and ``samples`` per prompt."""
     from dist_ft.config import ConfigError
     from dist_ft.data import load_rows
-    from dist_ft.peft_methods import load_artefact
+    from dist_ft.model.weights import load_artefact
     from dist_ft.rewards import RewardSet
     from dist_ft.run.artefacts import finished_run
     from dist_ft.run.samplers import load_prompts

@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_ft.models import DTYPES, PeftMethod, resolve_model_path
-from dist_ft.peft_methods import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE
+from dist_ft.model.loading import DTYPES, resolve_model_path
+from dist_ft.model.spec import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, PeftMethod
 from dist_ft.run.artefacts import (
     MANIFEST,
     ExportError,
@@ -217,7 +217,7 @@ def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
         origin = (
             f"dist_ft's built-in tiny Llama (model.tiny: hidden_size={t.hidden_size}, "
             f"num_layers={t.num_layers}, num_heads={t.num_heads}, seed={t.seed}), which dist_ft "
-            "builds from these settings (`dist_ft.tiny.ensure_tiny_model`)"
+            "builds from these settings (`dist_ft.model.tiny.ensure_tiny_model`)"
         )
     else:
         origin = f"the local model directory `{name}` (the run's model.path: {cfg.model.path})"
@@ -231,8 +231,8 @@ def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
         load = (
             f"`{WEIGHTS_FILE}` holds the trained tensors under the base's parameter names and "
             f"`{CONFIG_FILE}` the `peft:` settings that rebuild the layers (dist_ft's format: "
-            "`dist_ft.models.load_policy(BASE_DIR, dtype, PeftSpec(**peft))`, then "
-            "`dist_ft.peft_methods.load_artefact(model, THIS_DIR)`)."
+            "`dist_ft.model.loading.load_policy(BASE_DIR, dtype, PeftSpec(**peft))`, then "
+            "`dist_ft.model.weights.load_artefact(model, THIS_DIR)`)."
         )
     (adapter / "README.md").write_text(
         f"# {run.resolve().name}: a {cfg.peft.method.value} adapter trained by dist_ft\n\n"

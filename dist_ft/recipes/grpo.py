@@ -20,7 +20,7 @@ from dist_ft.data import (
     encode_pairs,
     render,
 )
-from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rewards import RewardError, applies, task_mismatch
 from dist_ft.run import runstatus
 from dist_ft.run.ledger import Ledger

@@ -97,7 +97,8 @@ def describe_plan(cfg: Config) -> str:
     from transformers import AutoConfig
 
     from dist_ft.batch import ScoredBatch
-    from dist_ft.models import resolve_model_path, sync_bytes
+    from dist_ft.model.loading import resolve_model_path
+    from dist_ft.model.weights import sync_bytes
 
     res = cfg.resources
     lines = [f"mode: {res.mode}"]

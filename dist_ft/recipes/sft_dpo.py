@@ -42,7 +42,7 @@ from dist_ft.data import (
     prepare_prompts,
     prepare_sft,
 )
-from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.run.lifecycle import (
     checkpoint_due,
     open_checkpoint,

@@ -36,7 +36,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from dist_ft.models import DTYPES, load_tokenizer
+from dist_ft.model.loading import DTYPES, load_tokenizer
 
 # Char-level tiny model: 1 token per character and 512 positions, so the fixed text is ~100
 # tokens and leaves the rest to the constitution, prompt and completion(s). Each template ends

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from dist_ft.models import PeftSpec
+from dist_ft.model.spec import PeftSpec
 
 
 class GeneratorKind(str, enum.Enum):

@@ -5,7 +5,7 @@ prompt is not recomputed G times (SmolLM2's chat prompts are ~33 tokens against 
 
 The behaviour logprobs are the sampled tokens' logprobs under the temperature-scaled full
 distribution (no top-p truncation), as the learner computes them
-(:func:`dist_ft.models.group_logprobs`), so the two agree at ratio 1:
+(:func:`dist_ft.model.logprobs.group_logprobs`), so the two agree at ratio 1:
 
 - fp32: taken from the sampling pass's own raw logits. Its KV-cached decode agrees with the
   learner's full forward to <= 3.1e-5 per token (SmolLM2-135M, 4 x 4 samples, 16 tokens; 7e-6 on
@@ -25,22 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dist_ft import onednn
 from dist_ft.algos.common import token_logprobs
 from dist_ft.batch import Span
-from dist_ft.models import (
-    DTYPES,
-    PeftMethod,
-    PeftSpec,
-    export_state,
-    group_logprobs,
-    import_state,
-    is_adapter,
-    load_policy,
-    load_tokenizer,
-    shares_prompt_cache,
-)
-from dist_ft.peft_methods import reference_mode, use_adapter
+from dist_ft.model import onednn
+from dist_ft.model.loading import DTYPES, load_policy, load_tokenizer
+from dist_ft.model.logprobs import group_logprobs, shares_prompt_cache
+from dist_ft.model.peft import reference_mode, use_adapter
+from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec
 from dist_ft.rollout.merged import MergedLoRA
 
@@ -187,7 +179,7 @@ class HFGenerator:
         if self.need_ref:
             if self.ref_model is not None:
                 ref_logprobs = group_logprobs(self.ref_model, *args, **share)
-            else:  # PEFT: the policy acting as its start, no second copy (peft_methods)
+            else:  # PEFT: the policy acting as its start, no second copy (model/peft.py)
                 with reference_mode(self.model):
                     ref_logprobs = group_logprobs(self.model, *args, **share)
             ref_logprobs = (ref_logprobs * completion_mask).float()

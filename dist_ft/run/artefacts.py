@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dist_ft.models import PeftMethod
+from dist_ft.model.spec import PeftMethod
 from dist_ft.run import checkpoint
 
 MANIFEST = "MANIFEST.json"  # sha256 of every file of a final adapter/ or model/, and of an OUT

@@ -1,7 +1,7 @@
 """How a training run continues and how it stops, shared by both loops (GRPO's
-``recipes.grpo.train`` and SFT/DPO's ``recipes.sft_dpo.train_offline``) so that the two cannot drift: which checkpoint a run
-resumes from (or why it refuses), when and how a checkpoint is written, and what a run stopped
-before its end keeps (weights, a checkpoint, ``status.json``)."""
+``recipes.grpo.train`` and SFT/DPO's ``recipes.sft_dpo.train_offline``) so that the two cannot
+drift: which checkpoint a run resumes from (or why it refuses), when and how a checkpoint is
+written, and what a run stopped before its end keeps (weights, a checkpoint, ``status.json``)."""
 
 from __future__ import annotations
 

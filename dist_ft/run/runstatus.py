@@ -1,8 +1,8 @@
 """A run's state in ``<output_dir>/status.json``, and the signals that stop it cleanly.
 
 Every training loop (GRPO's ``recipes.grpo.train``, SFT/DPO's ``recipes.sft_dpo.train_offline``)
-keeps one :class:`RunStatus`: ``running`` from the start, with the process id, host and the last step
-trained (rewritten after each step), then ``finished``, ``interrupted`` (SIGINT, SIGTERM) or
+keeps one :class:`RunStatus`: ``running`` from the start, with the process id, host and the last
+step trained (rewritten after each step), then ``finished``, ``interrupted`` (SIGINT, SIGTERM) or
 ``failed`` with a one-line reason. A process that dies without a word (SIGKILL, the OOM killer,
 a reward that calls ``os._exit``) leaves ``running``: :func:`unfinished` tells that apart from a
 live run by its pid, so every command that reads a run (export, compare, merge of a run

@@ -1,5 +1,5 @@
 """Several adapters on one base (``peft.adapters``): which prompts each step draws, and which
-warm-up rows each adapter trains on. The adapters themselves are peft's (``peft_methods``); the
+warm-up rows each adapter trains on. The adapters themselves are peft's (``model/peft.py``); the
 learner steps one at a time (``Learner.step``), the workers generate with it
 (``RolloutWorker.rollout``)."""
 

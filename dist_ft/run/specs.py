@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from dist_ft.algos.grpo import LossParams
+from dist_ft.algos.settings import LossParams
 from dist_ft.cluster.placement import ActorSpec
 from dist_ft.config import Config
 from dist_ft.learner import LearnerSpec
-from dist_ft.models import resolve_model_path
-from dist_ft.peft_methods import auto_lr
+from dist_ft.model.loading import resolve_model_path
+from dist_ft.model.spec import auto_lr
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
 
 

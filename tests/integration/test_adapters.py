@@ -11,7 +11,7 @@ from conftest import build
 
 from dist_ft.cluster import LocalCluster
 from dist_ft.config import ConfigError, load_config
-from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.recipes.grpo import train
 from dist_ft.run.samplers import load_prompts
 from dist_ft.sync import fingerprint

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 from dist_ft.recipes.compare import compare_run, complete
 from dist_ft.rewards.rules import char_match
 

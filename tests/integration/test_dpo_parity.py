@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist_ft.algos.common import token_logprobs
-from dist_ft.algos.dpo import DPOLoss, DPOParams, dpo_loss, sequence_logps
+from dist_ft.algos.dpo import dpo_loss, sequence_logps
+from dist_ft.algos.settings import DPOLoss, DPOParams
 
 # ------------------------------------------------------------------ parity with TRL 1.16
 #
@@ -34,7 +35,7 @@ def trl_trainer(tiny_path, tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from dist_ft.models import load_tokenizer
+    from dist_ft.model.loading import load_tokenizer
 
     data = Dataset.from_dict(
         {

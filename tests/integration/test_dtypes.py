@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from dist_ft.config import ConfigError, load_config
-from dist_ft.models import DTYPES
+from dist_ft.model.loading import DTYPES
 from dist_ft.recipes.grpo import train
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import InProcessTransport

@@ -18,7 +18,7 @@ from conftest import corrupt, make_run
 from safetensors.torch import load_file
 
 from dist_ft.cli import main
-from dist_ft.models import PeftSpec
+from dist_ft.model.spec import PeftSpec
 from dist_ft.sync import fingerprint
 
 LORA_FILE = "adapter_model.safetensors"
@@ -159,7 +159,7 @@ def test_bottleneck_adapter_merge_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_hot_swap_keeps_the_base_and_loads_the_new_adapter(lora_run, tmp_path, tiny_path, ids):
-    from dist_ft.models import PeftMethod
+    from dist_ft.model.spec import PeftMethod
     from dist_ft.rollout.base import GeneratorSpec
     from dist_ft.rollout.hf import HFGenerator
 

@@ -8,7 +8,8 @@ from conftest import build
 
 from dist_ft.algos.objective import Objective
 from dist_ft.cluster.local import LocalCluster
-from dist_ft.models import PeftSpec, completion_logprobs, group_logprobs
+from dist_ft.model.logprobs import completion_logprobs, group_logprobs
+from dist_ft.model.spec import PeftSpec
 from dist_ft.rollout.base import GeneratorSpec
 from dist_ft.rollout.hf import HFGenerator, InverseCDFSample
 

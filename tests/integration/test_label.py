@@ -11,7 +11,7 @@ import pytest
 
 from dist_ft.config import TinyModelConfig
 from dist_ft.data import load_rows, prepare_preferences
-from dist_ft.models import load_tokenizer, resolve_model_path
+from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.recipes.label import candidates, write_pairs
 from dist_ft.rewards.judge import load_constitution
 

@@ -11,7 +11,8 @@ from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import LocalCluster
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
-from dist_ft.models import load_tokenizer, tied_aliases
+from dist_ft.model.loading import load_tokenizer
+from dist_ft.model.weights import tied_aliases
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 
@@ -165,9 +166,9 @@ def test_sft_objective_is_the_token_mean_nll_of_the_targets(tiny_path, demo_prom
 def test_a_groups_prompt_runs_once_and_the_update_equals_the_padded_forwards(
     tiny_path, demo_prompts
 ):
-    """models.group_logprobs: each prompt through the model once, its KV cache indexed out to
-    its G samples. Counted at the embedding (the tokens the model ran) and checked against the
-    padded forward that runs every sample's own prompt copy: same logprobs, same two updates."""
+    """model.logprobs.group_logprobs: each prompt through the model once, its KV cache indexed
+    out to its G samples. Counted at the embedding (the tokens the model ran) and checked
+    against the padded forward that runs every sample's own prompt copy: same logprobs, same two updates."""
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", "rollout.group_size=4")
     batch = scored_batch(wk, demo_prompts)
     shared, padded = Learner(lk), Learner(lk)

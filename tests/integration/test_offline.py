@@ -15,8 +15,9 @@ import torch
 from conftest import build, dpo_batch
 from safetensors.torch import load_file
 
-from dist_ft.algos.dpo import DPOLoss, DPOParams, dpo_loss
+from dist_ft.algos.dpo import dpo_loss
 from dist_ft.algos.objective import Objective
+from dist_ft.algos.settings import DPOLoss, DPOParams
 from dist_ft.config import load_config
 from dist_ft.learner import Learner
 from dist_ft.recipes.sft_dpo import REFERENCE_FILE, train_offline

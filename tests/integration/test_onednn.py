@@ -10,9 +10,10 @@ from conftest import build, load_learner_weights
 from test_hf_generator import PROMPTS, generator, learner_logprobs
 from torch.profiler import profile
 
-from dist_ft import onednn
 from dist_ft.learner import Learner
-from dist_ft.models import PeftMethod, PeftSpec, load_policy
+from dist_ft.model import onednn
+from dist_ft.model.loading import load_policy
+from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.rollout import RolloutWorker
 from dist_ft.rollout.base import GeneratorSpec
 from dist_ft.rollout.hf import HFGenerator

@@ -16,7 +16,8 @@ from dist_ft.algos.objective import Objective
 from dist_ft.batch import Span
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
-from dist_ft.models import load_tokenizer, packed_completion_logprobs
+from dist_ft.model.loading import load_tokenizer
+from dist_ft.model.logprobs import packed_completion_logprobs
 from dist_ft.packing import (
     block_causal_mask,
     example_sums,

@@ -17,8 +17,10 @@ from dist_ft.batch import ScoredBatch
 from dist_ft.config import ConfigError, load_config
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
-from dist_ft.models import PeftMethod, PeftSpec, completion_logprobs, load_policy, load_tokenizer
-from dist_ft.peft_methods import CONFIG_FILE, load_artefact
+from dist_ft.model.loading import load_policy, load_tokenizer
+from dist_ft.model.logprobs import completion_logprobs
+from dist_ft.model.spec import CONFIG_FILE, PeftMethod, PeftSpec
+from dist_ft.model.weights import load_artefact
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 from dist_ft.tasks import demo_rows

@@ -170,7 +170,7 @@ def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, mo
     from dist_ft.cluster import make_cluster
     from dist_ft.cluster.ray import cluster_nodes
     from dist_ft.config import load_config
-    from dist_ft.models import resolve_model_path
+    from dist_ft.model.loading import resolve_model_path
     from dist_ft.recipes.plan import describe_plan
     from dist_ft.run.specs import actor_spec, component_specs, judge_kwargs
 

@@ -6,7 +6,9 @@ import torch
 from conftest import build, load_learner_weights
 
 from dist_ft.learner import Learner
-from dist_ft.models import PeftMethod, PeftSpec, completion_logprobs, load_policy
+from dist_ft.model.loading import load_policy
+from dist_ft.model.logprobs import completion_logprobs
+from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.rollout import RolloutWorker
 
 

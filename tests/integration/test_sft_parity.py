@@ -20,7 +20,7 @@ from dist_ft.algos.objective import Objective
 from dist_ft.batch import Span
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 from dist_ft.recipes.sft_dpo import make_batch
 
 # Unequal completion lengths (token mean != row mean); the tiny tokenizer is per character, so

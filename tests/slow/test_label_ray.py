@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dist_ft.data import load_rows, prepare_preferences
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from dist_ft.cluster import RayCluster
 from dist_ft.config import load_config
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 from dist_ft.recipes.plan import resolve_rollout_workers
 from dist_ft.rollout import RolloutWorker
 from dist_ft.run.ledger import Ledger

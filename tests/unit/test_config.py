@@ -11,9 +11,10 @@ from typing import Annotated
 import pytest
 import yaml
 
-from dist_ft.algos.grpo import LossType
-from dist_ft.config import Config, ConfigError, _blame, load_config
-from dist_ft.models import PeftMethod
+from dist_ft.algos.settings import LossType
+from dist_ft.config import Config, ConfigError, load_config
+from dist_ft.config.loader import _blame
+from dist_ft.model.spec import PeftMethod
 from dist_ft.ranges import Range
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from dist_ft.data import (
     prepare_prompts,
     write_rejects,
 )
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 
 # Seed 9 puts the first bad row at row 4 (a bad answer), with broken lines after it.
 N_GOOD, N_BAD, SEED = 150, 100, 9

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dist_ft.algos.dpo import DPOLoss, DPOParams, dpo_loss, sequence_logps
+from dist_ft.algos.dpo import dpo_loss, sequence_logps
+from dist_ft.algos.settings import DPOLoss, DPOParams
 
 
 def nls(x: float) -> float:

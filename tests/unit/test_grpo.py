@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from dist_ft.algos.grpo import (
-    LossParams,
-    LossType,
     group_advantages,
     kl_k3,
     loss_count,
@@ -15,6 +13,7 @@ from dist_ft.algos.grpo import (
     normaliser_from_count,
     policy_loss,
 )
+from dist_ft.algos.settings import LossParams, LossType
 
 # Two sequences, three completion tokens; the second has two real tokens.
 OLD = torch.zeros(2, 3)

@@ -83,7 +83,7 @@ def test_pointwise_is_deterministic_and_batch_size_independent(pointwise, tiny_p
 
 def test_judge_model_path_matters(pointwise, tiny_path):
     from dist_ft.config import TinyModelConfig
-    from dist_ft.models import resolve_model_path
+    from dist_ft.model.loading import resolve_model_path
 
     other_path = resolve_model_path("tiny", TinyModelConfig(seed=1))
     other = JudgeWorker(model_path=other_path, constitution=DEFAULT)

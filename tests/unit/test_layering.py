@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[2] / "dist_ft"
 
 
@@ -112,6 +114,77 @@ def test_the_driver_builds_specs_without_loading_deepspeed():
     code = (
         "import sys, dist_ft.recipes.grpo, dist_ft.learner\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')\n"
+        "print(bad[:5]); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def runtime_imports(path: Path, modules: set[str]) -> set[str]:
+    """The dist_ft modules ``path`` imports when it runs (module level or inside a function;
+    ``if TYPE_CHECKING:`` blocks excluded), each with the packages above it, whose
+    ``__init__`` runs first (but for ``path``'s own packages, which are already running)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(x)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+        for b in n.body
+        for x in ast.walk(b)
+    }
+    named = set()
+    for n in ast.walk(tree):
+        if id(n) in typing_only:
+            continue
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("dist_ft"):
+            named |= {f"{n.module}.{a.name}" for a in n.names} | {n.module}
+        elif isinstance(n, ast.Import):
+            named |= {a.name for a in n.names if a.name.startswith("dist_ft")}
+    own = module_name(path).split(".")
+    running = {".".join(own[:k]) for k in range(1, len(own))}
+    out = set()
+    for name in named:
+        parts = name.split(".")
+        out |= {".".join(parts[:k]) for k in range(2, len(parts) + 1)} & modules - running
+    out |= named & modules & running  # an explicit import of a running package: a cycle
+    return out
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_in_the_package():
+    """Each module's imports (lazy ones too) form a DAG: no module dodges a cycle with an import
+    inside a function (models.py <-> peft_methods.py did, before model/ was split)."""
+    paths = {module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {m: runtime_imports(p, set(paths)) - {m} for m, p in paths.items()}
+    done: set[str] = set()
+
+    def visit(m: str, stack: list[str]) -> None:
+        if m in stack:
+            pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(m) :], m]))
+        if m in done:
+            return
+        for dep in sorted(graph[m]):
+            visit(dep, [*stack, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert len(done) == len(paths) > 50
+
+
+def test_loading_a_config_imports_no_torch():
+    """`dist-ft train bad.yaml` answers before torch loads (it takes seconds): the config, its
+    schema and every spec type it holds (``model.spec``, ``algos.settings``) are torch-free."""
+    code = (
+        "import sys\n"
+        "from dist_ft.config import load_config\n"
+        "load_config(None, ['peft.method=dora', 'algo.objective=dpo', 'dpo.loss=ipo'])\n"
+        "heavy = ('torch', 'transformers', 'peft', 'datasets', 'deepspeed', 'ray')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print(bad[:5]); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,6 +11,7 @@ import torch
 
 from dist_ft.batch import Span
 from dist_ft.data import DatasetError, load_rows, prepare_preferences, prepare_sft, write_rejects
+from dist_ft.model.tiny import build_tokenizer
 from dist_ft.packing import (
     block_causal_mask,
     example_sums,
@@ -18,7 +19,6 @@ from dist_ft.packing import (
     pad_examples,
     scored_targets,
 )
-from dist_ft.tiny import build_tokenizer
 
 C, T, P = int(Span.CONTEXT), int(Span.TRAINED), int(Span.PAD)
 CHAT = [

@@ -9,7 +9,7 @@ import torch
 
 from dist_ft.batch import ScoredBatch, Span
 from dist_ft.data import Prompt
-from dist_ft.models import load_tokenizer
+from dist_ft.model.loading import load_tokenizer
 from dist_ft.run.tracking import Tracker, sample_rows
 
 

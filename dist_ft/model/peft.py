@@ -2,7 +2,7 @@
 policy with a named set of trainable parameters.
 
 Learners and rollout workers both build through :func:`apply_method` (via
-``models.load_policy``), so the trainable set, its names and the reference path agree by
+``model.loading.load_policy``), so the trainable set, its names and the reference path agree by
 construction. What each method trains, syncs and uses as its KL reference:
 
 ============  =====================================  =======================================
@@ -38,75 +38,24 @@ here and carried in dist_ft's own format (see :func:`save_artefact`).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dist_ft.models import PeftMethod, PeftSpec, _keep_4bit_trainable, import_state, lora_config
+from dist_ft.model.spec import TRAINABLE_SET, PeftMethod, PeftSpec
 
-# Set on a policy whose trainable set dist_ft built (bitfit, adapter): its value is the method.
-# is_adapter / export_state / import_state see it; peft models carry ``peft_config`` instead.
-TRAINABLE_SET = "dist_ft_trainable_set"  # models.is_adapter checks this name
 # On a bitfit policy: {bias name: its value at load}, what the reference swaps back in.
 START_BIASES = "dist_ft_start_biases"
 
 LORA_FA_SEED = 0  # lora_fa's frozen A, the same on every process
 
-# dist_ft's artefact format for the methods peft lacks (bitfit, adapter)
-WEIGHTS_FILE = "dist_ft_adapter.safetensors"
-CONFIG_FILE = "dist_ft_adapter.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # peft's own save_pretrained
 
 # Decoder sub-blocks a bottleneck adapter follows, by the attribute name architectures use.
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
-
-# What each method reads from ``peft:`` besides ``method``; a non-default value of any other
-# key (r and alpha excepted) is refused at config load (see :func:`config_errors`).
-USES: dict[PeftMethod, set[str]] = {
-    PeftMethod.NONE: set(),
-    PeftMethod.LORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
-    PeftMethod.DORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
-    PeftMethod.QLORA: {"r", "alpha", "dropout", "target_modules", "modules_to_save", "adapters"},
-    PeftMethod.LORA_FA: {"r", "alpha", "dropout", "target_modules", "modules_to_save"},
-    PeftMethod.VERA: {"r", "dropout", "target_modules", "modules_to_save"},
-    PeftMethod.IA3: {"target_modules", "modules_to_save"},
-    PeftMethod.PREFIX: {"num_virtual_tokens"},
-    PeftMethod.BITFIT: {"target_modules"},
-    PeftMethod.ADAPTER: {"r", "adapter_style"},
-}
-
-
-# learner.lr=auto. Thinking Machines' "LoRA Without Regret" (2025) finds LoRA's best rate ~10x
-# full fine-tuning's, nearly independent of r under alpha/r scaling (so LoRA-FA, DoRA and QLoRA
-# share it). The other ratios are rough, from the rates each method's paper trained at next to
-# full fine-tuning: VeRA's vectors ~10x LoRA's; (IA)^3 (T-Few) 3e-3; prefix tuning without its
-# MLP at prompt-tuning rates (~1e-2); BitFit and bottleneck adapters ~10x full fine-tuning.
-# The base is the full fine-tuning rate at which the tiny demo's tuned LoRA rate (1e-3) is 10x;
-# a real model wants its own (configs/grpo_lora_qwen2.5-0.5b.yaml sets 2e-5).
-FULL_FT_LR = 1e-4
-LR_MULTIPLIER: dict[PeftMethod, float] = {
-    PeftMethod.NONE: 1.0,
-    PeftMethod.LORA: 10.0,
-    PeftMethod.DORA: 10.0,
-    PeftMethod.QLORA: 10.0,
-    PeftMethod.LORA_FA: 10.0,
-    PeftMethod.VERA: 100.0,
-    PeftMethod.IA3: 30.0,
-    PeftMethod.PREFIX: 100.0,
-    PeftMethod.BITFIT: 10.0,
-    PeftMethod.ADAPTER: 10.0,
-}
-
-
-def auto_lr(method: PeftMethod) -> float:
-    """``learner.lr: auto``: the learning rate for ``method`` (see ``LR_MULTIPLIER``)."""
-    return FULL_FT_LR * LR_MULTIPLIER[method]
 
 
 # ---------------------------------------------------------------------------- builders
@@ -442,102 +391,28 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------------- saved artefact
 
 
-def save_artefact(model: nn.Module, out_dir: str | Path, spec: PeftSpec | None = None) -> None:
-    """The trained result. peft methods: peft's ``save_pretrained`` (``adapter_config.json`` +
-    ``adapter_model.safetensors``). bitfit and adapter, dist_ft's format:
-    ``dist_ft_adapter.safetensors`` holds the trainable set under the base model's parameter
-    names (``model.layers.0.self_attn.q_proj.bias``, ``model.layers.0.mlp.bottleneck.up.weight``)
-    and ``dist_ft_adapter.json`` the ``peft:`` section that rebuilds the structure
-    (``load_policy(base, dtype, PeftSpec(**json["peft"]), ...)``, then :func:`load_artefact`).
-    Full fine-tuning: the whole model through HF ``save_pretrained``. Under ZeRO-3 the caller
-    gathers first. Sealed last (``export.seal``: MANIFEST.json of sha256s, umask modes)."""
-    from dist_ft.run.artefacts import seal
-
-    if not is_trainable_set(model):
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-    else:
-        _save_trainable_set(model, Path(out_dir), spec)
-    seal(out_dir)
-
-
-def _save_trainable_set(model: nn.Module, out: Path, spec: PeftSpec | None) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    state = trainable_state(model)
-    tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in state.items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    peft: dict[str, Any] = {"method": getattr(model, TRAINABLE_SET)}
-    if spec is not None:
-        peft = {k: v for k, v in vars(spec).items() if k in USES[spec.method] | {"method"}}
-        peft["method"] = spec.method.value
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    (out / CONFIG_FILE).write_text(json.dumps({"peft": peft, "base_model": base}, indent=2) + "\n")
-
-
-def load_artefact(model: nn.Module, out_dir: str | Path) -> None:
-    """Load what :func:`save_artefact` wrote for a PEFT method into a policy built with the same
-    ``peft:`` spec; an unexpected tensor is an error (a missing one too, for bitfit/adapter)."""
-    from safetensors.torch import load_file
-
-    name = WEIGHTS_FILE if is_trainable_set(model) else PEFT_WEIGHTS_FILE
-    import_state(model, load_file(str(Path(out_dir) / name)), adapter_only=True)
-
-
 # ---------------------------------------------------------------------------- config checks
 
 
-def config_errors(spec: PeftSpec) -> list[tuple[str, tuple[str, ...]]]:
-    """``peft:`` values that dist_ft refuses before any model loads: ``[(message, dotted keys
-    at fault)]``. A key the method does not read is refused when set away from its default
-    (a user who sets ``peft.dropout`` for ia3 expects regularisation it never gets); ``r`` and
-    ``alpha`` are let through, so a LoRA YAML can switch method with one override."""
-    errors = []
-    defaults = PeftSpec()
-    unread = vars(spec).keys() - {"method", "r", "alpha"} - USES[spec.method]
-    for key in sorted(unread):
-        if getattr(spec, key) != getattr(defaults, key):
-            reads = sorted(USES[spec.method]) or "no other peft key"
-            errors.append(
-                (
-                    f"peft.{key}={getattr(spec, key)!r} has no effect with "
-                    f"peft.method={spec.method.value} (it reads {reads}); remove peft.{key} "
-                    "or pick a method that uses it",
-                    (f"peft.{key}", "peft.method"),
-                )
-            )
-    errors += adapter_errors(spec.adapters)
-    return errors
+def lora_config(peft: PeftSpec) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules,
+        modules_to_save=list(peft.modules_to_save) or None,
+        use_dora=peft.method is PeftMethod.DORA,
+        task_type="CAUSAL_LM",
+    )
 
 
-ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+def _keep_4bit_trainable(model: nn.Module) -> None:
+    # bitsandbytes on CPUs with AVX512-BF16 repacks 4-bit weights into an inference-only layout
+    # on the first eval forward; after that LoRA gets no gradient and no error is raised.
+    import bitsandbytes as bnb
 
-
-def adapter_errors(adapters: dict[str, list[str]]) -> list[tuple[str, tuple[str, ...]]]:
-    """``peft.adapters`` must map module-name-safe adapter names to disjoint, non-empty task
-    lists (a task's prompts are generated and trained with exactly one adapter)."""
-    errors = []
-    owner: dict[str, str] = {}
-    for name, tasks in adapters.items():
-        key = f"peft.adapters.{name}"
-        if not ADAPTER_NAME.fullmatch(name):
-            errors.append(
-                (
-                    f"{key}: an adapter name must be a Python identifier (peft makes it a module "
-                    "name)",
-                    (key,),
-                )
-            )
-        if not tasks:
-            errors.append((f"{key}: name the data tasks this adapter trains on", (key,)))
-        for task in tasks:
-            if task in owner:
-                errors.append(
-                    (
-                        f"{key}: task {task!r} is already adapter {owner[task]!r}'s; a task "
-                        "belongs to one adapter",
-                        (key, f"peft.adapters.{owner[task]}"),
-                    )
-                )
-            owner.setdefault(task, name)
-    return errors
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
