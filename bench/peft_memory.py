@@ -55,11 +55,11 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     import torch
 
     from dist_ft.algos.objective import Objective
-    from dist_ft.batch import ScoredBatch
     from dist_ft.config import load_config
     from dist_ft.learner import Learner
     from dist_ft.model.loading import resolve_model_path
     from dist_ft.run.specs import component_specs
+    from dist_ft.wire.batch import ScoredBatch
 
     overrides = [
         "run.wandb=disabled",

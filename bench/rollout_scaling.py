@@ -14,10 +14,11 @@ import time
 import ray
 
 from dist_ft.config import load_config
-from dist_ft.data import Prompt, demo_rows
+from dist_ft.data import demo_rows
 from dist_ft.model.loading import resolve_model_path
 from dist_ft.rollout import RolloutSpec, RolloutWorker
 from dist_ft.run.specs import component_specs
+from dist_ft.wire.prompt import Prompt
 
 
 def samples_per_second(

@@ -17,20 +17,13 @@ from typing import Any, Literal, TypeVar
 import datasets
 import torch
 
-from dist_ft.batch import Span
 from dist_ft.tasks import DEFAULT_TASK, SOURCES, demo_rows
+from dist_ft.wire.batch import Span
+from dist_ft.wire.prompt import Prompt
 
 
 class DatasetError(ValueError):
     """A dataset row that cannot be used. The message names file, row and field."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    index: int  # row index in the source: the stable id used by the sample ledger
-    text: str  # rendered (template applied): what the policy sees
-    answer: str | None  # reference answer for verifiers, if the dataset has one
-    task: str = DEFAULT_TASK  # the row's task column: which reward functions score it
 
 
 @dataclass(frozen=True)

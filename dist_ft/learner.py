@@ -25,13 +25,13 @@ from dist_ft.algos.grpo import loss_count, normaliser_from_count, policy_loss
 from dist_ft.algos.objective import Objective
 from dist_ft.algos.settings import DPOParams, LossParams
 from dist_ft.algos.sft import sft_loss
-from dist_ft.batch import ScoredBatch
 from dist_ft.model import onednn
 from dist_ft.model.loading import DTYPES, load_policy
 from dist_ft.model.logprobs import group_logprobs, packed_completion_logprobs, shares_prompt_cache
 from dist_ft.model.peft import adapter_parameters, use_adapter
 from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, is_adapter
+from dist_ft.wire.batch import ScoredBatch
 
 
 def free_port() -> int:

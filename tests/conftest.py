@@ -30,7 +30,8 @@ def tiny_path() -> str:
 
 @pytest.fixture(scope="session")
 def demo_prompts():
-    from dist_ft.data import Prompt, demo_rows
+    from dist_ft.data import demo_rows
+    from dist_ft.wire.prompt import Prompt
 
     return [Prompt(i, r["prompt"], r["answer"]) for i, r in enumerate(demo_rows(16, seed=1))]
 

@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from dist_ft.batch import Span
 from dist_ft.model.loading import load_policy, load_tokenizer
 from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout import Generation, GeneratorSpec
+from dist_ft.wire.batch import Span
 
 
 class NaiveSampler:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
+from dist_ft.wire.batch import ScoredBatch
 
 if TYPE_CHECKING:  # dist_ft.data imports `datasets`, which nothing here needs at run time
-    from dist_ft.data import Prompt
+    from dist_ft.wire.prompt import Prompt
 
 
 @dataclass(frozen=True)

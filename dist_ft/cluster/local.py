@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.sync import InProcessTransport, check_fingerprints, to_rollout_dtype
+from dist_ft.wire.batch import ScoredBatch
 
 if TYPE_CHECKING:
-    from dist_ft.data import Prompt
     from dist_ft.learner import LearnerSpec
     from dist_ft.rollout import RolloutSpec
+    from dist_ft.wire.prompt import Prompt
 
 
 class LocalCluster:

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch, balanced_shards
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
 from dist_ft.sync import Published, check_fingerprints, describe, to_rollout_dtype
+from dist_ft.wire.batch import ScoredBatch, balanced_shards
 
 if TYPE_CHECKING:
-    from dist_ft.data import Prompt
     from dist_ft.learner import LearnerSpec
     from dist_ft.rollout import RolloutSpec
+    from dist_ft.wire.prompt import Prompt
 
 
 def cluster_nodes() -> list[dict[str, Any]]:

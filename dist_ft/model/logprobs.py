@@ -134,8 +134,8 @@ def packed_completion_logprobs(
     another float dtype). Not for prefix tuning: peft concatenates its prefix's columns to a 2D
     mask, which a 4D mask cannot take. Nor for flash-attention 2, which takes no 4D mask.
     """
-    from dist_ft.batch import Span
-    from dist_ft.packing import block_causal_mask, pack_episodes
+    from dist_ft.wire.batch import Span
+    from dist_ft.wire.packing import block_causal_mask, pack_episodes
 
     real_NT = completion_spans_NT != Span.PAD
     length_N = prompt_mask_NP.sum(-1) + real_NT.sum(-1)

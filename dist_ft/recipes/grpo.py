@@ -12,14 +12,9 @@ from typing import Any
 import torch
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
 from dist_ft.config import Config, ConfigError
-from dist_ft.data import (
-    PromptSampler,
-    encode_pairs,
-    render,
-)
+from dist_ft.data import PromptSampler, encode_pairs, render
 from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rewards import RewardError, applies, task_mismatch
 from dist_ft.run import runstatus
@@ -37,6 +32,7 @@ from dist_ft.run.samplers import AdapterSampler, adapter_rows, load_prompts, mak
 from dist_ft.run.specs import component_specs, judge_kwargs
 from dist_ft.run.tracking import Tracker, finish_tracking, make_tracker
 from dist_ft.tasks import demo_format_rows
+from dist_ft.wire.batch import ScoredBatch
 
 TASK_METRIC = "reward/task/"  # + a task name: its mean total reward, when the data has several
 

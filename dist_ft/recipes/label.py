@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from dist_ft.batch import ScoredBatch, Span
 from dist_ft.cluster import make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import load_rows, write_rejects
@@ -36,6 +35,7 @@ from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rewards.judge import load_constitution
 from dist_ft.run.samplers import load_prompts
 from dist_ft.run.specs import component_specs, judge_kwargs
+from dist_ft.wire.batch import ScoredBatch, Span
 
 
 def label(cfg: Config) -> dict[str, Any]:

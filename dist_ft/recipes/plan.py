@@ -96,9 +96,9 @@ def describe_plan(cfg: Config) -> str:
     a step moves, computed without loading weights or training."""
     from transformers import AutoConfig
 
-    from dist_ft.batch import ScoredBatch
     from dist_ft.model.loading import resolve_model_path
     from dist_ft.model.weights import sync_bytes
+    from dist_ft.wire.batch import ScoredBatch
 
     res = cfg.resources
     lines = [f"mode: {res.mode}"]

@@ -30,12 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from dist_ft.algos.dpo import dpo_loss, sequence_logps
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import Cluster, make_cluster
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import (
     Example,
-    Prompt,
     PromptSampler,
     load_rows,
     prepare_preferences,
@@ -55,6 +53,8 @@ from dist_ft.run.runstatus import FINISHED, RunStatus
 from dist_ft.run.specs import component_specs
 from dist_ft.run.tracking import finish_tracking, make_tracker
 from dist_ft.tasks import SOURCES, demo_rows
+from dist_ft.wire.batch import ScoredBatch
+from dist_ft.wire.prompt import Prompt
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
 

@@ -48,7 +48,7 @@ class GeneratorSpec:
 class Generation:
     """What an engine returns. Each prompt comes once; ``group_ids`` says which prompt each
     sample continues, so an engine may return samples in any order (a multi-turn environment
-    finishes episodes out of order). ``episode_mask`` holds :class:`dist_ft.batch.Span` codes:
+    finishes episodes out of order). ``episode_mask`` holds :class:`dist_ft.wire.batch.Span` codes:
     the tokens the policy sampled are TRAINED, env/tool tokens between turns are CONTEXT."""
 
     prompt_ids: torch.Tensor  # [B, P] int64, left-padded, one row per prompt

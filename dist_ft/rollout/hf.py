@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from dist_ft.algos.common import token_logprobs
-from dist_ft.batch import Span
 from dist_ft.model import onednn
 from dist_ft.model.loading import DTYPES, load_policy, load_tokenizer
 from dist_ft.model.logprobs import group_logprobs, shares_prompt_cache
@@ -35,6 +34,7 @@ from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec
 from dist_ft.rollout.merged import MergedLoRA
+from dist_ft.wire.batch import Span
 
 if TYPE_CHECKING:
     from transformers import DynamicCache

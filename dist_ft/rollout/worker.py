@@ -16,11 +16,11 @@ import torch
 
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
-from dist_ft.batch import ScoredBatch
-from dist_ft.data import Prompt
 from dist_ft.rewards import RewardError, RewardSet
 from dist_ft.rollout.base import Generator, GeneratorKind, GeneratorSpec
 from dist_ft.sync import Published, WeightTransport, fingerprint
+from dist_ft.wire.batch import ScoredBatch
+from dist_ft.wire.prompt import Prompt
 
 
 class GeneratorError(ValueError):

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dist_ft.batch import ScoredBatch
+from dist_ft.wire.batch import ScoredBatch
 
 SampleId = tuple[int, int, int]
 

@@ -9,10 +9,7 @@ from pathlib import Path
 import yaml
 
 from dist_ft.config import Config, ConfigError, config_to_dict
-from dist_ft.data import (
-    Reject,
-    write_rejects,
-)
+from dist_ft.data import Reject, write_rejects
 from dist_ft.run import checkpoint, runstatus
 
 

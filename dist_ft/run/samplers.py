@@ -8,14 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dist_ft.config import Config, ConfigError
-from dist_ft.data import (
-    PreparedPrompts,
-    Prompt,
-    PromptSampler,
-    load_rows,
-    prepare_prompts,
-)
+from dist_ft.data import PreparedPrompts, PromptSampler, load_rows, prepare_prompts
 from dist_ft.tasks import DEFAULT_TASK
+from dist_ft.wire.prompt import Prompt
 
 if TYPE_CHECKING:
     from dist_ft.config import Config

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dist_ft.batch import ScoredBatch, Span
 from dist_ft.config import Config, config_to_dict
 from dist_ft.run.ledger import truncate_jsonl
+from dist_ft.wire.batch import ScoredBatch, Span
 
 if TYPE_CHECKING:
-    from dist_ft.data import Prompt
+    from dist_ft.wire.prompt import Prompt
 
 LINE_EVERY_S = 30.0  # off a terminal, a progress line at least this often, whatever the steps
 # What an all-zero panel of the plot says, by metric (else "0 at every step")

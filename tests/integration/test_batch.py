@@ -10,9 +10,9 @@ from conftest import build
 
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group, group_advantages
-from dist_ft.batch import ScoredBatch, Span
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_tokenizer
+from dist_ft.wire.batch import ScoredBatch, Span
 
 
 def hand_batch(prompts: list[list[int]], group_N: list[int], episodes: list[list[int]], step=1):

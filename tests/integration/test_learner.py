@@ -7,7 +7,6 @@ import torch
 from conftest import assert_adam_close, build
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import LocalCluster
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
@@ -15,6 +14,7 @@ from dist_ft.model.loading import load_tokenizer
 from dist_ft.model.weights import tied_aliases
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
+from dist_ft.wire.batch import ScoredBatch
 
 
 def scored_batch(rollout_spec, prompts, n_prompts=4):
@@ -168,7 +168,8 @@ def test_a_groups_prompt_runs_once_and_the_update_equals_the_padded_forwards(
 ):
     """model.logprobs.group_logprobs: each prompt through the model once, its KV cache indexed
     out to its G samples. Counted at the embedding (the tokens the model ran) and checked
-    against the padded forward that runs every sample's own prompt copy: same logprobs, same two updates."""
+    against the padded forward that runs every sample's own prompt copy: same logprobs, same
+    two updates."""
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=4", "rollout.group_size=4")
     batch = scored_batch(wk, demo_prompts)
     shared, padded = Learner(lk), Learner(lk)

@@ -10,11 +10,11 @@ import torch
 from conftest import build
 
 from dist_ft.config import ConfigError, load_config
-from dist_ft.data import Prompt
 from dist_ft.recipes.grpo import train
 from dist_ft.rewards.judge import JudgeWorker
 from dist_ft.rollout import RolloutWorker
 from dist_ft.tasks import demo_rows
+from dist_ft.wire.prompt import Prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "multitask_demo.yaml"

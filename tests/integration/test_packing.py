@@ -13,19 +13,19 @@ from conftest import build, dpo_batch
 
 from dist_ft.algos.common import token_logprobs
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import Span
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_tokenizer
 from dist_ft.model.logprobs import packed_completion_logprobs
-from dist_ft.packing import (
+from dist_ft.recipes.sft_dpo import make_batch
+from dist_ft.wire.batch import Span
+from dist_ft.wire.packing import (
     block_causal_mask,
     example_sums,
     pack_episodes,
     pack_examples,
     scored_targets,
 )
-from dist_ft.recipes.sft_dpo import make_batch
 
 ROWS = [
     {"prompt": "Repeat c:", "completion": "cccc"},

@@ -13,7 +13,6 @@ import torch
 from conftest import assert_adam_close, build, load_learner_weights
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch
 from dist_ft.config import ConfigError, load_config
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
@@ -24,6 +23,7 @@ from dist_ft.model.weights import load_artefact
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync import fingerprint
 from dist_ft.tasks import demo_rows
+from dist_ft.wire.batch import ScoredBatch
 
 METHODS = [m.value for m in PeftMethod]
 CPU = torch.device("cpu")

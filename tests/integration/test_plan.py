@@ -8,13 +8,13 @@ import torch
 from conftest import build
 from transformers import AutoConfig
 
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster.placement import ActorSpec, plan_actors
 from dist_ft.model.loading import load_policy
 from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, sync_bytes
 from dist_ft.recipes.plan import placement_lines, predict_placement
 from dist_ft.rollout import RolloutWorker
+from dist_ft.wire.batch import ScoredBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 

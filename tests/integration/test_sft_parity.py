@@ -17,11 +17,11 @@ import torch
 from conftest import build
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import Span
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_tokenizer
 from dist_ft.recipes.sft_dpo import make_batch
+from dist_ft.wire.batch import Span
 
 # Unequal completion lengths (token mean != row mean); the tiny tokenizer is per character, so
 # TRL's tokenizing of prompt + completion splits where dist_ft's separate encodings do.

@@ -15,7 +15,6 @@ import torch
 from conftest import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
 
 from dist_ft.algos.objective import Objective
-from dist_ft.batch import ScoredBatch, Span, balanced_shards
 from dist_ft.cluster import RayCluster
 from dist_ft.config import load_config
 from dist_ft.data import encode_pairs
@@ -27,6 +26,7 @@ from dist_ft.run.ledger import Ledger
 from dist_ft.run.samplers import load_prompts, make_sampler
 from dist_ft.sync import fingerprint
 from dist_ft.tasks import demo_format_rows
+from dist_ft.wire.batch import ScoredBatch, Span, balanced_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"

@@ -189,3 +189,18 @@ def test_loading_a_config_imports_no_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_wire_format_and_the_rollout_worker_import_no_datasets():
+    """What crosses the wire is torch alone; a rollout worker (wire + generator + rewards) never
+    loads ``datasets``, which only the driver's row loading needs."""
+    code = (
+        "import sys\n"
+        "import dist_ft.wire.batch, dist_ft.wire.packing, dist_ft.wire.prompt\n"
+        "wire = sorted(m for m in sys.modules if m.split('.')[0] in ('datasets', 'transformers'))\n"
+        "import dist_ft.rollout.worker\n"
+        "worker = sorted(m for m in sys.modules if m.split('.')[0] == 'datasets')\n"
+        "print(wire[:5], worker[:5]); sys.exit(1 if wire or worker else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

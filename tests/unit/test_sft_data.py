@@ -9,10 +9,10 @@ import datasets
 import pytest
 import torch
 
-from dist_ft.batch import Span
 from dist_ft.data import DatasetError, load_rows, prepare_preferences, prepare_sft, write_rejects
 from dist_ft.model.tiny import build_tokenizer
-from dist_ft.packing import (
+from dist_ft.wire.batch import Span
+from dist_ft.wire.packing import (
     block_causal_mask,
     example_sums,
     pack_examples,

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from dist_ft.batch import ScoredBatch
 from dist_ft.cluster import SyncStats
 from dist_ft.config import ConfigError, load_config
 from dist_ft.data import DatasetError, load_rows, prepare_prompts
@@ -14,6 +13,7 @@ from dist_ft.model.loading import load_tokenizer
 from dist_ft.recipes.grpo import step_metrics
 from dist_ft.rewards import RewardSet, applies, task_mismatch
 from dist_ft.tasks import DEMO_LETTERS, TASKS, demo_format_rows, demo_rows
+from dist_ft.wire.batch import ScoredBatch
 
 HERE = __name__
 CALLS: list[list[str]] = []  # completions each call of `recorded` saw

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from dist_ft.batch import ScoredBatch, Span
-from dist_ft.data import Prompt
 from dist_ft.model.loading import load_tokenizer
 from dist_ft.run.tracking import Tracker, sample_rows
+from dist_ft.wire.batch import ScoredBatch, Span
+from dist_ft.wire.prompt import Prompt
 
 
 def tracker(out, total: int, **kw) -> Tracker:

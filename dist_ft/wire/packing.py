@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ft.batch import Span
+from dist_ft.wire.batch import Span
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,8 @@ def pack_episodes(
     episode_spans_NT: torch.Tensor,
     pad_id: int = 0,
 ) -> tuple[PackedRows, torch.Tensor]:
-    """A :class:`~dist_ft.batch.ScoredBatch`'s rows (left-padded prompts, right-padded episodes)
-    packed for one forward: each row's real tokens, prompt then episode, are one example.
+    """A :class:`~dist_ft.wire.batch.ScoredBatch`'s rows (left-padded prompts, right-padded
+    episodes) packed for one forward: each row's real tokens, prompt then episode, are one example.
 
     Examples go in longest first (first-fit decreasing packs tighter than input order) into
     rows of at most the longest example's length: a packed row is never longer than the padded
