@@ -357,6 +357,13 @@ def preflight(cfg: Config, samples: bool = False) -> None:
             resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
         except GeneratorError as e:
             raise ConfigError(str(e)) from None
+    if rollouts:  # the transport is made with the cluster, after the models load
+        from dist_ft.sync import make_transport
+
+        try:
+            make_transport(cfg.resources.weight_transport, cfg.resources.mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_device(device: str) -> None:

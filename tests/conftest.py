@@ -123,7 +123,7 @@ def dpo_batch(tiny_path: str, pairs: int, seed: int = 0):
 def load_learner_weights(worker, learner) -> str:
     """Debug mode's sync of one worker: ``learner``'s export, published in-process, loaded
     and read back; returns the worker's fingerprint."""
-    from dist_ft.sync import InProcessTransport
+    from dist_ft.sync.inprocess import InProcessTransport
 
     transport = InProcessTransport()
     update = transport.publish(learner.version, learner.export_weights())

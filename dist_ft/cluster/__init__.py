@@ -16,6 +16,7 @@ from dist_ft.cluster.local import LocalCluster
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Placement, plan_actors
 from dist_ft.cluster.ray import ActorTimeoutError, RayCluster
 from dist_ft.config import ResourcesConfig
+from dist_ft.sync import make_transport
 
 if TYPE_CHECKING:
     from dist_ft.learner import LearnerSpec
@@ -46,11 +47,12 @@ def make_cluster(
     judge_actors: int = 1,
     read_back_every: int = 10,
 ) -> Cluster:
+    transport = make_transport(res.weight_transport, res.mode)
     if res.mode == "local":
         if res.learners != 1:
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
         workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
-        return LocalCluster(rollout, learner, workers, judge_kwargs)
+        return LocalCluster(rollout, learner, workers, judge_kwargs, transport)
     return RayCluster(
         rollout,
         learner,
@@ -67,4 +69,5 @@ def make_cluster(
         judge_kwargs=judge_kwargs,
         judge_actors=judge_actors,
         read_back_every=read_back_every,
+        transport=transport,
     )

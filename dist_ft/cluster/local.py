@@ -11,7 +11,8 @@ import torch
 
 from dist_ft.algos.objective import Objective
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
-from dist_ft.sync import InProcessTransport, check_fingerprints, to_rollout_dtype
+from dist_ft.sync import WeightTransport, check_fingerprints, to_rollout_dtype
+from dist_ft.sync.inprocess import InProcessTransport
 from dist_ft.wire.batch import ScoredBatch
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class LocalCluster:
         learner: LearnerSpec,
         num_workers: int = 1,
         judge_kwargs: dict[str, Any] | None = None,
+        transport: WeightTransport | None = None,
     ) -> None:
         from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
         from dist_ft.rewards.judge import JudgeWorker
@@ -37,7 +39,8 @@ class LocalCluster:
         self.seed = rollout.seed
         self.rollout_dtype = getattr(torch, rollout.generation.dtype)
         self.learner = Learner(learner)
-        self.transport = InProcessTransport()
+        self.transport = transport or InProcessTransport()
+        self.transport.setup()
         self.judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
         self.workers = [
             RolloutWorker(rollout, worker_index=i, judge=self.judge) for i in range(num_workers)
@@ -106,4 +109,4 @@ class LocalCluster:
     def shutdown(self) -> None:
         # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
         # process (tests, notebooks) reuses it.
-        return None
+        self.transport.close()

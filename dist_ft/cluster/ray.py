@@ -20,7 +20,13 @@ from dist_ft.algos.objective import Objective
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
-from dist_ft.sync import Published, check_fingerprints, describe, to_rollout_dtype
+from dist_ft.sync import (
+    Published,
+    WeightTransport,
+    check_fingerprints,
+    to_rollout_dtype,
+)
+from dist_ft.sync.object_store import ObjectStoreTransport
 from dist_ft.wire.batch import ScoredBatch, balanced_shards
 
 if TYPE_CHECKING:
@@ -132,22 +138,6 @@ class RemoteJudge:
         return ray.get(ref, timeout=self.timeout_s)
 
 
-class ObjectStoreTransport:
-    """Weights through Ray's object store: ``publish`` runs inside learner rank 0's actor, which
-    puts the tensors once and owns them; each worker's ``receive`` pulls them to its node. The
-    driver only ever holds the reference."""
-
-    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
-        import ray
-
-        return describe(version, tensors, ray.put(tensors))
-
-    def receive(self, update: Published) -> dict[str, torch.Tensor]:
-        import ray
-
-        return ray.get(update.handle)
-
-
 def startup_state(handle: Any, req: ActorRequest) -> str:
     """What keeps an actor that has not answered its first call, from Ray's actor table: not
     placed (and which resources no node has free), placed and still in ``__init__``, dead or
@@ -232,12 +222,13 @@ class RayCluster:
         judge_kwargs: dict[str, Any] | None = None,
         judge_actors: int = 1,
         read_back_every: int = 10,
+        transport: WeightTransport | None = None,
     ) -> None:
         import ray
 
         self.timeout_s = timeout_s
         self.read_back_every = read_back_every
-        self.transport = ObjectStoreTransport()
+        self.transport = transport or ObjectStoreTransport()
         self.seed = rollout.seed
         self.rollout_dtype = getattr(torch, rollout.generation.dtype)
         # peft.adapters: a sync carries the adapters that changed, not all of them
@@ -256,6 +247,7 @@ class RayCluster:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # before Ray runs: what a one-node Ray must hold
             init_ray(address, plan_actors(spec, []).total()["CPU"])
+        self.transport.setup()
         nodes = cluster_nodes()
         self.requests = plan_actors(spec, nodes)
         self._pg = None
@@ -591,5 +583,6 @@ class RayCluster:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self._pg)
+        self.transport.close()
         if self._owns_ray:
             ray.shutdown()

@@ -208,6 +208,10 @@ class ResourcesConfig:
     # same fp32 arithmetic: dist_ft/model/onednn.py), "torch" on torch's default. Not GPUs, not
     # bf16.
     cpu_linear: Literal["onednn", "torch"] = "onednn"
+    # How weight syncs reach the rollout workers: "auto" (in-process in local mode, Ray's object
+    # store on Ray), "inprocess", "object_store", or a dist_ft.sync.WeightTransport subclass of
+    # yours as package.module:Class (dist_ft/sync/base.py says which calls it gets, and when).
+    weight_transport: str = "auto"
     # A rollout worker or learner rank that does not answer within this many seconds fails the
     # run with its name, instead of hanging it.
     actor_timeout_s: PosFloat = 600.0

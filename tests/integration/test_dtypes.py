@@ -29,7 +29,7 @@ from dist_ft.config import ConfigError, load_config
 from dist_ft.model.loading import DTYPES
 from dist_ft.recipes.grpo import train
 from dist_ft.rollout import RolloutWorker
-from dist_ft.sync import InProcessTransport
+from dist_ft.sync.inprocess import InProcessTransport
 
 FAST = ["run.wandb=disabled", "run.plot=false", "run.steps=3", "algo.sft_warmup_steps=0"]
 SAME_DTYPE_TOL, MIXED_DTYPE_TOL = 1e-5, 1e-2

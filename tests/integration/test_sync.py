@@ -11,7 +11,8 @@ from conftest import build
 
 from dist_ft.cluster.local import LocalCluster
 from dist_ft.rollout import RolloutWorker
-from dist_ft.sync import InProcessTransport, Published, SyncMismatchError, fingerprint
+from dist_ft.sync import Published, SyncMismatchError, fingerprint, make_transport
+from dist_ft.sync.inprocess import InProcessTransport
 
 
 def tensors_in(obj) -> list[str]:
@@ -85,13 +86,26 @@ def ray_sees_tests():
     ray.shutdown()
 
 
-def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(tiny_path, ray_sees_tests):
+@pytest.mark.parametrize("transport", ["object_store", "transports:DirTransport"])
+def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(
+    tiny_path, ray_sees_tests, transport
+):
+    """The built-in transport and a user's (tests/transports.py, chosen by its config name)
+    pass the same checks: bytes hashed on arrival every sync, read back every Nth."""
     from dist_ft.cluster.ray import RayCluster
 
     _, wk, lk = build(
         tiny_path, "algo.prompts_per_step=2", "rollout.generator=generators:DriftingLoader"
     )
-    cluster = RayCluster(wk, lk, num_workers=1, num_learners=1, address="local", read_back_every=2)
+    cluster = RayCluster(
+        wk,
+        lk,
+        num_workers=1,
+        num_learners=1,
+        address="local",
+        read_back_every=2,
+        transport=make_transport(transport, "ray"),
+    )
     try:
         cluster.sync_weights()  # sync 0: read back, the load was exact
         cluster.sync_weights()  # sync 1: bytes hashed on arrival (right); the load drifts unseen
@@ -101,14 +115,51 @@ def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(tiny_path, ray
         cluster.shutdown()
 
 
-def test_debug_mode_reads_back_every_sync(tiny_path):
+@pytest.mark.parametrize("transport", ["inprocess", "transports:DirTransport"])
+def test_debug_mode_reads_back_every_sync(tiny_path, transport):
     _, wk, lk = build(
         tiny_path, "algo.prompts_per_step=2", "rollout.generator=generators:DriftingLoader"
     )
-    cluster = LocalCluster(wk, lk)
+    cluster = LocalCluster(wk, lk, transport=make_transport(transport, "local"))
     cluster.sync_weights()
     with pytest.raises(SyncMismatchError, match="after loading hold"):
         cluster.sync_weights()
+    cluster.shutdown()
+
+
+def test_a_transport_named_in_the_config_carries_every_sync_of_a_run(tiny_path, tmp_path):
+    """``resources.weight_transport=transports:DirTransport`` reaches the cluster: the run's
+    syncs go through its files (each hashed on arrival and read back in debug mode), and its
+    scratch directory is gone after the run."""
+    from transports import DirTransport
+
+    from dist_ft.recipes.grpo import train
+
+    cfg = build(
+        tiny_path,
+        "resources.weight_transport=transports:DirTransport",
+        "run.steps=2",
+        "algo.sft_warmup_steps=0",
+        f"run.output_dir={tmp_path / 'run'}",
+        "run.plot=false",
+    )[0]
+    before = len(DirTransport.made)
+    train(cfg)
+    (transport,) = DirTransport.made[before:]
+    # the start's weights (version 0), then one version per step, all through its files
+    assert transport.published == [0, 1, 2]
+    assert not Path(transport.root).exists()  # close() ran at shutdown
+
+
+def test_a_transport_that_cannot_reach_the_workers_is_refused_by_name():
+    with pytest.raises(
+        ValueError, match=r"weight_transport=inprocess cannot reach .* resources\.mode=ray"
+    ):
+        make_transport("inprocess", "ray")
+    with pytest.raises(ValueError, match=r"not a dist_ft\.sync\.WeightTransport subclass"):
+        make_transport("generators:NaiveSampler", "local")
+    with pytest.raises(ValueError, match="one of auto, inprocess, object_store"):
+        make_transport("nccl", "local")
 
 
 class DamagingTransport(InProcessTransport):

@@ -9,17 +9,17 @@ a transport handle, never the tensors. The driver forwards that note; each rollo
 ``read_back_every``-th sync (every sync in debug mode) the worker also re-exports and hashes
 what its model holds after loading, which catches a load that silently converts or drops.
 
-Transports: :class:`InProcessTransport` (debug mode: everything in one process) here, and the Ray
-object store in ``cluster/ray.py`` (rank 0 puts the update from inside its actor; workers pull
-it). An NCCL broadcast fits the same two methods: ``publish`` on rank 0 broadcasts, ``receive``
-on a worker joins the broadcast.
+A transport is one class (``sync/inprocess.py``, ``sync/object_store.py``), named by
+``resources.weight_transport`` (see ``sync/__init__.py``) and injected into the cluster, which
+calls ``setup`` once before the first sync and ``close`` at shutdown. Its instance is pickled
+to the learner and worker actors, so it holds plain values (a path, an address), not sockets.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -58,30 +58,35 @@ class Published:
     handle: Any
 
 
-class WeightTransport(Protocol):
+class WeightTransport:
+    """How a version of the weights gets from learner rank 0 to every rollout worker.
+
+    Order of calls: ``setup`` on the driver, once; per sync, ``publish`` on rank 0, which must
+    return once the update is available (the driver needs its note), then ``receive`` on each
+    worker; ``close`` on the driver at shutdown. A transport whose send blocks until receivers
+    join (an NCCL broadcast) does not fit this order yet: publish would wait for receives that
+    start only after it returns.
+    """
+
+    def setup(self) -> None:
+        """Driver side, before the first sync (a rendezvous, a scratch directory)."""
+
     def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
         """Learner rank 0: make ``tensors`` available to the workers as ``version``."""
-        ...
+        raise NotImplementedError
 
     def receive(self, update: Published) -> dict[str, torch.Tensor]:
         """A rollout worker: the tensors of ``update``."""
-        ...
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Driver side, at shutdown: release what ``setup`` made."""
 
 
 def describe(version: int, tensors: dict[str, torch.Tensor], handle: Any) -> Published:
     """The note a transport returns for ``tensors`` published under ``handle``."""
     nbytes = sum(t.nbytes for t in tensors.values())
     return Published(version, fingerprint(tensors), nbytes, handle)
-
-
-class InProcessTransport:
-    """Debug mode: learner and workers share the process; the update is the tensors."""
-
-    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
-        return describe(version, tensors, tensors)
-
-    def receive(self, update: Published) -> dict[str, torch.Tensor]:
-        return update.handle
 
 
 class SyncMismatchError(RuntimeError):
