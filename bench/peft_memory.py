@@ -54,7 +54,6 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
     """In the child: build a learner for ``method``, take one SFT step, report the figures."""
     import torch
 
-    from dist_ft.algos.objective import Objective
     from dist_ft.config import load_config
     from dist_ft.learner import Learner
     from dist_ft.model.loading import resolve_model_path
@@ -95,7 +94,7 @@ def measure(method: str, model: str, samples: int, tokens: int) -> dict[str, flo
         prompt_NP, torch.ones_like(prompt_NP), target_NT, torch.ones_like(target_NT)
     )
     resettable = reset_peak()
-    learner.step(batch, Objective.SFT)
+    learner.step(batch, "sft")
     step_peak = rss_kib("VmHWM") if resettable else None
     trainable = sum(p.numel() for p in learner.module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in learner.module.parameters())

@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     from dist_ft.rollout.worker import GeneratorError
     from dist_ft.run.checkpoint import CheckpointError
 
-    offline = cfg.algo.objective.value != "grpo"
+    offline = cfg.algo.objective != "grpo"
     try:
         if offline:
             from dist_ft.recipes.sft_dpo import train_offline
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(e, 1, named=True)
     if offline:
         print(
-            f"{cfg.algo.objective.value} loss: first 5 steps {summary['first_loss']:.4f}, "
+            f"{cfg.algo.objective} loss: first 5 steps {summary['first_loss']:.4f}, "
             f"last 5 steps {summary['last_loss']:.4f}"
         )
         print(f"outputs: {summary['output_dir']}  plot: {summary['plot']}")
@@ -320,7 +320,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
         check_address(cfg.resources.ray_address)
     # The reward functions score samples: GRPO's, those `dist-ft label` judges (``samples``), and
     # SFT's held-out answers when it evaluates (offline.answer_prompts)
-    objective = cfg.algo.objective.value
+    objective = cfg.algo.objective
     sft_eval = objective == "sft" and cfg.run.eval_every > 0 and cfg.data.eval_rows > 0
     scored = samples or objective == "grpo" or sft_eval
     names = [f.name for f in cfg.reward.functions] if scored else []

@@ -19,12 +19,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dist_ft.algos.common import group_slots
-from dist_ft.algos.dpo import dpo_loss, sequence_logps
-from dist_ft.algos.grpo import loss_count, normaliser_from_count, policy_loss
-from dist_ft.algos.objective import Objective
+from dist_ft.algos.objective import OBJECTIVES, Objective, ObjectiveSettings, objective_class
 from dist_ft.algos.settings import DPOParams, LossParams
-from dist_ft.algos.sft import sft_loss
 from dist_ft.model import onednn
 from dist_ft.model.loading import DTYPES, load_policy
 from dist_ft.model.logprobs import group_logprobs, packed_completion_logprobs, shares_prompt_cache
@@ -182,8 +178,7 @@ class Learner:
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0  # guards anything written to disk once per group
-        self.loss = spec.loss
-        self.temperature = spec.temperature
+        self._objectives: dict[str, Objective] = {}  # by name, built on first use
         self.micro_batches = spec.micro_batches
         self.zero_stage = spec.zero_stage
         # peft's prefix tuning concatenates its prefix's columns to a 2D attention mask, which
@@ -254,40 +249,46 @@ class Learner:
             totals["grad_norm"] = float(grad_norm)
         return totals
 
-    def step(self, batch: ScoredBatch, objective: Objective = Objective.GRPO) -> dict[str, float]:
-        """One optimizer step of ``objective`` on this rank's share of the step's samples.
+    def step(self, batch: ScoredBatch, objective: str = "grpo") -> dict[str, float]:
+        """One optimizer step of ``objective`` (a name in ``algos.objective.OBJECTIVES``) on this
+        rank's share of the step's samples.
 
         Every rank of the group must call it (the normaliser is a collective): each counts what
-        its share contributes to the loss denominator (sequences or tokens), the group sums the
-        counts, and every micro-batch on every rank divides by that one number, so the update
-        equals a single-process update on the whole step's batch.
+        its share contributes to the loss denominator (sequences, tokens or pairs), the group
+        sums the counts, and every micro-batch on every rank divides by that one number, so the
+        update equals a single-process update on the whole step's batch.
 
         Under ``peft.adapters`` the batch's samples all carry one adapter id, and that adapter
         alone moves.
         """
         if self.adapters:
             self._use_adapter(batch)
-        if objective is Objective.GRPO:
-            count = self._sum_over_ranks(loss_count(batch.loss_mask, self.loss))
-            normaliser = normaliser_from_count(count, self.loss)
-            loss_fn = self.grpo_loss
-        elif objective is Objective.SFT:
-            normaliser = max(1.0, self._sum_over_ranks(float(batch.loss_mask.sum())))
-            loss_fn = self.sft_loss
-        elif objective is Objective.DPO:
-            # pairs, not rows: micro-batches and the normaliser never split a pair
-            pairs = int(batch.group_ids.max()) + 1 if len(batch) else 0
-            normaliser = max(1.0, self._sum_over_ranks(float(pairs)))
-            metrics = self._accumulate(
-                pairs, lambda idx: self.dpo_loss(batch.select_groups(idx), normaliser)
-            )
-            metrics["tokens"] = float(batch.num_tokens)
-            return metrics
+        loss = self._objective(objective)
+        normaliser = loss.normaliser(self._sum_over_ranks(loss.count(batch)))
+        if OBJECTIVES[objective].whole_groups:  # micro-batches never split a group (a pair)
+            units, select = int(batch.group_ids.max()) + 1 if len(batch) else 0, batch.select_groups
         else:
-            raise ValueError(f"unknown objective {objective!r}")
-        metrics = self._accumulate(len(batch), lambda idx: loss_fn(batch.select(idx), normaliser))
+            units, select = len(batch), batch.select
+        metrics = self._accumulate(
+            units, lambda idx: self.micro_loss(select(idx), objective, normaliser)
+        )
         metrics["tokens"] = float(batch.num_tokens)
         return metrics
+
+    def micro_loss(
+        self, batch: ScoredBatch, objective: str, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``batch``'s share of a step's ``objective`` loss over ``normaliser``, with grad (one
+        micro-batch of :meth:`step`)."""
+        loss = self._objective(objective)
+        pack = self.pack and loss.packs
+        return loss.loss(lambda b, t: self._logprobs(b, _width(b), t, pack), batch, normaliser)
+
+    def _objective(self, name: str) -> Objective:
+        if name not in self._objectives:
+            settings = ObjectiveSettings(self.spec.loss, self.spec.dpo, self.spec.temperature)
+            self._objectives[name] = objective_class(name)(settings)
+        return self._objectives[name]
 
     def _use_adapter(self, batch: ScoredBatch) -> None:
         if batch.adapter_ids is None:
@@ -317,13 +318,10 @@ class Learner:
         ``temperature``, with grad. The forward attends to every episode token (context
         included: the model conditions on env/tool turns).
 
-        ``pack``: one forward over the rows packed (``models.packed_completion_logprobs``), the
-        same logprobs to float error with no compute spent on padding. SFT and DPO pack (when
+        ``pack``: one forward over the rows packed (``model.logprobs.packed_completion_logprobs``),
+        the same logprobs to float error with no compute spent on padding: SFT and DPO (when
         ``self.pack``). Otherwise each group's prompt runs once for its samples
-        (``model.logprobs.group_logprobs``). GRPO never packs: its importance ratio divides by the
-        rollout worker's logprobs, which ``rollout/hf.py`` computes in bf16/fp16 with
-        ``group_logprobs`` on the same layout, and the same function on the same layout is what
-        keeps on-policy ratios at 1 there (tests/integration/test_dtypes.py holds them to 1e-5).
+        (``model.logprobs.group_logprobs``): GRPO, whose ``Objective.packs`` says why.
         """
         if pack:
             prompt_ids_NP, prompt_mask_NP = batch.sample_prompts()
@@ -347,45 +345,6 @@ class Learner:
             self.share_prompts,
         )
 
-    def sft_loss(
-        self, batch: ScoredBatch, normaliser: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``batch``'s share of a step's supervised loss (NLL of the trained tokens), with grad."""
-        width = _width(batch)
-        # the model's own distribution (temperature 1): what demonstrations are scored under
-        logp_NT = self._logprobs(batch, width, 1.0, self.pack)
-        return sft_loss(logp_NT, batch.loss_mask[:, :width], normaliser), {}
-
-    def dpo_loss(
-        self, batch: ScoredBatch, normaliser: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``batch``'s share of a step's preference loss, with grad. Each group is a pair: its
-        first row the chosen answer, its second the rejected one; ``batch.ref_logprobs`` holds
-        the reference policy's token logprobs (computed once per pair, before training)."""
-        width = _width(batch)
-        mask_NT = batch.loss_mask[:, :width]
-        seq_N, count_N = sequence_logps(self._logprobs(batch, width, 1.0, self.pack), mask_NT)
-        ref_N = None
-        if batch.ref_logprobs is not None:
-            ref_N, _ = sequence_logps(batch.ref_logprobs[:, :width], mask_NT)
-        slot_N = group_slots(batch.group_ids)
-        # rows in group order, so chosen[i] and rejected[i] are the same pair
-        chosen = torch.nonzero(slot_N == 0).squeeze(-1)
-        chosen = chosen[torch.argsort(batch.group_ids[chosen])]
-        rejected = torch.nonzero(slot_N == 1).squeeze(-1)
-        rejected = rejected[torch.argsort(batch.group_ids[rejected])]
-        loss, stats = dpo_loss(
-            seq_N[chosen],
-            seq_N[rejected],
-            None if ref_N is None else ref_N[chosen],
-            None if ref_N is None else ref_N[rejected],
-            self.spec.dpo,
-            count_N[chosen],
-            count_N[rejected],
-            normaliser,
-        )
-        return loss, {k: float(v) for k, v in stats.items()}
-
     @torch.no_grad()
     def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
         """[N, T] float32 logprobs of ``batch``'s episode tokens under the current weights at
@@ -397,25 +356,6 @@ class Learner:
         out_NT = torch.zeros(batch.episode_ids.shape, dtype=torch.float32)
         out_NT[:, :width] = torch.where(batch.loss_mask[:, :width], logp_NT.cpu(), 0.0)
         return out_NT
-
-    def grpo_loss(
-        self, batch: ScoredBatch, normaliser: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``batch``'s share of a step's policy loss, with grad (one micro-batch of :meth:`step`).
-        The loss weighs only the trained tokens of valid samples."""
-        width = _width(batch)
-        ref_NT = None if batch.ref_logprobs is None else batch.ref_logprobs[:, :width]
-        return policy_loss(
-            # at the sampling temperature: the behaviour logprobs were taken at it
-            self._logprobs(batch, width, self.temperature, pack=False),
-            batch.logprobs[:, :width],
-            # Samples left out (reward error, too stale, duplicate) weigh nothing in the loss.
-            batch.advantages * batch.valid,
-            batch.loss_mask[:, :width],
-            self.loss,
-            ref_NT,
-            normaliser,
-        )
 
     def export_weights(
         self, adapter_only: bool | None = None, changed_only: bool = False

@@ -8,10 +8,17 @@ learner runs its forward over whatever row layout it likes and reduces with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
+from dist_ft.algos.common import group_slots
+from dist_ft.algos.objective import Objective, PolicyLogprobs
 from dist_ft.algos.settings import DPOLoss, DPOParams
+
+if TYPE_CHECKING:
+    from dist_ft.wire.batch import ScoredBatch
 
 
 def sequence_logps(
@@ -104,3 +111,39 @@ def _lengths(
     if chosen_len_P is None or rejected_len_P is None:
         raise ValueError(f"{loss.value} needs token counts (chosen_len_P, rejected_len_P)")
     return chosen_len_P.clamp(min=1), rejected_len_P.clamp(min=1)
+
+
+class DPO(Objective):
+    """A preference loss over pairs (``settings.dpo``): each group is one pair, its first row
+    the chosen answer and its second the rejected one; ``batch.ref_logprobs`` holds the
+    reference policy's token logprobs (computed once per pair, before training)."""
+
+    def count(self, batch: ScoredBatch) -> float:
+        return float(int(batch.group_ids.max()) + 1) if len(batch) else 0.0  # pairs
+
+    def loss(
+        self, logprobs: PolicyLogprobs, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logp_NT = logprobs(batch, 1.0)
+        mask_NT = batch.loss_mask[:, : logp_NT.shape[1]]
+        seq_N, count_N = sequence_logps(logp_NT, mask_NT)
+        ref_N = None
+        if batch.ref_logprobs is not None:
+            ref_N, _ = sequence_logps(batch.ref_logprobs[:, : logp_NT.shape[1]], mask_NT)
+        slot_N = group_slots(batch.group_ids)
+        # rows in group order, so chosen[i] and rejected[i] are the same pair
+        chosen = torch.nonzero(slot_N == 0).squeeze(-1)
+        chosen = chosen[torch.argsort(batch.group_ids[chosen])]
+        rejected = torch.nonzero(slot_N == 1).squeeze(-1)
+        rejected = rejected[torch.argsort(batch.group_ids[rejected])]
+        loss, stats = dpo_loss(
+            seq_N[chosen],
+            seq_N[rejected],
+            None if ref_N is None else ref_N[chosen],
+            None if ref_N is None else ref_N[rejected],
+            self.settings.dpo,
+            count_N[chosen],
+            count_N[rejected],
+            normaliser,
+        )
+        return loss, {k: float(v) for k, v in stats.items()}

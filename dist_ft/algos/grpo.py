@@ -6,9 +6,17 @@ Bg = groups in a batch (group ids index them).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from dist_ft.algos.advantages import AdvantageFn
 from dist_ft.algos.common import group_slots, masked_mean
+from dist_ft.algos.objective import Objective, PolicyLogprobs
+
+if TYPE_CHECKING:
+    from dist_ft.wire.batch import ScoredBatch
+
 from dist_ft.algos.settings import LossParams, LossType
 
 
@@ -45,8 +53,10 @@ def advantages_by_group(
     group_N: torch.Tensor,
     scale: bool = True,
     valid_N: torch.Tensor | None = None,
+    estimator: AdvantageFn | None = None,
 ) -> torch.Tensor:
-    """:func:`group_advantages` for samples named by group id rather than by row order.
+    """``estimator`` (default :func:`group_advantages`; see ``algos/advantages.py``) for samples
+    named by group id rather than by row order.
 
     rewards_N [N]; group_N [N] group ids in ``0..Bg-1``; valid_N [N] bool. Samples are packed
     into [Bg, G_max] (a short group's empty slots are invalid, so they enter no statistics) and
@@ -60,7 +70,8 @@ def advantages_by_group(
     valid_BG = torch.zeros(shape, dtype=torch.bool)
     rewards_BG[group, slot] = rewards_N
     valid_BG[group, slot] = valid_N
-    return group_advantages(rewards_BG, scale=scale, valid_BG=valid_BG)[group, slot]
+    estimator = estimator or group_advantages
+    return estimator(rewards_BG, scale=scale, valid_BG=valid_BG)[group, slot]
 
 
 def kl_k3(logp_NT: torch.Tensor, ref_logp_NT: torch.Tensor) -> torch.Tensor:
@@ -153,3 +164,36 @@ def policy_loss(
         "ratio": float(masked_mean(torch.exp(log_ratio.detach()), mask)),
     }
     return loss, stats
+
+
+class GRPO(Objective):
+    """The clipped policy loss on scored samples; ``settings.loss.loss_type`` picks the variant.
+    Samples left out (reward error, too stale, duplicate) weigh nothing in the loss."""
+
+    # never packed: the importance ratio divides by the rollout's logprobs, which rollout/hf.py
+    # computes with group_logprobs on the padded layout; the same function on the same layout
+    # keeps on-policy ratios at 1 in bf16 (tests/integration/test_dtypes.py)
+    packs = False
+
+    def count(self, batch: ScoredBatch) -> float:
+        return loss_count(batch.loss_mask, self.settings.loss)
+
+    def normaliser(self, total: float) -> float:
+        return normaliser_from_count(total, self.settings.loss)
+
+    def loss(
+        self, logprobs: PolicyLogprobs, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # at the sampling temperature: the behaviour logprobs were taken at it
+        logp_NT = logprobs(batch, self.settings.temperature)
+        width = logp_NT.shape[1]
+        ref_NT = None if batch.ref_logprobs is None else batch.ref_logprobs[:, :width]
+        return policy_loss(
+            logp_NT,
+            batch.logprobs[:, :width],
+            batch.advantages * batch.valid,
+            batch.loss_mask[:, :width],
+            self.settings.loss,
+            ref_NT,
+            normaliser,
+        )

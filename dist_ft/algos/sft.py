@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from dist_ft.algos.objective import Objective, PolicyLogprobs
+
+if TYPE_CHECKING:
+    from dist_ft.wire.batch import ScoredBatch
 
 
 def sft_loss(
@@ -17,3 +24,17 @@ def sft_loss(
     if normaliser is None:
         normaliser = float(mask.sum().clamp(min=1))
     return -(logp_NT * mask).sum() / normaliser
+
+
+class SFT(Objective):
+    """NLL of the trained tokens, over the step's trained-token count."""
+
+    def count(self, batch: ScoredBatch) -> float:
+        return float(batch.loss_mask.sum())
+
+    def loss(
+        self, logprobs: PolicyLogprobs, batch: ScoredBatch, normaliser: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # the model's own distribution (temperature 1): what demonstrations are scored under
+        logp_NT = logprobs(batch, 1.0)
+        return sft_loss(logp_NT, batch.loss_mask[:, : logp_NT.shape[1]], normaliser), {}

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from dist_ft.algos.objective import Objective
 from dist_ft.wire.batch import ScoredBatch
 
 if TYPE_CHECKING:  # dist_ft.data imports `datasets`, which nothing here needs at run time
@@ -45,7 +44,7 @@ class Cluster(Protocol):
 
     def collect(self, pending: PendingRollout) -> ScoredBatch: ...
 
-    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]: ...
+    def train_step(self, batch: ScoredBatch, objective: str) -> dict[str, float]: ...
 
     def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
         """[N, T] logprobs of ``batch``'s trained tokens under the learner's current weights,

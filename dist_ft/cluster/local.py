@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist_ft.algos.objective import Objective
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.sync import WeightTransport, check_fingerprints, to_rollout_dtype
 from dist_ft.sync.inprocess import InProcessTransport
@@ -63,7 +62,7 @@ class LocalCluster:
     def collect(self, pending: PendingRollout) -> ScoredBatch:
         return ScoredBatch.concat(pending.results)
 
-    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
+    def train_step(self, batch: ScoredBatch, objective: str) -> dict[str, float]:
         return self.learner.step(batch, objective)
 
     def logprobs(self, batch: ScoredBatch) -> torch.Tensor:

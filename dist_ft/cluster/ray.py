@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist_ft.algos.objective import Objective
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
@@ -87,7 +86,7 @@ class LearnerHost:
 
         self.learner = Learner(spec, rank, world_size, addr, port)
 
-    def step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
+    def step(self, batch: ScoredBatch, objective: str) -> dict[str, float]:
         return self.learner.step(batch, objective)
 
     def publish_weights(
@@ -471,7 +470,7 @@ class RayCluster:
         return ScoredBatch.concat(pending.results)
 
     # ------------------------------------------------------------------ learning
-    def train_step(self, batch: ScoredBatch, objective: Objective) -> dict[str, float]:
+    def train_step(self, batch: ScoredBatch, objective: str) -> dict[str, float]:
         shards = balanced_shards(batch, len(self.learners), objective.whole_groups)
         per_rank = self._learners_get(
             [h.step.remote(s, objective) for h, s in zip(self.learners, shards)]

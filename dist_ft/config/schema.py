@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from dist_ft.algos.objective import Objective
+from dist_ft.algos.advantages import ADVANTAGES
+from dist_ft.algos.objective import OBJECTIVES
 from dist_ft.algos.settings import DPOParams, LossType
 from dist_ft.model.spec import PeftSpec
 from dist_ft.model.spec import config_errors as peft_config_errors
@@ -149,12 +150,15 @@ class RewardConfig:
 @dataclass(frozen=True)
 class AlgoConfig:
     # grpo (RL from rewards: `dist-ft train`), sft (demonstrations: `dist-ft sft`), dpo
-    # (preference pairs: `dist-ft dpo`). The commands set it; the other sections mean the same.
-    objective: Objective = Objective.GRPO
+    # (preference pairs: `dist-ft dpo`): a name in algos/objective.py's OBJECTIVES. The commands
+    # set it; the other sections mean the same.
+    objective: str = "grpo"
     loss: LossType = LossType.GRPO
     # B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs
     prompts_per_step: PosInt = 8
     scale_rewards: bool = True  # divide advantages by the group std; Dr.GRPO turns this off
+    # how a group's rewards become advantages: a name in algos/advantages.py's ADVANTAGES
+    advantage: str = "grpo"
     eps_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
     eps_high: NonNegFloat = 0.2  # DAPO's clip-higher uses 0.28
     beta: NonNegFloat = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
@@ -282,19 +286,27 @@ class Config:
     def __post_init__(self) -> None:
         # Cross-field rules only: the loader has checked every key's own range before this runs,
         # so nothing here divides by zero.
-        grpo = self.algo.objective is Objective.GRPO
+        if self.algo.advantage not in ADVANTAGES:
+            raise ConfigError(
+                f"algo.advantage={self.algo.advantage!r}: one of {', '.join(ADVANTAGES)}",
+                keys=("algo.advantage",),
+            )
+        if self.algo.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"algo.objective={self.algo.objective!r}: one of {', '.join(OBJECTIVES)}",
+                keys=("algo.objective",),
+            )
+        grpo = self.algo.objective == "grpo"
         # DPO splits whole pairs; GRPO any sample (its advantages are computed before)
-        units = (
-            self.samples_per_step
-            if self.algo.objective is not Objective.DPO
-            else (self.algo.prompts_per_step)
-        )
+        whole = OBJECTIVES[self.algo.objective].whole_groups
+        units = self.algo.prompts_per_step if whole else self.samples_per_step
         if units % (self.resources.learners * self.learner.micro_batches):
             what = {
-                Objective.GRPO: "algo.prompts_per_step x rollout.group_size = {} samples",
-                Objective.SFT: "algo.prompts_per_step = {} examples",
-                Objective.DPO: "algo.prompts_per_step = {} pairs",
-            }[self.algo.objective].format(units)
+                "grpo": "algo.prompts_per_step x rollout.group_size = {} samples",
+                "sft": "algo.prompts_per_step = {} examples",
+                "dpo": "algo.prompts_per_step = {} pairs",
+            }.get(self.algo.objective, "algo.prompts_per_step x rows per prompt = {} rows")
+            what = what.format(units)
             raise ConfigError(
                 f"{what} must split evenly over resources.learners x learner.micro_batches = "
                 f"{self.resources.learners} x {self.learner.micro_batches}",
@@ -344,7 +356,7 @@ class Config:
         if self.peft.adapters and not grpo:
             raise ConfigError(
                 f"peft.adapters trains one adapter per task group under GRPO (dist-ft train); "
-                f"algo.objective={self.algo.objective.value} trains one adapter: remove "
+                f"algo.objective={self.algo.objective} trains one adapter: remove "
                 "peft.adapters",
                 keys=("peft.adapters", "algo.objective"),
             )
@@ -352,8 +364,8 @@ class Config:
     @property
     def samples_per_step(self) -> int:
         """Rows a learner step trains on: B x G samples, B examples, or B pairs' 2B answers."""
-        per_prompt = {Objective.GRPO: self.rollout.group_size, Objective.SFT: 1, Objective.DPO: 2}
-        return self.algo.prompts_per_step * per_prompt[self.algo.objective]
+        rows = OBJECTIVES[self.algo.objective].rows_per_prompt or self.rollout.group_size
+        return self.algo.prompts_per_step * rows
 
     @property
     def micro_batch_size(self) -> int:

@@ -237,7 +237,7 @@ def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
     (adapter / "README.md").write_text(
         f"# {run.resolve().name}: a {cfg.peft.method.value} adapter trained by dist_ft\n\n"
         f"Base model: `{name}`, {origin}. The adapter is trained for that base only.\n\n"
-        f"Objective: {cfg.algo.objective.value}, {cfg.run.steps} steps; the run's full "
+        f"Objective: {cfg.algo.objective}, {cfg.run.steps} steps; the run's full "
         f"settings are in its `config.yaml`. Load it on the base (BASE_DIR: the base's "
         f"directory):\n\n{load}\n\n`{MANIFEST}` lists the sha256 of every file.\n"
     )

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from dist_ft.algos.objective import Objective
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import PromptSampler, encode_pairs, render
@@ -113,7 +112,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     batch = ScoredBatch.supervised(*pairs)
                     if adapter is not None:
                         batch.adapter_ids = torch.full((len(batch),), adapter, dtype=torch.int8)
-                    cluster.train_step(batch, Objective.SFT)
+                    cluster.train_step(batch, "sft")
 
         # ---- first sync: the workers' adapter init is random; start them from the learner's
         version = cluster.sync_weights().version
@@ -140,7 +139,7 @@ def train(cfg: Config) -> dict[str, Any]:
             with status.step():
                 # ---- train: one optimizer step; the learner group normalises over the step
                 t1 = time.perf_counter()
-                metrics = cluster.train_step(batch, Objective.GRPO)
+                metrics = cluster.train_step(batch, "grpo")
                 ledger.record(step, batch, version)
                 t_train = time.perf_counter() - t1
                 done = step

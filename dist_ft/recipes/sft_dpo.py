@@ -29,7 +29,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_ft.algos.dpo import dpo_loss, sequence_logps
-from dist_ft.algos.objective import Objective
 from dist_ft.cluster import Cluster, make_cluster
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import (
@@ -81,7 +80,7 @@ def load_sequences(cfg: Config, tokenizer: Any, out: Path) -> tuple[list[list[Ex
     (bad rows raise, or are skipped into rejects.jsonl), how many were truncated, and the rows
     themselves (``Example.index`` indexes them)."""
     d = cfg.data
-    dpo = cfg.algo.objective is Objective.DPO
+    dpo = cfg.algo.objective == "dpo"
     if d.source in SOURCES:
         rows: Any = (demo_pair_rows if dpo else demo_sft_rows)(d.demo_size, cfg.run.seed, d.source)
     else:
@@ -113,7 +112,7 @@ def answer_prompts(
     the verifiers cannot take fails the run before any model loads (the message counts rows
     among these held-out ones)."""
     d = cfg.data
-    sft = cfg.algo.objective is Objective.SFT
+    sft = cfg.algo.objective == "sft"
     if not (sft and cfg.run.eval_every and cfg.reward.functions):
         return []
     index = [
@@ -199,7 +198,7 @@ def evaluate(
     reward total: with one 0/1 verifier (exact_match), the share of answers it accepts, an
     estimate of the probability that the policy answers a held-out prompt right.
     """
-    if cfg.algo.objective is Objective.SFT:
+    if cfg.algo.objective == "sft":
         total, count = 0.0, 0.0
         for start in range(0, len(groups), cfg.samples_per_step):
             batch = make_batch(groups[start : start + cfg.samples_per_step], pad_id)
@@ -237,9 +236,9 @@ def evaluate(
 def train_offline(cfg: Config) -> dict[str, Any]:
     """Run SFT or DPO (``algo.objective``) for ``cfg.run.steps`` steps. Returns a summary."""
     objective = cfg.algo.objective
-    if objective is Objective.GRPO:
+    if objective == "grpo":
         raise ValueError("algo.objective=grpo runs through dist_ft.recipes.grpo.train")
-    dpo = objective is Objective.DPO
+    dpo = objective == "dpo"
     out = prepare_output_dir(cfg)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dist_ft.algos.advantages import advantage_fn
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
 from dist_ft.rewards import RewardError, RewardSet
@@ -92,8 +93,9 @@ class RolloutSpec:
     rewards: list[tuple[str, float, dict[str, Any]]]  # (name or module:function, weight, kwargs)
     reward_tasks: list[list[str]]  # [K] the tasks each reward function scores; [] = every task
     reward_timeout_s: float
-    on_reward_error: str  # "error" | "skip" (see RewardConfig)
+    on_reward_error: str  # "mask" | "zero" | "abort" (reward.on_error, see RewardConfig)
     scale_rewards: bool  # divide advantages by the group's std
+    advantage: str  # the estimator's name in algos/advantages.py's ADVANTAGES
     seed: int
     deterministic: bool = False
 
@@ -109,6 +111,7 @@ class RolloutWorker:
         self.generator = make_generator(spec.generator, spec.generation)
         self.group_size = spec.group_size
         self.scale_rewards = spec.scale_rewards
+        self.advantages = advantage_fn(spec.advantage)
         self.judge = judge
         self._counters: dict[str, float] = {}
         self._group_ids: list[int] = []  # of each sample the judge scores in this rollout
@@ -181,7 +184,9 @@ class RolloutWorker:
         # statistics and of the loss. Either way no NaN reaches the advantages.
         total_N = scores.total(self.rewards.weights, fill=0.0)
         valid_N = ~errors_N if self.on_reward_error == "mask" else torch.ones_like(errors_N)
-        adv_N = advantages_by_group(total_N, group_N, scale=self.scale_rewards, valid_N=valid_N)
+        adv_N = advantages_by_group(
+            total_N, group_N, self.scale_rewards, valid_N, estimator=self.advantages
+        )
 
         # (step, prompt's dataset row, place in its group): a share issued again gets the same ids.
         prompt_index_N = torch.tensor([p.index for p in prompts], dtype=torch.int32)[group_N]

@@ -65,6 +65,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         reward_timeout_s=cfg.reward.timeout_s,
         on_reward_error=cfg.reward.on_error,
         scale_rewards=cfg.algo.scale_rewards,
+        advantage=cfg.algo.advantage,
         seed=cfg.run.seed,
         deterministic=cfg.run.deterministic,
     )

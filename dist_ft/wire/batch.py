@@ -244,7 +244,7 @@ class ScoredBatch:
         target_ids_NT: torch.Tensor,
         target_mask_NT: torch.Tensor,
     ) -> ScoredBatch:
-        """Demonstrations (prompt -> target) as a batch the learner trains with ``Objective.SFT``:
+        """Demonstrations (prompt -> target) as a batch the learner trains with ``"sft"``:
         each pair its own group, every target token ``TRAINED``; no rewards, no logprobs."""
         n = prompt_ids_NP.shape[0]
         zeros_N = torch.zeros(n, dtype=torch.float32)

@@ -178,7 +178,7 @@ def grads(learner: Learner, loss: torch.Tensor) -> list[torch.Tensor]:
 
 
 def loss_and_grads(learner: Learner, batch: ScoredBatch):
-    loss, _ = learner.grpo_loss(batch, normaliser=float(len(batch)))  # GRPO: mean over samples
+    loss, _ = learner.micro_loss(batch, "grpo", float(len(batch)))  # GRPO: mean over samples
     return loss.detach(), grads(learner, loss)
 
 
@@ -198,7 +198,7 @@ def test_env_span_gets_no_gradient_and_the_loss_is_the_model_spans_alone(multi_t
 
     # Hand-computed reference: the forward conditions on every token (env included), the GRPO
     # loss is the per-sample mean over the model's tokens only, then the mean over samples.
-    lo, hi = 1 - learner.loss.eps_low, 1 + learner.loss.eps_high
+    lo, hi = 1 - learner.spec.loss.eps_low, 1 + learner.spec.loss.eps_high
     total = torch.zeros(())
     for i, logp in enumerate(reference_logprobs(learner, prompt, episodes)):
         trained = batch.trainable_mask[i, : len(logp)]

@@ -12,7 +12,6 @@ import torch
 from conftest import build, dpo_batch
 
 from dist_ft.algos.common import token_logprobs
-from dist_ft.algos.objective import Objective
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_tokenizer
@@ -196,12 +195,12 @@ def learner(tiny_path, *overrides, **spec):
     return Learner(replace(lk, **spec))
 
 
-def loss_and_grads(learner, loss_fn, batch, normaliser):
-    """One micro-batch's loss of the learner's own loss method, and its gradient by name for
-    every trainable parameter. DeepSpeed owns backward (it refuses a bare autograd call); at
+def loss_and_grads(learner, objective, batch, normaliser):
+    """One micro-batch's ``objective`` loss as the learner computes it, and its gradient by name
+    for every trainable parameter. DeepSpeed owns backward (it refuses a bare autograd call); at
     ZeRO-0 with one micro-batch the gradients it leaves are the loss's own, cleared after."""
     learner.engine.train()
-    loss, _ = loss_fn(batch, normaliser)
+    loss, _ = learner.micro_loss(batch, objective, normaliser)
     learner.engine.backward(loss)
     named = learner.module.named_parameters()
     grads = {n: p.grad.detach().clone() for n, p in named if p.requires_grad}
@@ -242,10 +241,10 @@ def test_packed_sft_and_dpo_equal_padded_loss_and_gradients(tiny_path, sft_batch
         lrn = learner(tiny_path, "peft.method=none", pack=pack)
         assert lrn.pack is pack
         out[pack] = (
-            loss_and_grads(lrn, lrn.sft_loss, sft_batch, sft_norm),
-            loss_and_grads(lrn, lrn.dpo_loss, dpo, 4.0),
+            loss_and_grads(lrn, "sft", sft_batch, sft_norm),
+            loss_and_grads(lrn, "dpo", dpo, 4.0),
             lrn.logprobs(sft_batch),
-            lrn.step(sft_batch, Objective.SFT)["loss"],
+            lrn.step(sft_batch, "sft")["loss"],
             lrn.export_weights(),
         )
     (sft, dpo_out, logp, step_loss, weights), padded = out[True], out[False]
@@ -271,7 +270,7 @@ def test_packed_steps_under_zero3_lora_equal_padded(tiny_path, sft_batch):
     for pack in (False, True):
         lrn = learner(tiny_path, pack=pack, zero_stage=3, micro_batches=2)
         assert all(p.numel() == 0 for p in lrn.module.parameters())  # really partitioned
-        metrics = [lrn.step(sft_batch, Objective.SFT) for _ in range(2)]
+        metrics = [lrn.step(sft_batch, "sft") for _ in range(2)]
         out[pack] = metrics, lrn.export_weights()
     for m, m0 in zip(out[True][0], out[False][0]):
         assert m["loss"] == pytest.approx(m0["loss"], rel=1e-6)
@@ -290,7 +289,7 @@ def test_prefix_tuning_keeps_the_padded_forward(tiny_path, sft_batch):
         packed_completion_logprobs(
             lrn.module, *sft_batch.sample_prompts(), sft_batch.episode_ids, sft_batch.episode_mask
         )
-    assert lrn.step(sft_batch, Objective.SFT)["loss"] > 0
+    assert lrn.step(sft_batch, "sft")["loss"] > 0
 
 
 def test_packed_examples_do_not_see_each_other_and_only_trained_tokens_count(
@@ -327,4 +326,4 @@ def test_packed_examples_do_not_see_each_other_and_only_trained_tokens_count(
     alone = alone_logprobs(lrn.module, examples)
     trained = [a[e.spans[1:] == Span.TRAINED] for a, e in zip(alone, examples)]
     nll = -float(torch.cat(trained).sum()) / sum(len(t) for t in trained)
-    assert lrn.step(sft_batch, Objective.SFT)["loss"] == pytest.approx(nll, rel=1e-5)
+    assert lrn.step(sft_batch, "sft")["loss"] == pytest.approx(nll, rel=1e-5)

@@ -1,6 +1,7 @@
 """Parity of dist_ft's SFT step with TRL 1.16's SFTTrainer (the correctness oracle), loss and
 parameter gradients, on the tiny model: a real SFTTrainer tokenizes and collates the rows and
-runs its own ``compute_loss``; a real Learner (DeepSpeed, full fine-tuning) runs ``sft_loss``.
+runs its own ``compute_loss``; a real Learner (DeepSpeed, full fine-tuning) runs its ``sft``
+objective.
 
 Normalisers. TRL's loss is the summed NLL of the label tokens over ``num_items_in_batch``: the
 label-token count of the whole accumulation step across ranks when ``Trainer`` passes it, else
@@ -16,7 +17,6 @@ import pytest
 import torch
 from conftest import build
 
-from dist_ft.algos.objective import Objective
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_tokenizer
@@ -80,7 +80,7 @@ def learner_loss_and_grads(learner, batch, normaliser):
     engine), and every parameter's gradient by name. DeepSpeed owns backward; at ZeRO-0 with
     one micro-batch its gradients are the loss's own, cleared after."""
     learner.engine.train()
-    loss, _ = learner.sft_loss(batch, normaliser)
+    loss, _ = learner.micro_loss(batch, "sft", normaliser)
     learner.engine.backward(loss)
     named = learner.module.named_parameters()
     grads = {n: p.grad.detach().clone() for n, p in named if p.requires_grad}
@@ -126,5 +126,5 @@ def test_sft_step_matches_trl_sft_trainer(tiny_path, trl_trainer, examples, pack
         assert_same(learner_loss_and_grads(learner, batch.select(half), step_tokens), theirs)
 
     # and the loss Learner.step reports (and trains on) is TRL's
-    reported = learner.step(batch, Objective.SFT)["loss"]
+    reported = learner.step(batch, "sft")["loss"]
     assert reported == pytest.approx(float(trl_whole[0]), rel=1e-6)

@@ -107,7 +107,7 @@ def test_every_shipped_config_validates_for_every_command(path, command):
     cfg = load_config(path, overrides)
     assert isinstance(cfg, Config)
     if command != "train":
-        assert cfg.algo.objective.value == command
+        assert cfg.algo.objective == command
 
 
 def test_print_config_round_trips(tmp_path):
