@@ -50,7 +50,7 @@ from dist_ft.cluster import make_cluster
 from dist_ft.config import load_config
 from dist_ft.model.loading import resolve_model_path
 from dist_ft.model.tiny import cache_dir
-from dist_ft.run.specs import component_specs
+from dist_ft.run.specs import actor_spec, component_specs
 from dist_ft.sync import check_fingerprints, describe, to_rollout_dtype
 
 ROLLOUT_WORKERS, LEARNERS = 2, 1
@@ -75,7 +75,8 @@ def build_cluster(model_path: str, method: str, rollout_dtype: str) -> Any:
         ],
     )
     rollout, learner = component_specs(cfg, resolve_model_path(model_path, cfg.model.tiny))
-    return make_cluster(rollout, learner, cfg.resources, None, 1, READ_BACK_EVERY)
+    actors = actor_spec(cfg, gpu=learner.device == "cuda")
+    return make_cluster(rollout, learner, cfg.resources, actors, None, READ_BACK_EVERY)
 
 
 def ensure_model(layers: int) -> Path:

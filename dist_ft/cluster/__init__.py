@@ -9,7 +9,7 @@ actors placed as ``placement.py`` says; ``connect.py`` finds and starts Ray.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dist_ft.cluster.base import Cluster, PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.local import LocalCluster
@@ -20,6 +20,7 @@ from dist_ft.sync import make_transport
 
 if TYPE_CHECKING:
     from dist_ft.learner import LearnerSpec
+    from dist_ft.rewards.judge import JudgeSpec
     from dist_ft.rollout import RolloutSpec
 
 __all__ = [
@@ -43,31 +44,26 @@ def make_cluster(
     rollout: RolloutSpec,
     learner: LearnerSpec,
     res: ResourcesConfig,
-    judge_kwargs: dict[str, Any] | None = None,
-    judge_actors: int = 1,
+    actors: ActorSpec,
+    judge: JudgeSpec | None = None,
     read_back_every: int = 10,
 ) -> Cluster:
+    """In this process (``resources.mode=local``) or as Ray actors; ``actors``: how many of each
+    and what they ask for (``run.specs.actor_spec``), ``judge``: the RLAIF judge, if one."""
     transport = make_transport(res.weight_transport, res.mode)
     if res.mode == "local":
-        if res.learners != 1:
+        if actors.learners != 1:
             raise ValueError("resources.mode=local runs one learner; use mode=ray for more")
-        workers = 1 if res.rollout_workers == "auto" else res.rollout_workers
-        return LocalCluster(rollout, learner, workers, judge_kwargs, transport)
+        workers = 1 if actors.rollout_workers == "auto" else int(actors.rollout_workers)
+        return LocalCluster(rollout, learner, workers, judge, transport)
     return RayCluster(
         rollout,
         learner,
-        res.rollout_workers,
-        res.learners,
+        actors,
         res.ray_address,
-        rollout_cpus=res.rollout_cpus,
-        rollout_gpus=res.rollout_gpus,
-        learner_cpus=res.learner_cpus,
-        learner_gpus=res.learner_gpus,
-        colocate=res.colocate,
         timeout_s=res.actor_timeout_s,
         max_restarts=res.max_restarts,
-        judge_kwargs=judge_kwargs,
-        judge_actors=judge_actors,
+        judge=judge,
         read_back_every=read_back_every,
         transport=transport,
     )

@@ -16,6 +16,7 @@ from dist_ft.wire.batch import ScoredBatch
 
 if TYPE_CHECKING:
     from dist_ft.learner import LearnerSpec
+    from dist_ft.rewards.judge import JudgeSpec
     from dist_ft.rollout import RolloutSpec
     from dist_ft.wire.prompt import Prompt
 
@@ -28,7 +29,7 @@ class LocalCluster:
         rollout: RolloutSpec,
         learner: LearnerSpec,
         num_workers: int = 1,
-        judge_kwargs: dict[str, Any] | None = None,
+        judge: JudgeSpec | None = None,
         transport: WeightTransport | None = None,
     ) -> None:
         from dist_ft.learner import Learner  # deepspeed is imported only where a learner runs
@@ -40,7 +41,7 @@ class LocalCluster:
         self.learner = Learner(learner)
         self.transport = transport or InProcessTransport()
         self.transport.setup()
-        self.judge = JudgeWorker(**judge_kwargs) if judge_kwargs else None
+        self.judge = JudgeWorker(judge) if judge else None
         self.workers = [
             RolloutWorker(rollout, worker_index=i, judge=self.judge) for i in range(num_workers)
         ]

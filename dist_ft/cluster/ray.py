@@ -30,6 +30,7 @@ from dist_ft.wire.batch import ScoredBatch, balanced_shards
 
 if TYPE_CHECKING:
     from dist_ft.learner import LearnerSpec
+    from dist_ft.rewards.judge import JudgeSpec
     from dist_ft.rollout import RolloutSpec
     from dist_ft.wire.prompt import Prompt
 
@@ -207,19 +208,12 @@ class RayCluster:
         self,
         rollout: RolloutSpec,
         learner: LearnerSpec,
-        num_workers: int | str,
-        num_learners: int,
+        actors: ActorSpec,
         address: str = "auto",
         *,
-        rollout_cpus: float = 1.0,
-        rollout_gpus: float | str = "auto",
-        learner_cpus: float = 1.0,
-        learner_gpus: float | str = "auto",
-        colocate: bool = False,
         timeout_s: float = 600.0,
         max_restarts: int = 3,
-        judge_kwargs: dict[str, Any] | None = None,
-        judge_actors: int = 1,
+        judge: JudgeSpec | None = None,
         read_back_every: int = 10,
         transport: WeightTransport | None = None,
     ) -> None:
@@ -232,17 +226,9 @@ class RayCluster:
         self.rollout_dtype = getattr(torch, rollout.generation.dtype)
         # peft.adapters: a sync carries the adapters that changed, not all of them
         self.partial_syncs = bool(rollout.generation.peft.adapters)
-        spec = ActorSpec(
-            num_workers,
-            num_learners,
-            judge_actors if judge_kwargs else 0,
-            rollout_cpus,
-            rollout_gpus,
-            learner_cpus,
-            learner_gpus,
-            colocate,
-            gpu=learner.device == "cuda",
-        )
+        if bool(actors.judges) != (judge is not None):
+            raise ValueError(f"{actors.judges} judge actors planned for judge {judge}")
+        spec = actors
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # before Ray runs: what a one-node Ray must hold
             init_ray(address, plan_actors(spec, []).total()["CPU"])
@@ -265,12 +251,12 @@ class RayCluster:
         # Judges first, each on the node of one of the rollout workers it will serve (soft:
         # anywhere if that node is full); the workers then find them by handle.
         self.judges: list[Any] = []
-        if judge_kwargs:
+        if judge is not None:
             from dist_ft.rewards.judge import JudgeWorker
 
             near = rollout_nodes(nodes)
             self.judges = [
-                self._actor(JudgeWorker, a, near=near[a.index % len(near)]).remote(**judge_kwargs)
+                self._actor(JudgeWorker, a, near=near[a.index % len(near)]).remote(judge)
                 for a in self.requests.of("judge")
             ]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dist_ft.cluster import Cluster, PendingRollout, SyncStats, make_cluster
+from dist_ft.cluster import Cluster, PendingRollout, SyncStats
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import PromptSampler, encode_pairs, render
 from dist_ft.model.loading import load_tokenizer, resolve_model_path
@@ -28,7 +28,7 @@ from dist_ft.run.lifecycle import (
 from dist_ft.run.outputs import keep_rejects, prepare_output_dir
 from dist_ft.run.runstatus import RunStatus
 from dist_ft.run.samplers import AdapterSampler, adapter_rows, load_prompts, make_sampler
-from dist_ft.run.specs import component_specs, judge_kwargs
+from dist_ft.run.specs import cluster_for, component_specs
 from dist_ft.run.tracking import Tracker, finish_tracking, make_tracker
 from dist_ft.tasks import demo_format_rows
 from dist_ft.wire.batch import ScoredBatch
@@ -69,14 +69,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # ---- placement: the only line that differs between debug mode and a cluster
     rollout_spec, learner_spec = component_specs(cfg, model_path)
-    cluster = make_cluster(
-        rollout_spec,
-        learner_spec,
-        cfg.resources,
-        judge_kwargs(cfg),
-        cfg.reward.judge.actors,
-        cfg.rollout.read_back_every,
-    )
+    cluster = cluster_for(cfg, rollout_spec, learner_spec)
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
     tracker = make_tracker(cfg, out, state, breakdown=TASK_METRIC)
     watch = RewardWatch(

@@ -1,11 +1,11 @@
 """RLAIF preference labelling: ``label(cfg)``, read top to bottom (``dist-ft label``).
 
 The rollout workers sample G completions per prompt and score them with ``reward.functions``,
-the judge among them, on the cluster GRPO uses (``make_cluster``: in this process, or on Ray
-with the judge as its own actor). Of each prompt's completions, the best- and the worst-scored
-distinct ones are the candidate pair. The judge then compares the two in both orders and
-averages (``JudgeWorker.compare``: position-debiased, a margin in [-1, 1]), and the pair is kept,
-chosen = the better-scored one, when that margin is at least ``label.min_margin``. The score
+the judge among them, on the cluster GRPO uses (``run.specs.cluster_for``: in this process, or
+on Ray with the judge as its own actor). Of each prompt's completions, the best- and the
+worst-scored distinct ones are the candidate pair. The judge then compares the two in both orders
+and averages (``JudgeWorker.compare``: position-debiased, a margin in [-1, 1]), and the pair is
+kept, chosen = the better-scored one, when that margin is at least ``label.min_margin``. The score
 picks, the debiased comparison confirms: a pair the two judgements disagree on has a negative
 margin and is dropped, as is one the judge barely prefers; both are counted.
 
@@ -28,20 +28,19 @@ from typing import Any
 
 import torch
 
-from dist_ft.cluster import make_cluster
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import load_rows, write_rejects
 from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rewards.judge import load_constitution
 from dist_ft.run.samplers import load_prompts
-from dist_ft.run.specs import component_specs, judge_kwargs
+from dist_ft.run.specs import cluster_for, component_specs, judge_spec
 from dist_ft.wire.batch import ScoredBatch, Span
 
 
 def label(cfg: Config) -> dict[str, Any]:
     """Label ``label.prompts`` rows of ``data.source``; returns the summary that is also
     written to ``<stem>.meta.json`` (counts, judge, paths)."""
-    judge = judge_kwargs(cfg)
+    judge = judge_spec(cfg)
     if judge is None:
         raise ConfigError(
             "dist-ft label needs the RLAIF judge: add {name: judge} to reward.functions",
@@ -74,22 +73,15 @@ def label(cfg: Config) -> dict[str, Any]:
         print(f"data: skipped {len(prepared.rejects)} malformed rows, written to {rejects}")
 
     # ---- provenance: what every label was judged against, on every row
-    constitution = load_constitution(judge["constitution"])
+    constitution = load_constitution(judge.constitution)
     provenance = {
         "constitution_sha256": constitution.sha256(),
-        "judge_model": judge["model_path"],
+        "judge_model": judge.model_path,
     }
 
     # ---- placement: GRPO's cluster; on Ray the judge is its own actor
     rollout_spec, learner_spec = component_specs(cfg, model_path)
-    cluster = make_cluster(
-        rollout_spec,
-        learner_spec,
-        cfg.resources,
-        judge,
-        cfg.reward.judge.actors,
-        cfg.rollout.read_back_every,
-    )
+    cluster = cluster_for(cfg, rollout_spec, learner_spec)
     pairs: list[dict[str, Any]] = []
     counts: collections.Counter[str] = collections.Counter()
     judge_scores: list[float] = []  # every valid sample's judge score: the policy's mean

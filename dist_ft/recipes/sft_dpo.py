@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_ft.algos.dpo import dpo_loss, sequence_logps
-from dist_ft.cluster import Cluster, make_cluster
+from dist_ft.cluster import Cluster
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import (
     Example,
@@ -49,7 +49,7 @@ from dist_ft.run.lifecycle import (
 )
 from dist_ft.run.outputs import keep_rejects, prepare_output_dir
 from dist_ft.run.runstatus import FINISHED, RunStatus
-from dist_ft.run.specs import component_specs
+from dist_ft.run.specs import cluster_for, component_specs
 from dist_ft.run.tracking import finish_tracking, make_tracker
 from dist_ft.tasks import SOURCES, demo_rows
 from dist_ft.wire.batch import ScoredBatch
@@ -263,10 +263,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
 
     # ---- learners, and rollout workers only to answer the held-out prompts
     rollout_spec, learner_spec = component_specs(cfg, model_path)
-    resources = cfg.resources
-    if not eval_prompts:
-        resources = dataclasses.replace(resources, rollout_workers=0, colocate=False)
-    cluster = make_cluster(rollout_spec, learner_spec, resources)
+    cluster = cluster_for(cfg, rollout_spec, learner_spec, None if eval_prompts else 0)
     (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
     if dpo:
         shown: tuple[str, ...] = ("loss", "eval_loss", "accuracy", "eval_accuracy")

@@ -158,29 +158,37 @@ def _parse_markdown(text: str) -> tuple[str | None, list[str]]:
 
 
 # ---------------------------------------------------------------------------- judge
+@dataclass(frozen=True)
+class JudgeSpec:
+    """Everything a judge is built from (``run.specs.judge_spec`` fills it from
+    ``reward.judge.*``).
+
+    ``ratings`` are the pointwise choices (valued ``float(r)``, or 1..K when any is not a
+    number); ``labels`` name the completions in group mode (G <= len(labels)) and, the first
+    two, the pair in :meth:`JudgeWorker.compare` (any mode). Every choice must be one token.
+    ``template`` defaults to ``POINTWISE_TEMPLATE`` / ``GROUP_TEMPLATE``. ``max_length`` caps a
+    judge query in tokens (default: the model's position limit)."""
+
+    model_path: str
+    constitution: str  # a YAML or Markdown file, or a built-in constitution's name
+    mode: Literal["pointwise", "group"] = "pointwise"
+    ratings: tuple[str, ...] = tuple(DEFAULT_RATINGS)
+    labels: tuple[str, ...] = tuple(DEFAULT_LABELS)
+    template: str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 16
+    max_length: int | None = None
+    trust_remote_code: bool = False
+
+
 class JudgeWorker:
     """Scores completions with a frozen judge model. A plain class (no Ray import)."""
 
-    def __init__(
-        self,
-        *,
-        model_path: str,
-        constitution: str,
-        mode: Literal["pointwise", "group"] = "pointwise",
-        ratings: Sequence[str] = tuple(DEFAULT_RATINGS),
-        labels: Sequence[str] = tuple(DEFAULT_LABELS),
-        template: str | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-        batch_size: int = 16,
-        max_length: int | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
-        """``ratings`` are the pointwise choices (valued ``float(r)``, or 1..K when any is not a
-        number); ``labels`` name the completions in group mode (G <= len(labels)) and, the first
-        two, the pair in :meth:`compare` (any mode). Every choice must be one token.
-        ``template`` defaults to ``POINTWISE_TEMPLATE`` / ``GROUP_TEMPLATE``. ``max_length``
-        caps a judge query in tokens (default: the model's position limit)."""
+    def __init__(self, spec: JudgeSpec) -> None:
+        mode, dtype, batch_size = spec.mode, spec.dtype, spec.batch_size
+        model_path, trust_remote_code = spec.model_path, spec.trust_remote_code
+        ratings, labels = spec.ratings, spec.labels
         try:
             self.mode = JudgeMode(mode)
         except ValueError:
@@ -189,14 +197,14 @@ class JudgeWorker:
             raise JudgeError(f"judge dtype '{dtype}' is not one of {sorted(DTYPES)}")
         if batch_size < 1:
             raise JudgeError(f"judge batch_size must be >= 1, got {batch_size}")
-        self.constitution = load_constitution(constitution)
+        self.constitution = load_constitution(spec.constitution)
         self._principles = self.constitution.render()
         pointwise = self.mode is JudgeMode.POINTWISE
         self.choices = list(ratings if pointwise else labels)
         if not self.choices or len(set(self.choices)) != len(self.choices):
             what = "ratings" if pointwise else "labels"
             raise JudgeError(f"judge {what} must be distinct and non-empty, got {self.choices}")
-        self.template = template or (POINTWISE_TEMPLATE if pointwise else GROUP_TEMPLATE)
+        self.template = spec.template or (POINTWISE_TEMPLATE if pointwise else GROUP_TEMPLATE)
         _check_template(self.template, self.mode)
         # compare() shows a pair as a group of two: a group judge's own template and labels,
         # else the built-in group template. Checked on first use, so a pointwise judge that is
@@ -206,7 +214,7 @@ class JudgeWorker:
         self._pair_ids: list[int] | None = None
         self.model_path = model_path
         self.batch_size = batch_size
-        self.device = torch.device(device)
+        self.device = torch.device(spec.device)
 
         # Tokenizer checks come before the model load, so a bad rating fails in a second.
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
@@ -222,7 +230,7 @@ class JudgeWorker:
         limits = [
             m
             for m in (
-                max_length,
+                spec.max_length,
                 getattr(self.model.config, "max_position_embeddings", None),
                 self.tokenizer.model_max_length,
             )

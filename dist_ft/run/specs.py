@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import torch
 
 from dist_ft.algos.settings import LossParams
+from dist_ft.cluster import Cluster, make_cluster
 from dist_ft.cluster.placement import ActorSpec
 from dist_ft.config import Config
 from dist_ft.learner import LearnerSpec
 from dist_ft.model.loading import resolve_model_path
 from dist_ft.model.spec import auto_lr
+from dist_ft.rewards.judge import JudgeSpec
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
 
 
@@ -23,22 +25,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def judge_kwargs(cfg: Config) -> dict[str, Any] | None:
-    """JudgeWorker arguments when a reward function is the RLAIF judge, else None."""
+def judge_spec(cfg: Config) -> JudgeSpec | None:
+    """What the RLAIF judge is built from when a reward function is the judge, else None."""
     if not any(f.name == "judge" for f in cfg.reward.functions):
         return None
     j = cfg.reward.judge
-    return {
-        "model_path": resolve_model_path(j.model.path, j.model.tiny),
-        "constitution": j.constitution,
-        "mode": j.mode,
-        "ratings": j.ratings,
-        "template": j.template or None,
-        "device": resolve_device(cfg.resources.device),
-        "dtype": j.model.dtype,
-        "batch_size": j.batch_size,
-        "trust_remote_code": j.model.trust_remote_code,
-    }
+    return JudgeSpec(
+        model_path=resolve_model_path(j.model.path, j.model.tiny),
+        constitution=j.constitution,
+        mode=j.mode,
+        ratings=tuple(j.ratings),
+        template=j.template or None,
+        device=resolve_device(cfg.resources.device),
+        dtype=j.model.dtype,
+        batch_size=j.batch_size,
+        trust_remote_code=j.model.trust_remote_code,
+    )
+
+
+def cluster_for(
+    cfg: Config, rollout: RolloutSpec, learner: LearnerSpec, rollout_workers: int | None = None
+) -> Cluster:
+    """The run's cluster (``resources.mode``): its actors and judge from the config, the weight
+    transport from ``resources.weight_transport``. ``rollout_workers`` overrides the count (0:
+    a run that never samples)."""
+    actors = actor_spec(cfg, learner.device == "cuda")
+    if rollout_workers is not None:
+        actors = dataclasses.replace(actors, rollout_workers=rollout_workers, colocate=False)
+    return make_cluster(
+        rollout, learner, cfg.resources, actors, judge_spec(cfg), cfg.rollout.read_back_every
+    )
 
 
 def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:

@@ -11,7 +11,7 @@ from conftest import build
 
 from dist_ft.config import ConfigError, load_config
 from dist_ft.recipes.grpo import train
-from dist_ft.rewards.judge import JudgeWorker
+from dist_ft.rewards.judge import JudgeSpec, JudgeWorker
 from dist_ft.rollout import RolloutWorker
 from dist_ft.tasks import demo_rows
 from dist_ft.wire.prompt import Prompt
@@ -50,7 +50,9 @@ def test_a_task_without_a_reward_function_fails_before_step_1(tmp_path):
 
 def test_a_group_judge_of_one_task_sees_that_tasks_groups_only(tiny_path):
     """The worker hands the judge the group ids of the samples it scores, not of the rollout."""
-    judge = JudgeWorker(model_path=tiny_path, constitution=str(ROOT / CONSTITUTION), mode="group")
+    judge = JudgeWorker(
+        JudgeSpec(model_path=tiny_path, constitution=str(ROOT / CONSTITUTION), mode="group")
+    )
     _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
     rewards = [("judge", 1.0, {}), ("char_match", 1.0, {})]
     worker = RolloutWorker(

@@ -167,12 +167,11 @@ def granted(role, index, resources, bundle):
 def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, monkeypatch):
     import ray
 
-    from dist_ft.cluster import make_cluster
     from dist_ft.cluster.ray import cluster_nodes
     from dist_ft.config import load_config
     from dist_ft.model.loading import resolve_model_path
     from dist_ft.recipes.plan import describe_plan
-    from dist_ft.run.specs import actor_spec, component_specs, judge_kwargs
+    from dist_ft.run.specs import actor_spec, cluster_for, component_specs, judge_spec
 
     # defined here, so Ray ships it by value (actors cannot import tests)
     def held(_self):
@@ -192,14 +191,13 @@ def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, mo
         ["resources.mode=ray", "resources.ray_address=local", "run.wandb=disabled", *overrides],
     )
     wk, lk = component_specs(cfg, resolve_model_path(cfg.model.path, cfg.model.tiny))
-    judges = judge_kwargs(cfg)
-    # what trainer.train builds: the real construction path
-    cluster = make_cluster(wk, lk, cfg.resources, judges, cfg.reward.judge.actors)
+    # what recipes.grpo.train builds: the real construction path
+    cluster = cluster_for(cfg, wk, lk)
     try:
         nodes = cluster_nodes()
         planned = plan_actors(actor_spec(cfg, gpu=lk.device == "cuda"), nodes)
         assert cluster.requests == planned  # RayCluster placed from this very plan
-        assert len(planned.of("judge")) == (1 if judges else 0)
+        assert len(planned.of("judge")) == (1 if judge_spec(cfg) else 0)
         groups = {"judge": cluster.judges, "rollout": cluster.workers, "learner": cluster.learners}
         got = [
             granted(role, i, *ray.get(actor.__ray_call__.remote(held)))

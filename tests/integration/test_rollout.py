@@ -95,10 +95,12 @@ def test_group_judge_compares_the_samples_of_each_group(tiny_path, demo_prompts)
     """The worker hands the judge its generator's group ids: each group's scores sum to 1."""
     from pathlib import Path
 
-    from dist_ft.rewards.judge import JudgeWorker
+    from dist_ft.rewards.judge import JudgeSpec, JudgeWorker
 
     constitution = Path(__file__).resolve().parents[2] / "configs/constitutions/default.yaml"
-    judge = JudgeWorker(model_path=tiny_path, constitution=str(constitution), mode="group")
+    judge = JudgeWorker(
+        JudgeSpec(model_path=tiny_path, constitution=str(constitution), mode="group")
+    )
     _, wk, _ = build(tiny_path, "rollout.group_size=4", "rollout.max_new_tokens=4")
     worker = RolloutWorker(
         replace(wk, rewards=[("judge", 1.0, {})], reward_tasks=[[]]), judge=judge

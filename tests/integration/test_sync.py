@@ -34,10 +34,11 @@ def test_the_driver_never_holds_a_weight_tensor_during_a_ray_sync(tiny_path):
     import ray
     from ray.core.generated.common_pb2 import Address
 
+    from dist_ft.cluster.placement import ActorSpec
     from dist_ft.cluster.ray import RayCluster
 
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=2")
-    cluster = RayCluster(wk, lk, num_workers=2, num_learners=1, address="local")
+    cluster = RayCluster(wk, lk, ActorSpec(2, 1), "local")
     try:
         sync = cluster.sync_weights()
         # What the driver received from the learner, and forwarded to the workers: a note.
@@ -92,6 +93,7 @@ def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(
 ):
     """The built-in transport and a user's (tests/transports.py, chosen by its config name)
     pass the same checks: bytes hashed on arrival every sync, read back every Nth."""
+    from dist_ft.cluster.placement import ActorSpec
     from dist_ft.cluster.ray import RayCluster
 
     _, wk, lk = build(
@@ -100,9 +102,8 @@ def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(
     cluster = RayCluster(
         wk,
         lk,
-        num_workers=1,
-        num_learners=1,
-        address="local",
+        ActorSpec(1, 1),
+        "local",
         read_back_every=2,
         transport=make_transport(transport, "ray"),
     )

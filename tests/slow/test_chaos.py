@@ -139,6 +139,7 @@ def startup_error(tiny_path: str, *overrides: str, **kwargs) -> str:
     import ray
     from conftest import build
 
+    from dist_ft.cluster.placement import ActorSpec
     from dist_ft.cluster.ray import ActorTimeoutError, RayCluster
 
     _, wk, lk = build(tiny_path, "algo.prompts_per_step=2", *overrides)
@@ -151,7 +152,7 @@ def startup_error(tiny_path: str, *overrides: str, **kwargs) -> str:
     )
     try:
         with pytest.raises(ActorTimeoutError) as e:
-            RayCluster(wk, lk, 1, 1, timeout_s=30, **kwargs)
+            RayCluster(wk, lk, ActorSpec(1, 1, **kwargs), timeout_s=30)
         return str(e.value)
     finally:
         ray.shutdown()

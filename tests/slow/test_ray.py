@@ -15,7 +15,7 @@ import torch
 from conftest import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
 
 from dist_ft.algos.objective import OBJECTIVES
-from dist_ft.cluster import RayCluster
+from dist_ft.cluster import ActorSpec, RayCluster
 from dist_ft.config import load_config
 from dist_ft.data import encode_pairs
 from dist_ft.learner import Learner
@@ -206,9 +206,7 @@ def test_two_rank_zero3_equals_single_process(tiny_path, demo_prompts, objective
     single.step(batch, objective)
     expected = single.export_weights()
 
-    cluster = RayCluster(
-        wk, replace(lk, zero_stage=3), num_workers=1, num_learners=2, address="local"
-    )
+    cluster = RayCluster(wk, replace(lk, zero_stage=3), ActorSpec(1, 2), "local")
     try:
         cluster.train_step(batch, objective)
         sync = cluster.sync_weights()
@@ -269,7 +267,7 @@ def test_colocated_actors_share_placement_group_bundles(tiny_path):
         ctx = ray.get_runtime_context()
         return ctx.get_placement_group_id(), ctx.get_assigned_resources()
 
-    cluster = RayCluster(wk, lk, 2, num_learners=2, address="local", colocate=True)
+    cluster = RayCluster(wk, lk, ActorSpec(2, 2, colocate=True), "local")
     try:
         workers = ray.get([w.__ray_call__.remote(bundle) for w in cluster.workers])
         learners = ray.get([h.__ray_call__.remote(bundle) for h in cluster.learners])
@@ -327,7 +325,7 @@ def test_two_adapters_on_ray_with_two_rollout_workers(tiny_path, tmp_path):
     task_of = {p.index: p.task for p in prompts}
     sampler = make_sampler(cfg, prompts)
     ledger = Ledger(tmp_path / "ledger.jsonl", cfg.rollout.group_size, True, list(adapters))
-    cluster = RayCluster(wk, lk, num_workers=2, num_learners=1, address="local")
+    cluster = RayCluster(wk, lk, ActorSpec(2, 1), "local")
 
     def learner_state():
         call = cluster.learners[0].__ray_call__.remote(lambda h: h.learner.export_weights())

@@ -12,6 +12,7 @@ from dist_ft.rewards.judge import (
     GROUP_TEMPLATE,
     POINTWISE_TEMPLATE,
     JudgeError,
+    JudgeSpec,
     JudgeWorker,
     load_constitution,
 )
@@ -24,12 +25,12 @@ REPLIES = ["5", "It is 5.", "six", "2+3 is 5, I am sure of it.", "no idea", "5!!
 
 @pytest.fixture(scope="module")
 def pointwise(tiny_path):
-    return JudgeWorker(model_path=tiny_path, constitution=DEFAULT, batch_size=16)
+    return JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=DEFAULT, batch_size=16))
 
 
 @pytest.fixture(scope="module")
 def group(tiny_path):
-    return JudgeWorker(model_path=tiny_path, constitution=DEFAULT, mode="group")
+    return JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=DEFAULT, mode="group"))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_pointwise_is_deterministic_and_batch_size_independent(pointwise, tiny_p
     prompts = [PROMPT] * len(REPLIES)
     first = pointwise.score(prompts, REPLIES)
     assert pointwise.score(prompts, REPLIES) == first
-    one_at_a_time = JudgeWorker(model_path=tiny_path, constitution=DEFAULT, batch_size=1)
+    one_at_a_time = JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=DEFAULT, batch_size=1))
     torch.testing.assert_close(
         torch.tensor(one_at_a_time.score(prompts, REPLIES)),
         torch.tensor(first),
@@ -86,7 +87,7 @@ def test_judge_model_path_matters(pointwise, tiny_path):
     from dist_ft.model.loading import resolve_model_path
 
     other_path = resolve_model_path("tiny", TinyModelConfig(seed=1))
-    other = JudgeWorker(model_path=other_path, constitution=DEFAULT)
+    other = JudgeWorker(JudgeSpec(model_path=other_path, constitution=DEFAULT))
     prompts = [PROMPT] * 4
     assert other.score(prompts, REPLIES[:4]) != pointwise.score(prompts, REPLIES[:4])
 
@@ -209,18 +210,22 @@ def test_bad_constitution_names_the_file(tmp_path, filename, text, message):
 
 def test_judge_config_errors(tiny_path):
     with pytest.raises(JudgeError, match=r"'10' is 2 tokens .* exactly one token"):
-        JudgeWorker(model_path=tiny_path, constitution=DEFAULT, ratings=["1", "10"])
+        JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=DEFAULT, ratings=["1", "10"]))
     with pytest.raises(JudgeError, match=r"unknown placeholders \['answer'\]"):
-        JudgeWorker(model_path=tiny_path, constitution=DEFAULT, template="{principles}{answer}")
+        JudgeWorker(
+            JudgeSpec(model_path=tiny_path, constitution=DEFAULT, template="{principles}{answer}")
+        )
     with pytest.raises(JudgeError, match=r"missing \['completions'\]"):
         JudgeWorker(
-            model_path=tiny_path,
-            constitution=DEFAULT,
-            mode="group",
-            template="{principles}{prompt}{completion}",
+            JudgeSpec(
+                model_path=tiny_path,
+                constitution=DEFAULT,
+                mode="group",
+                template="{principles}{prompt}{completion}",
+            )
         )
     with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
-        JudgeWorker(model_path=tiny_path, constitution="missing.yaml")
+        JudgeWorker(JudgeSpec(model_path=tiny_path, constitution="missing.yaml"))
 
 
 def test_judge_imports_no_ray():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dist_ft.rewards.judge import GROUP_TEMPLATE, JudgeWorker, load_constitution
+from dist_ft.rewards.judge import GROUP_TEMPLATE, JudgeSpec, JudgeWorker, load_constitution
 
 DEFAULT = str(Path(__file__).resolve().parents[2] / "configs" / "constitutions" / "default.yaml")
 PROMPTS = ["What is 2+3?", "What is 2+3?", "Name a colour.", "Name a colour."]
@@ -18,7 +18,7 @@ SECONDS = ["six", "2+3 is 5, I am sure.", "no idea", "blue, I think"]  # the las
 
 @pytest.fixture(scope="module")
 def judge(tiny_path):
-    return JudgeWorker(model_path=tiny_path, constitution=DEFAULT)
+    return JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=DEFAULT))
 
 
 def numbered(principles):
@@ -96,7 +96,7 @@ def test_a_group_judge_compares_with_its_own_template_and_a_one_principle_consti
 ):
     one = tmp_path / "one.yaml"
     one.write_text("principles: [Be brief.]\n")
-    group = JudgeWorker(model_path=tiny_path, constitution=str(one), mode="group")
+    group = JudgeWorker(JudgeSpec(model_path=tiny_path, constitution=str(one), mode="group"))
     margins, per = group.compare(PROMPTS[:2], FIRSTS[:2], SECONDS[:2])
     assert per == [[m] for m in margins]  # one principle: judged once, not twice
     assert group.stats(last_call=True)["requests"] == 4
