@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--print-config", action="store_true", help="print the resolved config and exit"
         )
+    explain = sub.add_parser(
+        "explain", help="print what a config key means: type, range, default (all keys if none)"
+    )
+    explain.add_argument("key", nargs="?", help="a dotted key (rollout.group_size) or a section")
     plan = sub.add_parser("plan", help="print placement, batch sizes and bytes; no training")
     plan.add_argument("config", help="path to a YAML config")
     plan.add_argument("overrides", nargs="*", help="section.key=value")
@@ -147,6 +151,11 @@ def quiet_third_party() -> None:
 def _run(args: argparse.Namespace) -> int:
     from dist_ft.config import config_to_dict, load_config
 
+    if args.command == "explain":
+        from dist_ft.config.explain import explain
+
+        print(explain(args.key))
+        return 0
     if args.command in ("export", "merge"):
         return _export(args)
     if args.command == "compare":

@@ -20,10 +20,15 @@ class LossType(str, enum.Enum):
 @dataclass(frozen=True)
 class LossParams:
     loss_type: LossType = LossType.GRPO
+    """The GRPO loss variant (LossType)."""
     eps_low: float = 0.2
+    """Clip range below 1 of the importance ratio."""
     eps_high: float = 0.2
-    beta: float = 0.0  # KL coefficient; 0 disables the KL term
-    max_tokens: int = 1  # Dr.GRPO's constant: the completion budget (rollout.max_new_tokens)
+    """Clip range above 1 (DAPO's clip-higher raises it)."""
+    beta: float = 0.0
+    """KL coefficient; 0 disables the KL term"""
+    max_tokens: int = 1
+    """Dr.GRPO's constant: the completion budget (rollout.max_new_tokens)"""
 
 
 class DPOLoss(str, enum.Enum):
@@ -53,9 +58,14 @@ class DPOParams:
     """
 
     loss: DPOLoss = DPOLoss.SIGMOID
+    """sigmoid (DPO), ipo, or simpo (no reference model)."""
     beta: Annotated[float, Range(gt=0)] = 0.1
+    """Strength of the pull towards the reference (SimPO: reward scale; see the class docstring)."""
     label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
+    """Assumed probability that a pair's label is flipped (conservative DPO); sigmoid and simpo
+    only."""
     simpo_gamma: Annotated[float, Range()] = 0.5
+    """SimPO's target reward margin, in reward units; simpo only."""
 
     def __post_init__(self) -> None:
         if not self.beta > 0:

@@ -37,73 +37,99 @@ class TinyModelConfig:
     """Shape of the built-in tiny Llama (used when ``model.path == "tiny"``)."""
 
     hidden_size: PosInt = 64
+    """Width of the tiny model's hidden states."""
     num_layers: PosInt = 2
+    """Decoder layers of the tiny model."""
     num_heads: PosInt = 4
+    """Attention heads of the tiny model (hidden_size must divide by it)."""
     seed: NonNegInt = 0
+    """Seed of the tiny model's random weights (the same seed, the same model on every machine)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A local HF model directory, or "tiny" for the built-in model. Hub ids are not fetched.
     path: str = "tiny"
+    """A local HF model directory, or "tiny" for the built-in model. Hub ids are not fetched."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The learner's parameter dtype (and the rollout workers' unless rollout.dtype says otherwise).
+    The learner's parameter dtype (and the rollout workers' unless rollout.dtype says otherwise)."""
     trust_remote_code: bool = False
+    """Run Python code shipped with the model directory. Off: only architectures transformers ships
+    load."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the built-in tiny model, used when path is "tiny"."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "demo" (built-in letter-repeat task; "demo_next", "demo_mix": see dist_ft.tasks), or a
-    # .jsonl / .parquet file / save_to_disk folder.
     source: str = "demo"
+    """"demo" (built-in letter-repeat task; "demo_next", "demo_mix": see dist_ft.tasks), or a .jsonl
+    / .parquet file / save_to_disk folder."""
     prompt_field: str = "prompt"
+    """The column that holds a row's prompt (text, or chat messages with template=chat)."""
     answer_field: str = "answer"
-    task_field: str = "task"  # which reward functions score a row; rows without it: "default"
+    """The column with the reference answer the reward functions compare against (GRPO), or the
+    target completion (SFT)."""
+    task_field: str = "task"
+    """which reward functions score a row; rows without it: "default"."""
     template: Literal["plain", "chat"] = "plain"
+    """"plain": plain_template with {prompt} filled in; "chat": the tokenizer's chat template with a
+    generation prompt."""
     plain_template: str = "{prompt}"
+    """The prompt text a plain-template row becomes; {prompt} is the row's prompt_field."""
     max_prompt_tokens: PosInt = 256
+    """A rendered prompt longer than this is a bad row (data.on_bad_row decides what happens to it).
+    A rendered prompt longer than this is a bad row (data.on_bad_row decides what happens to it)."""
     demo_size: PosInt = 256
-    # A malformed row fails the run before step 1 ("error", naming file, row and field), or is
-    # left out, counted and written to <output_dir>/rejects.jsonl ("skip").
+    """Rows of the built-in demo task (source=demo and friends)."""
     on_bad_row: Literal["error", "skip"] = "error"
-    # SFT and DPO: tokens per sequence (prompt + answer); longer ones are cut from the right
-    # and counted (metric "truncated").
+    """A malformed row fails the run before step 1 ("error", naming file, row and field), or is left
+    out, counted and written to <output_dir>/rejects.jsonl ("skip")."""
     max_length: PosInt = 1024
-    # SFT and DPO: the last this many good rows are held out and evaluated every
-    # run.eval_every steps (SFT: loss, and for rows with an answer the reward.functions' mean
-    # over sampled answers; DPO: loss and preference accuracy), never trained on.
+    """SFT and DPO: tokens per sequence (prompt + answer); longer ones are cut from the right and
+    counted (metric "truncated")."""
     eval_rows: NonNegInt = 0
+    """SFT and DPO: the last this many good rows are held out and evaluated every run.eval_every
+    steps (SFT: loss, and for rows with an answer the reward.functions' mean over sampled
+    answers; DPO: loss and preference accuracy), never trained on."""
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    # G completions per prompt
     group_size: Annotated[int, Range(ge=2, why="advantages are group-relative")] = 8
+    """G completions per prompt"""
     max_new_tokens: PosInt = 8
+    """The completion budget in tokens; also Dr.GRPO's constant normaliser."""
     temperature: PosFloat = 1.0
+    """Sampling temperature; the learner recomputes logprobs at it, so the importance ratio is 1
+    on-policy."""
     top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
-    # Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
-    # (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype.
+    """Nucleus sampling: 1 samples from the whole distribution (what the logprobs describe)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # The generation engine: "hf" (transformers generate; logprobs from its own pass), or a
-    # "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec).
+    """Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
+    (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype."""
     generator: str = "hf"
-    # fp32 LoRA: the "hf" engine decodes through W0 + scaling * B @ A (rollout/merged.py): 1.2x
-    # faster generation for a second copy of the adapted weights. false: peft adds B @ A x.
+    """The generation engine: "hf" (transformers generate; logprobs from its own pass), or a
+    "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec)."""
     merge_lora: bool = True
-    # Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the
-    # first included) they also re-export and hash what their model holds after loading, which
-    # costs a full export. Debug mode reads back every sync.
+    """fp32 LoRA: the "hf" engine decodes through W0 + scaling * B @ A (rollout/merged.py): 1.2x
+    faster generation for a second copy of the adapted weights. false: peft adds B @ A x."""
     read_back_every: PosInt = 10
+    """Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the first
+    included) they also re-export and hash what their model holds after loading, which costs a
+    full export. Debug mode reads back every sync."""
 
 
 @dataclass(frozen=True)
 class RewardFnConfig:
-    # A built-in verifier name (see dist_ft.rewards.BUILTIN) or "package.module:function".
     name: str
-    weight: Annotated[float, Range()] = 1.0  # any finite number; < 0 penalises
+    """A built-in verifier name (see dist_ft.rewards.BUILTIN) or "package.module:function"."""
+    weight: Annotated[float, Range()] = 1.0
+    """any finite number; < 0 penalises"""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)  # the tasks it scores; [] = every task
+    """Keyword arguments passed to the function on every call."""
+    tasks: list[str] = field(default_factory=list)
+    """the tasks it scores; [] = every task"""
 
 
 def _demo_rewards() -> list[RewardFnConfig]:
@@ -123,146 +149,186 @@ class JudgeConfig:
     rollout workers."""
 
     model: ModelConfig = field(default_factory=_judge_model)
-    constitution: str = "configs/constitutions/default.yaml"  # .yaml or .md list of principles
-    # pointwise: expected rating from the judge's next-token probabilities over ``ratings``;
-    # group: the judge sees the G completions of a prompt together; score = P(best).
+    """The judge model: a local HF directory, or "tiny" for the built-in model (tests and the demo).
+    The judge model: a local HF directory, or "tiny" for the built-in model (tests and the demo)."""
+    constitution: str = "configs/constitutions/default.yaml"
+    """.yaml or .md list of principles"""
     mode: Literal["pointwise", "group"] = "pointwise"
+    """pointwise: expected rating from the judge's next-token probabilities over ``ratings``; group:
+    the judge sees the G completions of a prompt together; score = P(best)."""
     ratings: list[str] = field(default_factory=lambda: ["1", "2", "3", "4", "5"])
-    template: str = ""  # "" = the built-in template of the mode
+    """Pointwise mode: the choices the judge rates with, each one token; valued float(r), or 1..K
+    when any is not a number."""
+    template: str = ""
+    """"" = the built-in template of the mode"""
     batch_size: PosInt = 16
-    actors: PosInt = 1  # Ray mode: judge actors, each placed on a rollout worker's node
+    """Judge queries per forward pass."""
+    actors: PosInt = 1
+    """Ray mode: judge actors, each placed on a rollout worker's node"""
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     functions: list[RewardFnConfig] = field(default_factory=_demo_rewards)
+    """The reward functions, summed with their weights into each sample's reward."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    timeout_s: PosFloat = 30.0  # per call of each function, for the whole batch it scores
-    # A sample whose reward raised, timed out or was NaN/inf: left out of the loss ("mask",
-    # its group's advantages come from the valid samples), scored 0 ("zero"), or fatal.
+    """The RLAIF judge, used when a reward function is named judge."""
+    timeout_s: PosFloat = 30.0
+    """per call of each function, for the whole batch it scores"""
     on_error: Literal["mask", "zero", "abort"] = "mask"
-    # The run stops when more than this share of a step's samples have a reward error for
-    # ``error_patience`` steps in a row: a broken reward should not train for hours.
+    """A sample whose reward raised, timed out or was NaN/inf: left out of the loss ("mask", its
+    group's advantages come from the valid samples), scored 0 ("zero"), or fatal."""
     max_error_rate: Annotated[float, Range(ge=0, le=1)] = 0.1
+    """The run stops when more than this share of a step's samples have a reward error for
+    ``error_patience`` steps in a row: a broken reward should not train for hours."""
     error_patience: PosInt = 3
+    """Steps in a row above max_error_rate before the run stops."""
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    # grpo (RL from rewards: `dist-ft train`), sft (demonstrations: `dist-ft sft`), dpo
-    # (preference pairs: `dist-ft dpo`): a name in algos/objective.py's OBJECTIVES. The commands
-    # set it; the other sections mean the same.
     objective: str = "grpo"
+    """grpo (RL from rewards: `dist-ft train`), sft (demonstrations: `dist-ft sft`), dpo (preference
+    pairs: `dist-ft dpo`): a name in algos/objective.py's OBJECTIVES. The commands set it; the
+    other sections mean the same."""
     loss: LossType = LossType.GRPO
-    # B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs
+    """The GRPO loss variant: grpo, dr_grpo (no length bias), dapo (token sum, clip-higher), gspo
+    (sequence ratio)."""
     prompts_per_step: PosInt = 8
-    scale_rewards: bool = True  # divide advantages by the group std; Dr.GRPO turns this off
-    # how a group's rewards become advantages: a name in algos/advantages.py's ADVANTAGES
+    """B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs"""
+    scale_rewards: bool = True
+    """divide advantages by the group std; Dr.GRPO turns this off"""
     advantage: str = "grpo"
+    """how a group's rewards become advantages: a name in algos/advantages.py's ADVANTAGES"""
     eps_low: Annotated[float, Range(ge=0, lt=1)] = 0.2
-    eps_high: NonNegFloat = 0.2  # DAPO's clip-higher uses 0.28
-    beta: NonNegFloat = 0.0  # KL(k3) coefficient against the reference policy; 0 skips ref logprobs
-    # SFT steps on answer-*shaped* targets before RL (built-in demo sources only): a random-init
-    # model first learns to answer with four identical letters, then RL learns which letter.
+    """Clip range below 1 of the importance ratio (PPO's epsilon)."""
+    eps_high: NonNegFloat = 0.2
+    """DAPO's clip-higher uses 0.28"""
+    beta: NonNegFloat = 0.0
+    """KL(k3) coefficient against the reference policy; 0 skips ref logprobs"""
     sft_warmup_steps: NonNegInt = 40
-    # Async rollouts: workers generate up to this many policy versions ahead of the learner.
-    # 0 is exactly on-policy (generate, train, sync, in turn); 1 overlaps generation of step
-    # s+1 with training on step s. No sample older than this is ever trained on.
+    """SFT steps on answer-*shaped* targets before RL (built-in demo sources only): a random-init
+    model first learns to answer with four identical letters, then RL learns which letter."""
     max_staleness: NonNegInt = 0
+    """Async rollouts: workers generate up to this many policy versions ahead of the learner. 0 is
+    exactly on-policy (generate, train, sync, in turn); 1 overlaps generation of step s+1 with
+    training on step s. No sample older than this is ever trained on."""
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    # 1e-3 is the demo's LoRA rate (LoRA wants ~10x the full fine-tuning rate). At 3e-3 the demo
-    # collapsed whole prompts onto one wrong letter within 100 steps on 3 of 4 seeds: a group of
-    # G identical wrong answers has zero advantage and never recovers.
-    # "auto": the rate of peft.method, 10x the full fine-tuning rate for LoRA (1e-3, as here)
-    # and the papers' ratios for the others (model.spec.auto_lr).
     lr: Annotated[float | Literal["auto"], Range(gt=0)] = 1e-3
+    """1e-3 is the demo's LoRA rate (LoRA wants ~10x the full fine-tuning rate). At 3e-3 the demo
+    collapsed whole prompts onto one wrong letter within 100 steps on 3 of 4 seeds: a group of G
+    identical wrong answers has zero advantage and never recovers. "auto": the rate of
+    peft.method, 10x the full fine-tuning rate for LoRA (1e-3, as here) and the papers' ratios
+    for the others (model.spec.auto_lr)."""
     weight_decay: NonNegFloat = 0.0
-    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = no clipping (DeepSpeed's convention)
+    """AdamW's decoupled weight decay."""
+    grad_clip: NonNegFloat = 1.0
+    """max global grad norm; 0 = no clipping (DeepSpeed's convention)"""
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients),
+    3 (+ parameters)."""
     offload: Literal["none", "cpu"] = "none"
-    # Gradient accumulation: the per-rank batch is split into this many micro-batches.
+    """"cpu": ZeRO keeps the optimizer state (and at stage 3 the parameters) in host memory."""
     micro_batches: PosInt = 1
-    # SFT and DPO pack each micro-batch's rows into fewer (block-causal mask): the same loss to
-    # float error, 2.0x faster a step on the tiny model at 19-130 tokens a row. GRPO and prefix
-    # tuning run padded (Learner._logprobs says why).
+    """Gradient accumulation: the per-rank batch is split into this many micro-batches."""
     pack: bool = True
+    """SFT and DPO pack each micro-batch's rows into fewer (block-causal mask): the same loss to
+    float error, 2.0x faster a step on the tiny model at 19-130 tokens a row. GRPO and prefix
+    tuning run padded (Learner._logprobs says why)."""
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
     mode: Literal["local", "ray"] = "local"
-    ray_address: str = "auto"  # for mode=ray: "auto" (inside a cluster) or HOST:PORT
+    """"local": everything in this process (debug mode, CPU or one GPU); "ray": rollout workers and
+    learners as Ray actors."""
+    ray_address: str = "auto"
+    """for mode=ray: "auto" (inside a cluster) or HOST:PORT"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # "auto": one per unit of the custom resource ``rollout`` when the cluster advertises it,
-    # else one per GPU the learners leave free, else one per node (1 in local mode).
+    """Where models run: "auto" is cuda when a GPU is visible, else cpu."""
     rollout_workers: Annotated[int | Literal["auto"], Range(ge=1)] = 1
+    """"auto": one per unit of the custom resource ``rollout`` when the cluster advertises it, else
+    one per GPU the learners leave free, else one per node (1 in local mode)."""
     learners: PosInt = 1
-    # Per actor; "auto" is 1 GPU per actor on CUDA and 0 on CPU.
+    """Learner ranks (one DeepSpeed data-parallel rank each); more than 1 needs mode=ray."""
     rollout_cpus: NonNegFloat = 1.0
+    """CPUs per rollout worker."""
     rollout_gpus: Annotated[float | Literal["auto"], Range(ge=0)] = "auto"
+    """GPUs per rollout worker; "auto": 1 on CUDA, 0 on CPU."""
     learner_cpus: NonNegFloat = 1.0
+    """CPUs per learner rank."""
     learner_gpus: Annotated[float | Literal["auto"], Range(ge=0)] = "auto"
-    # Put rollout worker i and learner rank i in one placement-group bundle (same node, and on
-    # GPUs the same device, half each): for clusters where generation and training share GPUs.
+    """GPUs per learner rank; "auto": 1 on CUDA, 0 on CPU."""
     colocate: bool = False
-    # fp32 linear layers on CPU: "onednn" runs large products on oneDNN (1.1-1.5x MKL's sgemm,
-    # same fp32 arithmetic: dist_ft/model/onednn.py), "torch" on torch's default. Not GPUs, not
-    # bf16.
+    """Put rollout worker i and learner rank i in one placement-group bundle (same node, and on GPUs
+    the same device, half each): for clusters where generation and training share GPUs."""
     cpu_linear: Literal["onednn", "torch"] = "onednn"
-    # How weight syncs reach the rollout workers: "auto" (in-process in local mode, Ray's object
-    # store on Ray), "inprocess", "object_store", or a dist_ft.sync.WeightTransport subclass of
-    # yours as package.module:Class (dist_ft/sync/base.py says which calls it gets, and when).
+    """fp32 linear layers on CPU: "onednn" runs large products on oneDNN (1.1-1.5x MKL's sgemm, same
+    fp32 arithmetic: dist_ft/model/onednn.py), "torch" on torch's default. Not GPUs, not bf16."""
     weight_transport: str = "auto"
-    # A rollout worker or learner rank that does not answer within this many seconds fails the
-    # run with its name, instead of hanging it.
+    """How weight syncs reach the rollout workers: "auto" (in-process in local mode, Ray's object
+    store on Ray), "inprocess", "object_store", or a dist_ft.sync.WeightTransport subclass of
+    yours as package.module:Class (dist_ft/sync/base.py says which calls it gets, and when)."""
     actor_timeout_s: PosFloat = 600.0
-    # Ray restarts a rollout worker that dies this many times; its lost groups are issued again.
+    """A rollout worker or learner rank that does not answer within this many seconds fails the run
+    with its name, instead of hanging it."""
     max_restarts: NonNegInt = 3
+    """Ray restarts a rollout worker that dies this many times; its lost groups are issued again."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"
+    """The run's name in metrics, wandb and the progress line."""
     steps: PosInt = 600
+    """Learner steps to train."""
     seed: NonNegInt = 0
+    """Seeds data order, sampling and initialisation: the same seed and config give the same run on
+    one machine."""
     output_dir: str = "runs/demo"
-    # wandb runs offline unless asked: nothing leaves the machine by default.
+    """Where the run writes config.yaml, metrics.jsonl, checkpoints and its final weights."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb runs offline unless asked: nothing leaves the machine by default."""
     wandb_project: str = "dist_ft"
+    """The wandb project the run logs to."""
     plot: bool = True
-    # Run checkpoints (every rank's DeepSpeed state + the run state) every N steps; 0 = off.
+    """Draw the run's curve to a PNG in output_dir at the end."""
     checkpoint_every: NonNegInt = 0
-    # SFT and DPO: evaluate the data.eval_rows held-out rows every N steps and at the end; 0 off.
+    """Run checkpoints (every rank's DeepSpeed state + the run state) every N steps; 0 = off."""
     eval_every: NonNegInt = 0
-    keep_checkpoints: NonNegInt = 2  # 0 keeps every one
-    # GRPO: this many of a step's sampled completions (its first group's first) with prompt,
-    # answer and rewards, to samples.jsonl and wandb, every tenth of the run; 0 = none.
+    """SFT and DPO: evaluate the data.eval_rows held-out rows every N steps and at the end; 0 off.
+    """
+    keep_checkpoints: NonNegInt = 2
+    """0 keeps every one"""
     log_samples: NonNegInt = 8
-    # "none", "auto" (the newest committed checkpoint under output_dir, if any) or a path.
+    """GRPO: this many of a step's sampled completions (its first group's first) with prompt, answer
+    and rewards, to samples.jsonl and wandb, every tenth of the run; 0 = none."""
     resume: str = "none"
-    # Resuming refuses a config whose training semantics differ from the checkpoint's.
+    """"none", "auto" (the newest committed checkpoint under output_dir, if any) or a path."""
     resume_allow_changes: bool = False
-    # A fresh run refuses an output_dir that holds another run's metrics or checkpoints (they
-    # would mix, and resume=auto would pick the old run's); true removes the old outputs first.
+    """Resuming refuses a config whose training semantics differ from the checkpoint's."""
     overwrite: bool = False
-    # Deterministic kernels and seeds: the same seed gives the same loss trajectory on CPU.
+    """A fresh run refuses an output_dir that holds another run's metrics or checkpoints (they would
+    mix, and resume=auto would pick the old run's); true removes the old outputs first."""
     deterministic: bool = False
+    """Deterministic kernels and seeds: the same seed gives the same loss trajectory on CPU."""
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """``dist-ft label``: RLAIF preference pairs, the policy's samples judged by the judge."""
 
-    # .jsonl or .parquet; "" = <run.output_dir>/labels.jsonl. Counts go to <stem>.meta.json.
     output: str = ""
-    # A pair is kept when the judge's position-debiased margin for chosen over rejected (in
-    # [-1, 1]: P(chosen named best | shown first) - P(rejected named best | shown first)) is at
-    # least this; the others are dropped and counted. The random-init tiny judge's are ~0.01.
+    """.jsonl or .parquet; "" = <run.output_dir>/labels.jsonl. Counts go to <stem>.meta.json."""
     min_margin: Annotated[float, Range(ge=-1, le=1)] = 0.1
-    prompts: NonNegInt = 0  # the first this many good rows of data.source; 0 = all of them
+    """A pair is kept when the judge's position-debiased margin for chosen over rejected (in [-1,
+    1]: P(chosen named best | shown first) - P(rejected named best | shown first)) is at least
+    this; the others are dropped and counted. The random-init tiny judge's are ~0.01."""
+    prompts: NonNegInt = 0
+    """the first this many good rows of data.source; 0 = all of them"""
 
     def __post_init__(self) -> None:
         if self.output and Path(self.output).suffix not in (".jsonl", ".parquet"):
@@ -272,16 +338,28 @@ class LabelConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
     peft: PeftSpec = field(default_factory=PeftSpec)
+    """What trains (peft.method) and its knobs; only the trained set syncs to the rollout workers.
+    What trains (peft.method) and its knobs; only the trained set syncs to the rollout workers."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the prompts (or demonstrations, or pairs) come from and how they are rendered."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How rollout workers sample: group size, budget, temperature, engine."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """How samples are scored: reward functions, the RLAIF judge, error policy."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    dpo: DPOParams = field(default_factory=DPOParams)  # algo.objective=dpo only
+    """The objective and its GRPO settings."""
+    dpo: DPOParams = field(default_factory=DPOParams)
+    """algo.objective=dpo only"""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The DeepSpeed learner: optimizer, ZeRO stage, micro-batches."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Where it runs: the only section that changes between a laptop, a Ray cluster and SLURM."""
     run: RunConfig = field(default_factory=RunConfig)
-    label: LabelConfig = field(default_factory=LabelConfig)  # `dist-ft label` only
+    """Steps, seed, outputs, logging, checkpoints."""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    """`dist-ft label` only"""
 
     def __post_init__(self) -> None:
         # Cross-field rules only: the loader has checked every key's own range before this runs,

@@ -34,32 +34,35 @@ class PeftSpec:
     rollout workers build their policy from."""
 
     method: PeftMethod = PeftMethod.LORA
-    # LoRA defaults follow Thinking Machines' "LoRA Without Regret" (Schulman et al., 2025):
-    # LoRA on every linear layer (MLP included; attention-only LoRA underperforms even at
-    # matched parameter count), and for RL even rank 1 matches full fine-tuning because a
-    # policy-gradient episode carries ~1 bit, so r=16 leaves headroom for SFT warm-up at little
-    # cost. alpha=32 fixed with peft's alpha/r scaling makes the best learning rate nearly
-    # independent of r, at ~10x the full fine-tuning rate (learner.lr: auto picks it).
-    # r is also VeRA's shared rank and the bottleneck adapter's width.
+    """What trains: none (full fine-tuning), lora, dora, qlora, lora_fa, vera, ia3, prefix, bitfit
+    or adapter."""
     r: PosInt = 16
+    """LoRA defaults follow Thinking Machines' "LoRA Without Regret" (Schulman et al., 2025): LoRA
+    on every linear layer (MLP included; attention-only LoRA underperforms even at matched
+    parameter count), and for RL even rank 1 matches full fine-tuning because a policy-gradient
+    episode carries ~1 bit, so r=16 leaves headroom for SFT warm-up at little cost. alpha=32
+    fixed with peft's alpha/r scaling makes the best learning rate nearly independent of r, at
+    ~10x the full fine-tuning rate (learner.lr: auto picks it). r is also VeRA's shared rank and
+    the bottleneck adapter's width."""
     alpha: PosInt = 32
-    # >0 makes learner and rollout logprobs differ at ratio 1
+    """LoRA's alpha; the update is scaled by alpha / r."""
     dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
-    # "all-linear" is peft's shortcut for every linear layer except the output head.
+    """>0 makes learner and rollout logprobs differ at ratio 1"""
     target_modules: str | list[str] = "all-linear"
-    # Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
-    # vocabulary changed). Empty keeps the adapter pure low-rank.
+    """"all-linear" is peft's shortcut for every linear layer except the output head."""
     modules_to_save: list[str] = field(default_factory=list)
-    # prefix: virtual tokens per layer (each a key and a value vector per layer).
+    """Modules trained in full next to the adapter and shipped with it (e.g. lm_head when the
+    vocabulary changed). Empty keeps the adapter pure low-rank."""
     num_virtual_tokens: PosInt = 16
-    # adapter: "houlsby" puts a bottleneck after every attention and MLP block, "pfeiffer"
-    # after every MLP block only (half the adapters, about the same quality in Pfeiffer 2020).
+    """prefix: virtual tokens per layer (each a key and a value vector per layer)."""
     adapter_style: Literal["houlsby", "pfeiffer"] = "houlsby"
-    # Several adapters on one base (lora, dora, qlora): {name: [data tasks]}. GRPO trains them
-    # in turn, a step each (step s trains the ((s - 1) mod n)-th, on prompts of its tasks
-    # alone); workers generate each step with its adapter, and a sync carries the adapters
-    # changed since the last one. {} = one adapter for every task.
+    """adapter: "houlsby" puts a bottleneck after every attention and MLP block, "pfeiffer" after
+    every MLP block only (half the adapters, about the same quality in Pfeiffer 2020)."""
     adapters: dict[str, list[str]] = field(default_factory=dict)
+    """Several adapters on one base (lora, dora, qlora): {name: [data tasks]}. GRPO trains them in
+    turn, a step each (step s trains the ((s - 1) mod n)-th, on prompts of its tasks alone);
+    workers generate each step with its adapter, and a sync carries the adapters changed since
+    the last one. {} = one adapter for every task."""
 
 
 class TinyShape(Protocol):
