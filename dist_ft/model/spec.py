@@ -14,7 +14,7 @@ from dist_ft.ranges import PosInt, Range
 
 
 class PeftMethod(str, enum.Enum):
-    """What trains; ``dist_ft.peft_methods`` builds each (its docstring has the table)."""
+    """What trains; ``dist_ft.model.peft`` builds each (its docstring has the table)."""
 
     NONE = "none"  # full fine-tuning
     LORA = "lora"

@@ -268,7 +268,8 @@ def test_a_4bit_base_leaves_no_view_of_the_checkpoint_mapped(tiny_path):
     file = (Path(tiny_path) / "model.safetensors").resolve()
     code = (
         "import torch, pathlib\n"
-        "from dist_ft.models import PeftMethod, PeftSpec, load_policy\n"
+        "from dist_ft.model.loading import load_policy\n"
+        "from dist_ft.model.spec import PeftMethod, PeftSpec\n"
         f"m = load_policy({str(tiny_path)!r}, 'float32', PeftSpec(method=PeftMethod.QLORA), "
         "torch.device('cpu'))\n"
         "print(sum(p.numel() for p in m.parameters()))\n"
