@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import terminal_sigint
 
 DIST_FT = Path(sys.executable).with_name("dist-ft")  # the console script pip installed
@@ -74,7 +73,6 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert err.strip() == "dist-ft: interrupted"
 
 
-@pytest.mark.slow
 def test_ctrl_c_during_training_prints_no_traceback(tmp_path):
     proc = subprocess.Popen(
         [

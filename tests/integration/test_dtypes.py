@@ -108,7 +108,6 @@ def test_every_accepted_dtype_pair_trains_and_syncs_bit_exactly_in_debug_mode(
     check_run(metrics, syncs, model_dtype, rollout_dtype, workers=1)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("peft", ["lora", "none"])
 @pytest.mark.parametrize(
     ("model_dtype", "rollout_dtype"), [("bfloat16", "auto"), ("float32", "bfloat16")]

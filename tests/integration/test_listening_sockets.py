@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
 SHORT = ["run.steps=3", "algo.sft_warmup_steps=1", "run.wandb=disabled", "run.plot=false"]
@@ -65,7 +64,6 @@ def test_a_debug_run_listens_on_loopback_only(tmp_path):
     assert {ip for _, ip, _ in seen} == {"127.0.0.1"}
 
 
-@pytest.mark.slow
 def test_a_private_ray_run_listens_on_loopback_only(tmp_path):
     seen = run_and_watch(
         tmp_path / "run",

@@ -23,7 +23,6 @@ CONSTITUTION = "configs/constitutions/default.yaml"
 STEPS = 300
 
 
-@pytest.mark.slow
 def test_both_tasks_rewards_rise_in_the_mixture(tmp_path):
     out = tmp_path / "mix"
     overrides = ["run.wandb=disabled", f"run.steps={STEPS}", f"run.output_dir={out}"]

@@ -58,7 +58,6 @@ def checkpoints(out: Path) -> list[str]:
 # ---------------------------------------------------------------- a reward that stays 0; finish
 
 
-@pytest.mark.slow
 def test_reward_that_is_always_0_is_plotted_and_the_run_ends_with_its_summary(tmp_path):
     out = tmp_path / "zero"
     rc, stdout, stderr = run(
@@ -69,7 +68,6 @@ def test_reward_that_is_always_0_is_plotted_and_the_run_ends_with_its_summary(tm
     assert (out / "reward.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_failure_while_finishing_is_a_warning_not_a_lost_run(tmp_path):
     out = tmp_path / "run"
     (out / "reward.png").mkdir(parents=True)  # where the plot goes: savefig fails
@@ -83,7 +81,6 @@ def test_failure_while_finishing_is_a_warning_not_a_lost_run(tmp_path):
 # ---------------------------------------------------------------- an output dir that holds a run
 
 
-@pytest.mark.slow
 def test_fresh_run_refuses_a_directory_holding_another_run_and_resume_says_what_it_took(tmp_path):
     out = tmp_path / "run"
     ckpt = ["run.checkpoint_every=1", "run.keep_checkpoints=1", "run.plot=false"]
@@ -111,7 +108,6 @@ def test_fresh_run_refuses_a_directory_holding_another_run_and_resume_says_what_
     assert steps(out) == [1, 2, 3]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     "overwrite" not in {f.name for f in dataclasses.fields(RunConfig)},
     reason="run.overwrite is not in RunConfig yet",
@@ -131,7 +127,6 @@ def test_overwrite_replaces_the_old_run_so_resume_never_picks_its_checkpoints(tm
 # ---------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.slow
 def test_ctrl_c_keeps_the_adapter_trained_so_far(tmp_path, tiny_path):
     out = tmp_path / "run"
     proc = launch(out, "run.steps=500", "run.checkpoint_every=0", "run.plot=false")
@@ -186,7 +181,6 @@ def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_sigterm_saves_the_adapter_and_a_checkpoint_that_resume_continues(tmp_path):
     """SLURM's time limit, scancel, `timeout`, a Kubernetes eviction: SIGTERM is Ctrl-C, with
     exit code 143, and with checkpoints on the run continues from the step it had reached."""
@@ -229,7 +223,6 @@ def test_sigterm_saves_the_adapter_and_a_checkpoint_that_resume_continues(tmp_pa
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
 def test_damaged_commit_falls_back_and_all_corrupt_refuses_keeping_the_history(tmp_path):
     out = tmp_path / "run"
     rc, _, stderr = run(out, *CKPT, "run.steps=3")
@@ -291,7 +284,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
-@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_says_so_removes_the_partial_keeps_the_rest(small_disk):
     from dist_ft.run.checkpoint import verify
 
@@ -314,7 +306,6 @@ def test_disk_full_during_a_checkpoint_says_so_removes_the_partial_keeps_the_res
     assert status(out)["reason"].startswith("CheckpointError: no space left on")
 
 
-@pytest.mark.slow
 def test_a_process_that_vanished_with_exit_0_is_told_apart_and_not_exported(tmp_path):
     out = tmp_path / "run"
     rc, _, _ = run(out, "reward.functions=[{name: 'reward_fns:exits_quietly'}]", "run.steps=5")

@@ -155,7 +155,6 @@ def granted(role, index, resources, bundle):
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, overrides",
     [

@@ -143,7 +143,6 @@ def loopback(ip: str) -> bool:
     return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only_and_keeps_its_token_private(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # A fresh HOME, so Ray creates the token; a short private RAY_TMPDIR (socket paths must
@@ -183,7 +182,6 @@ else:
 """
 
 
-@pytest.mark.slow
 def test_explicit_address_connects_or_says_a_token_is_missing(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")

@@ -122,7 +122,6 @@ def stop_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
 def test_wrong_length_stops_a_mask_run_at_step_1_with_the_reason(tmp_path):
     out = tmp_path / "run"
     fn = "reward_fns:three_values"
@@ -136,7 +135,6 @@ def test_wrong_length_stops_a_mask_run_at_step_1_with_the_reason(tmp_path):
     assert "NaN" not in (out / "metrics.jsonl").read_text()
 
 
-@pytest.mark.slow
 def test_wrong_signature_aborts_with_the_reason(tmp_path):
     fn = "reward_fns:wrong_signature"
     r = run_demo(
@@ -151,7 +149,6 @@ def test_wrong_signature_aborts_with_the_reason(tmp_path):
     assert f"step 1: {reason}" in stop_line(r.stderr)
 
 
-@pytest.mark.slow
 def test_error_rate_over_patience_stops_the_run_naming_the_function_and_reason(tmp_path):
     out = tmp_path / "run"
     r = run_demo(
@@ -171,7 +168,6 @@ def test_error_rate_over_patience_stops_the_run_naming_the_function_and_reason(t
     assert rows[0]["reward/errors/reward_fns:raises"] == 64
 
 
-@pytest.mark.slow
 def test_a_run_whose_reward_never_worked_does_not_exit_0(tmp_path):
     """Shorter than reward.error_patience and scored 0 where it failed: before issue #9 this run
     exited 0. A plot that fails while finishing does not replace the error (nor stop shutdown)."""

@@ -46,7 +46,6 @@ def test_no_sample_older_than_max_staleness(tmp_path, max_staleness):
         assert m["rollout_seconds"] >= 64 / m["rollout/worker0_samples_per_s"], m
 
 
-@pytest.mark.slow
 def test_bad_rows_skip_trains_like_the_clean_dataset_and_error_fails_before_step_1(tmp_path):
     dirty, clean = tmp_path / "dirty.jsonl", tmp_path / "clean.jsonl"
     first_row, first_field = write_bad_dataset(dirty, n_good=150, n_bad=100, seed=9)
@@ -64,7 +63,6 @@ def test_bad_rows_skip_trains_like_the_clean_dataset_and_error_fails_before_step
     assert losses(tmp_path / "skip") == losses(tmp_path / "clean")
 
 
-@pytest.mark.slow
 def test_rlaif_demo_raises_the_judge_score(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the constitution path in the recipe is relative to the repo
     summary = run(tmp_path / "rlaif", config=ROOT / "configs" / "rlaif_demo.yaml")

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -19,28 +17,24 @@ def run(script: str, *args: str) -> str:
     return r.stdout
 
 
-@pytest.mark.slow
 def test_sync_bytes_bench_estimate_matches_a_real_export():
     out = run("sync_bytes.py")
     assert "matches the estimate" in out
     assert re.search(r"7B .* [\d,]+ +[\d,]+ +\d+\.\dx", out)
 
 
-@pytest.mark.slow
 def test_rollout_scaling_bench_reports_both_actor_counts():
     out = run("rollout_scaling.py", "--steps", "1", "--prompts", "4")
     assert re.search(r"1 rollout actor : +\d+\.\d samples/s", out)
     assert re.search(r"2 rollout actors: +\d+\.\d samples/s +\(\d+\.\d\dx\)", out)
 
 
-@pytest.mark.slow
 def test_payload_bytes_bench_reports_the_ratio_to_the_minimum():
     out = run("payload_bytes.py")
     assert re.search(r"payload: +\d+\.\d B/sample", out)
     assert re.search(r"ratio: +\d+\.\d\dx", out)
 
 
-@pytest.mark.slow
 def test_sync_seconds_bench_reports_both_paths_for_lora_and_full():
     out = run("sync_seconds.py", "--layers", "2", "--repeats", "1")
     span = r"\d+\.\d{3} \[\d+\.\d{3}-\d+\.\d{3}\]"
@@ -53,7 +47,6 @@ def test_sync_seconds_bench_reports_both_paths_for_lora_and_full():
         ), out
 
 
-@pytest.mark.slow
 def test_peft_memory_bench_reports_a_row_per_method():
     out = run("peft_memory.py", "--methods", "lora,none", "--samples", "2", "--tokens", "16")
     mib = r"\d+\.\d"

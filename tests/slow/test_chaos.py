@@ -62,7 +62,6 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_rollout_actors_killed_at_steps_2_and_4_lose_nothing(tmp_path):
     ref, run = tmp_path / "fault_free", tmp_path / "chaos"
     proc = launch(ref)
@@ -91,7 +90,6 @@ def test_rollout_actors_killed_at_steps_2_and_4_lose_nothing(tmp_path):
     assert losses(run) == losses(ref)
 
 
-@pytest.mark.slow
 def test_stalled_rollout_actor_is_named_within_the_timeout(tmp_path):
     out = tmp_path / "stall"
     timeout_s = 45  # also bounds actor start-up (imports, model load) on a busy 2-core machine
@@ -113,7 +111,6 @@ def test_stalled_rollout_actor_is_named_within_the_timeout(tmp_path):
     assert not alive(victim)
 
 
-@pytest.mark.slow
 def test_an_aborted_rollout_actor_is_noticed_in_seconds_not_at_the_timeout(tmp_path):
     """SIGABRT (a native crash, "Mutex corrupt") on a rollout worker: its share is issued
     again with a line naming it, and the run goes on long before resources.actor_timeout_s."""
@@ -158,7 +155,6 @@ def startup_error(tiny_path: str, *overrides: str, **kwargs) -> str:
         ray.shutdown()
 
 
-@pytest.mark.slow
 def test_an_actor_that_cannot_be_placed_is_named_with_the_resource_missing(tiny_path):
     assert startup_error(tiny_path, rollout_gpus=1) == (
         "rollout[0] not placed: it asks 1 CPU + 1 GPU; no live node has 1 GPU (the largest "
@@ -166,7 +162,6 @@ def test_an_actor_that_cannot_be_placed_is_named_with_the_resource_missing(tiny_
     )
 
 
-@pytest.mark.slow
 def test_an_actor_still_in_its_init_is_named_as_placed_and_starting(tiny_path):
     msg = startup_error(tiny_path, "rollout.generator=generators:SlowStart")
     assert msg.startswith("rollout[0] placed (pid "), msg

@@ -5,13 +5,11 @@
 import json
 import subprocess
 
-import pytest
 import torch
 from readme import ROOT, readme_command
 from safetensors.torch import load_file
 
 
-@pytest.mark.slow
 def test_demo_reward_rises_and_outputs_are_written(tiny_path):
     out = ROOT / "runs" / "demo"  # the built-in run.output_dir, relative to where make runs
     r = subprocess.run(

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
 
 
@@ -29,7 +27,6 @@ def fetch(cache: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_fetch_model_builds_a_plain_llama_with_a_chat_template_once(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

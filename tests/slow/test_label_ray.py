@@ -3,15 +3,12 @@
 import json
 from pathlib import Path
 
-import pytest
-
 from dist_ft.data import load_rows, prepare_preferences
 from dist_ft.model.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_label_on_ray_with_two_workers_and_the_judge_as_its_own_actor(
     tmp_path, monkeypatch, tiny_path
 ):

@@ -6,12 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.mark.slow
 def test_peer_trl_bench_reports_both_frameworks_and_their_ratio(tmp_path):
     table = tmp_path / "peer.md"
     work = str(tmp_path / "runs")

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import psutil
-import pytest
 from conftest import free_port, session_procs, start_ray_node, stop_session
 
 from dist_ft.cluster.connect import check_gcs
@@ -61,7 +60,6 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.slow
 def test_ray_tests_pass_beside_an_unrelated_head_and_a_stale_address_file(tmp_path):
     # Short dirs: Ray's unix sockets live under them and their paths must fit in 107 bytes.
     head_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -98,7 +96,6 @@ def test_ray_tests_pass_beside_an_unrelated_head_and_a_stale_address_file(tmp_pa
         shutil.rmtree(tests_tmp, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_ray_stop_script_stops_its_cluster_alone():
     """launch/ray_stop.py PORT (the README's teardown) stops the head at PORT, every process of
     it, and leaves another head running."""

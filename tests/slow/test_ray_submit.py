@@ -41,7 +41,6 @@ def in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("earlier_local_run", [False, True], ids=["fresh", "token-left"])
 def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
     start = readme_command("ray", "start", "--head")

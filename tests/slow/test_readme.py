@@ -31,7 +31,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from readme import ROOT, readme_lines
 
 # Commands a dedicated test runs (reading them from README.md): prefix -> that test.
@@ -97,7 +96,6 @@ def fresh_copy(dest: Path) -> None:
     (dest / ".venv").symlink_to(ROOT / ".venv")
 
 
-@pytest.mark.slow
 def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
     repo, home = tmp_path / "repo", tmp_path / "home"
     home.mkdir()

@@ -85,7 +85,6 @@ def assert_equal_tree(a, b, where: str = "") -> None:
             assert_equal_tree(x, y, f"{where}[{i}]")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_kill_mid_run_and_mid_checkpoint_then_resume_is_exact(tmp_path, deterministic):
     """Deterministic mode reseeds sampling per share; otherwise the checkpoint carries the
@@ -148,7 +147,6 @@ def test_resume_refuses_changed_recipe_and_names_the_key(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 def test_sft_killed_mid_run_resumes_bit_exact(tmp_path):
     """`dist-ft sft`, SIGKILLed after its step-3 checkpoint, resumed: the same losses and the
     same adapter, bit for bit, as the run that was never stopped."""

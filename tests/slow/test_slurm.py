@@ -257,7 +257,6 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_readme_sbatch_line_completes_and_leaves_no_ray(slurm):
     start = time.monotonic()
     job = slurm.submit("run.steps=3", "algo.sft_warmup_steps=1")
@@ -279,7 +278,6 @@ def test_readme_sbatch_line_completes_and_leaves_no_ray(slurm):
     print(f"sbatch -> COMPLETED in {time.monotonic() - start:.0f} s")
 
 
-@pytest.mark.slow
 def test_scancel_mid_run_stops_the_job_and_its_ray(slurm):
     job = slurm.submit()  # the demo's 600 steps: still running when cancelled
     metrics = job.dir / "run" / "metrics.jsonl"
@@ -304,7 +302,6 @@ def test_scancel_mid_run_stops_the_job_and_its_ray(slurm):
     print(f"scancel -> CANCELLED with no process left in {cancelled_s:.0f} s")
 
 
-@pytest.mark.slow
 def test_a_config_too_big_for_the_grant_fails_fast_with_the_numbers(slurm):
     start = time.monotonic()
     # 2 rollout workers + 1 learner at 1 CPU each, on the 2 CPUs the README line asks for.
