@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_ft.algos.objective import OBJECTIVES
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
@@ -272,8 +273,8 @@ class RayCluster:
             for a in self.requests.of("rollout")
         ]
         self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
-        actors = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
-        self._info = {kind: self._started(kind, group) for kind, group in actors.items()}
+        groups = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
+        self._info = {kind: self._started(kind, group) for kind, group in groups.items()}
         self._start_learners(learner)
         self._update: Published | None = None  # the latest weights, as published
         self._syncs = 0
@@ -457,7 +458,7 @@ class RayCluster:
 
     # ------------------------------------------------------------------ learning
     def train_step(self, batch: ScoredBatch, objective: str) -> dict[str, float]:
-        shards = balanced_shards(batch, len(self.learners), objective.whole_groups)
+        shards = balanced_shards(batch, len(self.learners), OBJECTIVES[objective].whole_groups)
         per_rank = self._learners_get(
             [h.step.remote(s, objective) for h, s in zip(self.learners, shards)]
         )

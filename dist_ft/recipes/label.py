@@ -171,7 +171,7 @@ def label(cfg: Config) -> dict[str, Any]:
         **provenance,
         "judge_mode": cfg.reward.judge.mode,
         "constitution": {
-            "path": judge["constitution"],
+            "path": judge.constitution,
             "name": constitution.name,
             "principles": constitution.principles,
         },

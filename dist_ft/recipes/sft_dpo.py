@@ -276,7 +276,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
         state,
         shown=shown,
         plotted=("loss", *shown[1:]),
-        plot_name=f"{objective.value}.png",
+        plot_name=f"{objective}.png",
     )
     final_dir = out / ("adapter" if cfg.peft.method.value != "none" else "model")
     done = state.get("step", 0)
