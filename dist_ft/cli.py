@@ -328,7 +328,7 @@ def preflight(cfg: Config, samples: bool = False) -> None:
 
         check_address(cfg.resources.ray_address)
     # The reward functions score samples: GRPO's, those `dist-ft label` judges (``samples``), and
-    # SFT's held-out answers when it evaluates (offline.answer_prompts)
+    # SFT's held-out answers when it evaluates (recipes.sft_dpo.answer_prompts)
     objective = cfg.algo.objective
     sft_eval = objective == "sft" and cfg.run.eval_every > 0 and cfg.data.eval_rows > 0
     scored = samples or objective == "grpo" or sft_eval

@@ -1,6 +1,6 @@
 """Numeric ranges for config keys and component specs, declared with the field
 (``Annotated[int, Range(ge=1)]``) and checked by the config loader. No dependencies, so a
-component module can declare its spec's ranges without importing ``config.py``."""
+component module can declare its spec's ranges without importing ``dist_ft.config``."""
 
 from __future__ import annotations
 

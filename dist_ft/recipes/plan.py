@@ -107,7 +107,7 @@ def describe_plan(cfg: Config) -> str:
 
         from dist_ft.cluster.ray import probe_nodes
 
-        # "auto" resolves as the driver will (trainer.resolve_device); an explicit "cuda" is
+        # "auto" resolves as the driver will (run.specs.resolve_device); an explicit "cuda" is
         # planned as asked even on a machine without one, which only plans.
         gpu = res.device == "cuda" or (res.device == "auto" and torch.cuda.is_available())
         spec = actor_spec(cfg, gpu)

@@ -1,4 +1,4 @@
-"""SFT and preference rows (dist_ft/data.py) and packing (dist_ft/packing.py). No model: the
+"""SFT and preference rows (dist_ft/data.py) and packing (dist_ft/wire/packing.py). No model: the
 tiny character-level tokenizer is built in memory, so every expected token position is exact (one
 character, one token)."""
 
