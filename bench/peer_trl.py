@@ -118,10 +118,10 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
         max_completion_length=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
-        beta=cfg.algo.beta,
-        loss_type=cfg.algo.loss.value,
-        epsilon=cfg.algo.eps_low,
-        epsilon_high=cfg.algo.eps_high,
+        beta=cfg.grpo.beta,
+        loss_type=cfg.grpo.loss.value,
+        epsilon=cfg.grpo.eps_low,
+        epsilon_high=cfg.grpo.eps_high,
         learning_rate=cfg.learner.lr,
         weight_decay=cfg.learner.weight_decay,
         max_grad_norm=cfg.learner.grad_clip,
@@ -420,8 +420,8 @@ def main() -> None:
     args.settings = (
         f"B={cfg.algo.prompts_per_step} prompts x G={cfg.rollout.group_size} = "
         f"{cfg.samples_per_step} samples/step, {cfg.rollout.max_new_tokens} new tokens, "
-        f"{p.method.value} r={p.r} alpha={p.alpha} {p.target_modules}, beta {cfg.algo.beta:g}, "
-        f"{cfg.model.dtype}, loss {cfg.algo.loss.value}"
+        f"{p.method.value} r={p.r} alpha={p.alpha} {p.target_modules}, beta {cfg.grpo.beta:g}, "
+        f"{cfg.model.dtype}, loss {cfg.grpo.loss.value}"
     )
     args.load = [os.getloadavg()[0]]
     if args.model in MODELS:

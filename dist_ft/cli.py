@@ -183,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("sft", "dpo"):  # the command names the objective, whatever the YAML says
         overrides = [*overrides, f"algo.objective={args.command}"]
     if args.command == "label":  # it trains nothing: the demo task's format warm-up is moot
-        overrides = [*overrides, "algo.sft_warmup_steps=0"]
+        overrides = [*overrides, "grpo.sft_warmup_steps=0"]
     cfg = load_config(getattr(args, "config", None), overrides)
     if args.command == "demo":
         cfg = demo_replaces(cfg, overrides)

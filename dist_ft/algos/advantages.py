@@ -1,10 +1,10 @@
-"""Advantage estimators by name (``algo.advantage``): each turns a group's rewards into its
+"""Advantage estimators by name (``grpo.advantage``): each turns a group's rewards into its
 samples' advantages. One function (pure torch, in ``algos/``) plus one line in
 :data:`ADVANTAGES`; the registry holds import paths, so the config checks names without torch.
 
 An estimator is ``fn(rewards_BG, scale=..., valid_BG=...) -> advantages_BG``: rewards [B, G]
 (B groups, G slots), ``valid_BG`` [B, G] bool marks the samples whose reward exists (the others
-enter no statistic and get 0), ``scale`` is ``algo.scale_rewards``. Always finite.
+enter no statistic and get 0), ``scale`` is ``grpo.scale_rewards``. Always finite.
 """
 
 from __future__ import annotations

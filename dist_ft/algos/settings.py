@@ -1,4 +1,4 @@
-"""The settings of each objective's loss, without torch: the config's ``algo:`` and ``dpo:``
+"""The settings of each objective's loss, without torch: the config's ``grpo:`` and ``dpo:``
 sections hold these types, and the losses in ``grpo.py`` and ``dpo.py`` take them."""
 
 from __future__ import annotations

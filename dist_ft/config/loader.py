@@ -110,6 +110,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not user error
 
 
+# Keys that moved, old -> new: a config written for an older dist_ft gets the new name.
+MOVED = {
+    f"algo.{k}": f"grpo.{k}"
+    for k in (
+        *("loss", "scale_rewards", "advantage", "eps_low", "eps_high", "beta"),
+        *("sft_warmup_steps", "max_staleness"),
+    )
+}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = dataclasses.fields(cls)
@@ -117,6 +127,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
+            if full in MOVED:
+                raise ConfigError(
+                    f"config key '{full}' is now '{MOVED[full]}' (each objective's settings have "
+                    "their own section): rename it",
+                    keys=(full,),
+                )
             valid = [f"{prefix}.{n}" if prefix else n for n in names]
             close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {names}"

@@ -187,15 +187,23 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
+    """What every objective shares: which one runs, and how many prompts a step takes."""
+
     objective: str = "grpo"
     """grpo (RL from rewards: `dist-ft train`), sft (demonstrations: `dist-ft sft`), dpo (preference
-    pairs: `dist-ft dpo`): a name in algos/objective.py's OBJECTIVES. The commands set it; the
-    other sections mean the same."""
+    pairs: `dist-ft dpo`): a name in algos/objective.py's OBJECTIVES. The commands set it; each
+    objective's own settings are in its section (grpo:, dpo:)."""
+    prompts_per_step: PosInt = 8
+    """B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs"""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO and its variants (algo.objective=grpo, and `dist-ft label`'s sampling)."""
+
     loss: LossType = LossType.GRPO
     """The GRPO loss variant: grpo, dr_grpo (no length bias), dapo (token sum, clip-higher), gspo
     (sequence ratio)."""
-    prompts_per_step: PosInt = 8
-    """B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs"""
     scale_rewards: bool = True
     """divide advantages by the group std; Dr.GRPO turns this off"""
     advantage: str = "grpo"
@@ -349,9 +357,11 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     """How samples are scored: reward functions, the RLAIF judge, error policy."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    """The objective and its GRPO settings."""
+    """Which objective runs and the prompts a step takes."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO's settings: loss variant, advantages, clipping, KL, warm-up, staleness."""
     dpo: DPOParams = field(default_factory=DPOParams)
-    """algo.objective=dpo only"""
+    """DPO's settings (algo.objective=dpo only): loss variant, beta, label smoothing."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The DeepSpeed learner: optimizer, ZeRO stage, micro-batches."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -364,10 +374,10 @@ class Config:
     def __post_init__(self) -> None:
         # Cross-field rules only: the loader has checked every key's own range before this runs,
         # so nothing here divides by zero.
-        if self.algo.advantage not in ADVANTAGES:
+        if self.grpo.advantage not in ADVANTAGES:
             raise ConfigError(
-                f"algo.advantage={self.algo.advantage!r}: one of {', '.join(ADVANTAGES)}",
-                keys=("algo.advantage",),
+                f"grpo.advantage={self.grpo.advantage!r}: one of {', '.join(ADVANTAGES)}",
+                keys=("grpo.advantage",),
             )
         if self.algo.objective not in OBJECTIVES:
             raise ConfigError(
@@ -395,11 +405,11 @@ class Config:
                     "learner.micro_batches",
                 ),
             )
-        if grpo and self.algo.sft_warmup_steps and self.data.source not in DEMO_SOURCES:
+        if grpo and self.grpo.sft_warmup_steps and self.data.source not in DEMO_SOURCES:
             raise ConfigError(
-                f"algo.sft_warmup_steps={self.algo.sft_warmup_steps} is the built-in demo's "
-                f"format warm-up; set algo.sft_warmup_steps=0 for data.source={self.data.source}",
-                keys=("algo.sft_warmup_steps", "data.source"),
+                f"grpo.sft_warmup_steps={self.grpo.sft_warmup_steps} is the built-in demo's "
+                f"format warm-up; set grpo.sft_warmup_steps=0 for data.source={self.data.source}",
+                keys=("grpo.sft_warmup_steps", "data.source"),
             )
         res = self.resources
         if res.colocate and res.rollout_workers not in ("auto", res.learners):

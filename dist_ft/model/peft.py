@@ -6,7 +6,7 @@ Learners and rollout workers both build through :func:`apply_method` (via
 construction. What each method trains, syncs and uses as its KL reference:
 
 ============  =====================================  =======================================
-method        trains (and syncs)                     reference logprobs (``algo.beta > 0``)
+method        trains (and syncs)                     reference logprobs (``grpo.beta > 0``)
 ============  =====================================  =======================================
 none          every weight                           a frozen copy of the start (rollout/hf)
 lora, dora    peft's ``lora_A``/``lora_B`` (+ DoRA   peft's ``disable_adapter``

@@ -42,7 +42,7 @@ def train(cfg: Config) -> dict[str, Any]:
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     torch.use_deterministic_algorithms(cfg.run.deterministic)
-    a = cfg.algo
+    a = cfg.grpo
 
     # ---- data: validate and render every row now, so a bad row costs no compute
     model_path = resolve_model_path(cfg.model.path, cfg.model.tiny)

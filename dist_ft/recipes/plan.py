@@ -149,7 +149,7 @@ def describe_plan(cfg: Config) -> str:
         cfg.data.max_prompt_tokens,
         cfg.rollout.max_new_tokens,
         len(cfg.reward.functions),
-        ref=cfg.algo.beta > 0,
+        ref=cfg.grpo.beta > 0,
         group_size=g,
         adapters=bool(cfg.peft.adapters),
     )

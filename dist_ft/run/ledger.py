@@ -34,7 +34,7 @@ class Ledger:
         self.issued: dict[int, list[int]] = {}  # step -> prompt indices issued for it
         self.trained: set[SampleId] = set()
         self.duplicates = 0  # samples that arrived again and were dropped
-        self.too_stale = 0  # samples dropped for exceeding algo.max_staleness
+        self.too_stale = 0  # samples dropped for exceeding grpo.max_staleness
 
     def issue(self, step: int, prompt_indices: list[int]) -> None:
         self.issued[step] = list(prompt_indices)

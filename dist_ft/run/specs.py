@@ -69,7 +69,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
-            need_ref_logprobs=cfg.algo.beta > 0,
+            need_ref_logprobs=cfg.grpo.beta > 0,
             trust_remote_code=cfg.model.trust_remote_code,
             cpu_linear=cfg.resources.cpu_linear,
             merge_lora=cfg.rollout.merge_lora,
@@ -80,8 +80,8 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         reward_tasks=[f.tasks for f in cfg.reward.functions],
         reward_timeout_s=cfg.reward.timeout_s,
         on_reward_error=cfg.reward.on_error,
-        scale_rewards=cfg.algo.scale_rewards,
-        advantage=cfg.algo.advantage,
+        scale_rewards=cfg.grpo.scale_rewards,
+        advantage=cfg.grpo.advantage,
         seed=cfg.run.seed,
         deterministic=cfg.run.deterministic,
     )
@@ -111,10 +111,10 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
 
 def loss_params(cfg: Config) -> LossParams:
     return LossParams(
-        loss_type=cfg.algo.loss,
-        eps_low=cfg.algo.eps_low,
-        eps_high=cfg.algo.eps_high,
-        beta=cfg.algo.beta,
+        loss_type=cfg.grpo.loss,
+        eps_low=cfg.grpo.eps_low,
+        eps_high=cfg.grpo.eps_high,
+        beta=cfg.grpo.beta,
         max_tokens=cfg.rollout.max_new_tokens,
     )
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 LINE_EVERY_S = 30.0  # off a terminal, a progress line at least this often, whatever the steps
 # What an all-zero panel of the plot says, by metric (else "0 at every step")
-ZERO_NOTES = {"kl": "0 at every step: no KL term (algo.beta=0)"}
+ZERO_NOTES = {"kl": "0 at every step: no KL term (grpo.beta=0)"}
 SHOWN_CHARS = 160  # of a prompt or completion, in the one sample a log line shows
 
 

@@ -113,7 +113,7 @@ def test_a_run_with_two_adapters_exports_and_merges_each(tmp_path, capsys):
     overrides = ["run.wandb=disabled", "run.steps=2", f"run.output_dir={run}"]
     train(
         load_config(
-            ROOT / "configs" / "adapters_demo.yaml", [*overrides, "algo.sft_warmup_steps=1"]
+            ROOT / "configs" / "adapters_demo.yaml", [*overrides, "grpo.sft_warmup_steps=1"]
         )
     )
     assert sorted(p.name for p in (run / "adapter").iterdir() if p.is_dir()) == ["next", "repeat"]
@@ -149,7 +149,7 @@ def test_a_resumed_adapters_run_continues_the_turns_exactly(tmp_path):
             f"run.steps={steps}",
             "run.checkpoint_every=1",
             "run.deterministic=true",
-            "algo.sft_warmup_steps=0",
+            "grpo.sft_warmup_steps=0",
             "algo.prompts_per_step=4",
             *extra,
         ]

@@ -96,7 +96,7 @@ ROWS = [
     override("learner.micro_batches=0", "learner.micro_batches=0: must be >= 1"),
     override("run.steps=0", "run.steps=0: must be >= 1"),
     override("run.steps=-3", "run.steps=-3: must be >= 1"),
-    override("algo.beta=-0.1", "algo.beta=-0.1: must be >= 0"),
+    override("grpo.beta=-0.1", "grpo.beta=-0.1: must be >= 0"),
     override("rollout.top_p=0", "rollout.top_p=0: must be in (0, 1]"),
     override("rollout.top_p=1.5", "rollout.top_p=1.5: must be in (0, 1]"),
     override("learner.lr=.nan", "learner.lr=nan: must be finite"),

@@ -79,7 +79,7 @@ def test_ctrl_c_during_training_prints_no_traceback(tmp_path):
             str(DIST_FT),
             "demo",
             "run.steps=100000",
-            "algo.sft_warmup_steps=0",
+            "grpo.sft_warmup_steps=0",
             "run.wandb=disabled",
             "run.plot=false",
             "run.output_dir=out",
@@ -120,7 +120,7 @@ def test_print_config_warns_of_a_missing_model_and_data(tmp_path):
     """The config prints (exit 0), and stderr names what a run would not find: one line each."""
     r = subprocess.run(
         [str(DIST_FT), "train", "configs/demo.yaml", f"model.path={tmp_path / 'no-model'}",
-         f"data.source={tmp_path / 'no.jsonl'}", "algo.sft_warmup_steps=0", "--print-config"],
+         f"data.source={tmp_path / 'no.jsonl'}", "grpo.sft_warmup_steps=0", "--print-config"],
         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.startswith("model:"), r.stderr

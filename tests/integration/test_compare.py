@@ -18,7 +18,7 @@ def test_compare_shows_what_training_changed(tiny_path, tmp_path):
     out = tmp_path / "run"
     train = [
         sys.executable, "-m", "dist_ft.cli", "train", "configs/demo.yaml",
-        f"run.output_dir={out}", "run.steps=3", "algo.sft_warmup_steps=5",
+        f"run.output_dir={out}", "run.steps=3", "grpo.sft_warmup_steps=5",
         "algo.prompts_per_step=4", "rollout.group_size=4", "run.wandb=disabled", "run.plot=false",
     ]  # fmt: skip
     subprocess.run(train, check=True, capture_output=True, cwd=ROOT)

@@ -31,7 +31,7 @@ from dist_ft.recipes.grpo import train
 from dist_ft.rollout import RolloutWorker
 from dist_ft.sync.inprocess import InProcessTransport
 
-FAST = ["run.wandb=disabled", "run.plot=false", "run.steps=3", "algo.sft_warmup_steps=0"]
+FAST = ["run.wandb=disabled", "run.plot=false", "run.steps=3", "grpo.sft_warmup_steps=0"]
 SAME_DTYPE_TOL, MIXED_DTYPE_TOL = 1e-5, 1e-2
 
 # Every pair the config accepts on CPU (model.dtype=float16 trains on CUDA only): "auto" is the

@@ -32,7 +32,7 @@ def test_a_second_generator_trains_end_to_end_through_config(tmp_path):
         [
             "rollout.generator=generators:NaiveSampler",
             "run.steps=3",
-            "algo.sft_warmup_steps=0",
+            "grpo.sft_warmup_steps=0",
             "run.wandb=disabled",
             "run.plot=false",
             f"run.output_dir={tmp_path}",

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
-SHORT = ["run.steps=3", "algo.sft_warmup_steps=1", "run.wandb=disabled", "run.plot=false"]
+SHORT = ["run.steps=3", "grpo.sft_warmup_steps=1", "run.wandb=disabled", "run.plot=false"]
 
 
 def listening(root: psutil.Process) -> set[tuple[str, str, int]]:

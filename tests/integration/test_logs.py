@@ -42,7 +42,7 @@ def test_a_demo_run_into_a_file_prints_progress_and_samples_and_no_library_noise
     with log.open("w") as f:
         rc = subprocess.run(
             [DIST_FT, "demo", "run.steps=20", f"run.output_dir={out}",
-             "algo.sft_warmup_steps=0", "algo.prompts_per_step=2", "rollout.group_size=4",
+             "grpo.sft_warmup_steps=0", "algo.prompts_per_step=2", "rollout.group_size=4",
              f"reward.functions=[{{name: char_match}}, {{name: '{PRINTS}', weight: 0}}]"],
             stdout=f, stderr=subprocess.STDOUT, env=env, timeout=480,
         ).returncode  # fmt: skip

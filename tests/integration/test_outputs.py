@@ -24,7 +24,7 @@ DIST_FT = str(Path(sys.executable).with_name("dist-ft"))
 PATHS = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
 # A model load shows as a "Loading weights" bar, also in a pipe (which dist-ft turns bars off in)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(PATHS), "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
-SHORT = ["algo.sft_warmup_steps=0", "run.wandb=disabled"]
+SHORT = ["grpo.sft_warmup_steps=0", "run.wandb=disabled"]
 # `train` with the demo's file, not `dist-ft demo`: the demo command always replaces its run.
 DEMO = str(TESTS.parent / "configs" / "demo.yaml")
 

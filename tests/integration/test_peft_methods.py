@@ -152,10 +152,10 @@ def test_zero_stage_matches_zero0(tiny_path, demo_prompts, method, stage):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 def test_reference_logprobs_are_the_start_without_a_second_model(tiny_path, demo_prompts, method):
-    """``algo.beta > 0``: the worker computes reference logprobs from its own policy set back to
+    """``grpo.beta > 0``: the worker computes reference logprobs from its own policy set back to
     its start (peft's disable_adapter, the bottleneck adapters switched off, BitFit's starting
     biases swapped in), and the policy is its trained self again afterwards."""
-    _, wk, _ = build(tiny_path, *SMALL, "algo.beta=0.05", f"peft.method={method}")
+    _, wk, _ = build(tiny_path, *SMALL, "grpo.beta=0.05", f"peft.method={method}")
     worker = RolloutWorker(wk)
     model = worker.generator.model
     assert worker.generator.ref_model is None

@@ -59,7 +59,7 @@ def test_ten_thousand_rollout_workers_plan_in_seconds_and_a_few_lines():
 
 
 def test_payload_bound_holds_for_a_real_batch(tiny_path, demo_prompts):
-    _, wk, _ = build(tiny_path, "algo.beta=0.1")
+    _, wk, _ = build(tiny_path, "grpo.beta=0.1")
     batch = RolloutWorker(wk).rollout(1, demo_prompts[:2], seed=0)
     g = len(batch) // len(batch.prompt_ids)
     widths = (batch.prompt_ids.shape[1], batch.episode_ids.shape[1], len(batch.reward_names))

@@ -38,7 +38,7 @@ def test_a_toy_objective_trains_through_learner_step(tiny_path, demo_prompts, mo
 
 def test_a_toy_advantage_estimator_is_chosen_by_config(tiny_path, demo_prompts, monkeypatch):
     monkeypatch.setitem(ADVANTAGES, "rloo", "algos_toy:rloo_advantages")
-    _, wk, _ = build(tiny_path, "algo.prompts_per_step=4", "algo.advantage=rloo")
+    _, wk, _ = build(tiny_path, "algo.prompts_per_step=4", "grpo.advantage=rloo")
     batch = RolloutWorker(wk).rollout(1, demo_prompts[:4], seed=0)
     rewards_BG = batch.reward_total.view(4, -1).double()  # G samples of each prompt in a row
     g = rewards_BG.shape[1]

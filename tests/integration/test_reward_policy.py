@@ -101,7 +101,7 @@ def run_demo(out: Path, *overrides: str) -> subprocess.CompletedProcess:
         [
             str(Path(sys.executable).with_name("dist-ft")),
             "demo",
-            "algo.sft_warmup_steps=0",
+            "grpo.sft_warmup_steps=0",
             f"run.output_dir={out}",
             "run.wandb=disabled",
             *overrides,

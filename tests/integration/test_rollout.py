@@ -56,7 +56,7 @@ def test_behaviour_logprobs_match_the_learner(tiny_path, demo_prompts):
 
 
 def test_reference_logprobs_use_the_base_model_without_a_copy(tiny_path, demo_prompts):
-    _, wk, _ = build(tiny_path, "algo.beta=0.05")
+    _, wk, _ = build(tiny_path, "grpo.beta=0.05")
     worker = RolloutWorker(wk)
     assert worker.generator.ref_model is None  # LoRA: the adapter is switched off instead
     # move the adapter away from its no-op init so policy and reference differ

@@ -140,7 +140,7 @@ def test_a_transport_named_in_the_config_carries_every_sync_of_a_run(tiny_path, 
         tiny_path,
         "resources.weight_transport=transports:DirTransport",
         "run.steps=2",
-        "algo.sft_warmup_steps=0",
+        "grpo.sft_warmup_steps=0",
         f"run.output_dir={tmp_path / 'run'}",
         "run.plot=false",
     )[0]

@@ -29,7 +29,7 @@ def losses(out: Path) -> list[float]:
 @pytest.mark.parametrize("max_staleness", [0, 1, 2])
 def test_no_sample_older_than_max_staleness(tmp_path, max_staleness):
     out = tmp_path / "run"
-    run(out, "run.steps=6", "algo.sft_warmup_steps=1", f"algo.max_staleness={max_staleness}")
+    run(out, "run.steps=6", "grpo.sft_warmup_steps=1", f"grpo.max_staleness={max_staleness}")
     rows = ledger(out)
     ages = [row["learner_version"] - s[3] for row in rows for s in row["samples"]]
     assert len(ages) == 6 * 64
@@ -50,7 +50,7 @@ def test_bad_rows_skip_trains_like_the_clean_dataset_and_error_fails_before_step
     dirty, clean = tmp_path / "dirty.jsonl", tmp_path / "clean.jsonl"
     first_row, first_field = write_bad_dataset(dirty, n_good=150, n_bad=100, seed=9)
     write_clean_dataset(clean, n_good=150, seed=9)
-    common = ["run.steps=3", "algo.sft_warmup_steps=0", "data.max_prompt_tokens=64"]
+    common = ["run.steps=3", "grpo.sft_warmup_steps=0", "data.max_prompt_tokens=64"]
 
     with pytest.raises(DatasetError, match=rf"{dirty}: row {first_row}: field '{first_field}'"):
         run(tmp_path / "error", *common, f"data.source={dirty}")

@@ -125,11 +125,11 @@ def test_multi_node_grpo(two_node_cluster, tmp_path, stage, method):
         f"learner.zero_stage={stage}",
         f"peft.method={method}",
         "run.steps=3",
-        "algo.sft_warmup_steps=1",
+        "grpo.sft_warmup_steps=1",
         f"run.output_dir={out}",
         "run.wandb=disabled",
         # ZeRO-3 runs async: generation of step s+1 overlaps training on step s
-        f"algo.max_staleness={1 if stage == 3 else 0}",
+        f"grpo.max_staleness={1 if stage == 3 else 0}",
     ]
     t0 = time.perf_counter()
     r = subprocess.run(
@@ -165,12 +165,12 @@ def test_multi_node_grpo(two_node_cluster, tmp_path, stage, method):
     p, t, k = len("Repeat c:"), cfg.rollout.max_new_tokens, len(cfg.reward.functions)
     minimum = 4 * (p + t) + 4 * t + 4 * (k + 1)
     assert all(row["payload_bytes_per_sample"] <= 1.2 * minimum for row in rows)
-    # The ledger: every sample trained once, none older than algo.max_staleness versions.
+    # The ledger: every sample trained once, none older than grpo.max_staleness versions.
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     ages = [row["learner_version"] - s[3] for row in ledger for s in row["samples"]]
     ids = [tuple(s[:3]) for row in ledger for s in row["samples"]]
     assert len(ids) == len(set(ids)) == 3 * cfg.samples_per_step
-    assert max(ages) == cfg.algo.max_staleness and min(ages) == 0
+    assert max(ages) == cfg.grpo.max_staleness and min(ages) == 0
     assert all(row["rollout/worker0_samples_per_s"] > 0 for row in rows)
     final = out / ("adapter" if method == "lora" else "model")
     assert (

@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 # What ray_submit.sh leaves out of the job's working dir, so what a fresh checkout lacks.
 NOT_COPIED = shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "__pycache__")
 # The recipe is the 600-step demo; 4 steps show the same plumbing.
-SHORT = ["run.steps=4", "algo.sft_warmup_steps=1", "run.wandb=disabled"]
+SHORT = ["run.steps=4", "grpo.sft_warmup_steps=1", "run.wandb=disabled"]
 # An earlier `resources.ray_address=local` run: dist-ft's own local Ray, which leaves
 # ~/.ray/auth_token behind, and with it token auth on every later `ray start --head`.
 EARLIER_LOCAL_RUN = (

@@ -18,7 +18,7 @@ RECIPE = [
     "run.steps=8",
     "run.checkpoint_every=2",
     "run.keep_checkpoints=2",
-    "algo.sft_warmup_steps=2",
+    "grpo.sft_warmup_steps=2",
     "run.wandb=disabled",
     "run.plot=false",
 ]
@@ -133,14 +133,14 @@ def test_resume_refuses_changed_recipe_and_names_the_key(tmp_path):
             *RECIPE,
             f"run.output_dir={out}",
             "run.resume=auto",
-            "algo.eps_high=0.28",
+            "grpo.eps_high=0.28",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 2
-    assert "algo.eps_high" in r.stderr and "resume_allow_changes" in r.stderr
+    assert "grpo.eps_high" in r.stderr and "resume_allow_changes" in r.stderr
     # more steps (not a semantic change) resume fine: steps 3..4 are added to the same run
     finish(launch(out, "run.resume=auto", "run.steps=4"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -259,7 +259,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 def test_readme_sbatch_line_completes_and_leaves_no_ray(slurm):
     start = time.monotonic()
-    job = slurm.submit("run.steps=3", "algo.sft_warmup_steps=1")
+    job = slurm.submit("run.steps=3", "grpo.sft_warmup_steps=1")
     state = slurm.wait(job, FINAL_STATES, 8 * 60)
     log = job.log()
     assert state == "COMPLETED", log[-6000:]

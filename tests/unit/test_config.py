@@ -27,11 +27,11 @@ def write(tmp_path, text):
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
-    p = write(tmp_path, "learner:\n  lr: 0.5\n  zero_stage: 2\nalgo:\n  loss: dapo\n")
+    p = write(tmp_path, "learner:\n  lr: 0.5\n  zero_stage: 2\ngrpo:\n  loss: dapo\n")
     cfg = load_config(p, ["learner.lr=1e-4", "peft.method=none"])
     assert cfg.learner.lr == 1e-4  # override beats YAML
     assert cfg.learner.zero_stage == 2  # YAML beats default
-    assert cfg.algo.loss is LossType.DAPO
+    assert cfg.grpo.loss is LossType.DAPO
     assert cfg.peft.method is PeftMethod.NONE
     assert cfg.rollout.group_size == Config().rollout.group_size  # default kept
 
@@ -53,8 +53,8 @@ def test_wrong_type_names_key_and_type(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"run\.plot: expected bool"):
         load_config(None, ["run.plot=3"])
-    with pytest.raises(ConfigError, match=r"algo\.loss: expected one of"):
-        load_config(None, ["algo.loss=ppo"])
+    with pytest.raises(ConfigError, match=r"grpo\.loss: expected one of"):
+        load_config(None, ["grpo.loss=ppo"])
 
 
 def test_file_is_named_in_errors(tmp_path):
@@ -232,7 +232,7 @@ def test_errors_blame_the_source_that_set_the_value(tmp_path):
     with pytest.raises(ConfigError, match=r"^command-line override 'learner=\{lr: 0\}': learner"):
         load_config(p, ["learner={lr: 0}"])
     # a cross-field rule names each source that set one of its keys
-    p = write(tmp_path, "algo:\n  sft_warmup_steps: 5\n")
+    p = write(tmp_path, "grpo:\n  sft_warmup_steps: 5\n")
     with pytest.raises(
         ConfigError, match=rf"^{re.escape(str(p))} and command-line override 'data\.source=x"
     ):
@@ -241,7 +241,7 @@ def test_errors_blame_the_source_that_set_the_value(tmp_path):
 
 def test_blame_skips_defaults_when_the_user_set_a_key():
     sources = {"data.source": "c.yaml", "reward.functions": "command-line override 'r'"}
-    assert _blame(["algo.sft_warmup_steps", "data.source"], sources) == "c.yaml"
+    assert _blame(["grpo.sft_warmup_steps", "data.source"], sources) == "c.yaml"
     assert _blame(["reward.functions[0].name"], sources) == "command-line override 'r'"
     assert _blame(["run.steps"], sources) == "defaults"
 
@@ -255,3 +255,12 @@ def test_empty_config_file_is_refused(tmp_path, text):
 def test_config_path_that_is_a_directory_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=rf"config path {re.escape(str(tmp_path))} is a dir"):
         load_config(tmp_path)
+
+
+def test_a_key_that_moved_to_its_objectives_section_names_the_new_key(tmp_path):
+    p = write(tmp_path, "algo:\n  loss: dapo\n")
+    with pytest.raises(ConfigError, match=r"'algo\.loss' is now 'grpo\.loss'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"'algo\.beta' is now 'grpo\.beta'"):
+        load_config(None, ["algo.beta=0.1"])
+    assert load_config(None, ["grpo.beta=0.1"]).grpo.beta == 0.1

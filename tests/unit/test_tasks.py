@@ -132,7 +132,7 @@ def test_a_function_naming_a_task_absent_from_the_data_is_named():
 
 def test_config_takes_reward_tasks_and_the_mix_warm_up(tmp_path):
     cfg = load_config(None, ["data.source=demo_mix", "reward.functions=[{name: x, tasks: [a]}]"])
-    assert cfg.reward.functions[0].tasks == ["a"] and cfg.algo.sft_warmup_steps > 0
+    assert cfg.reward.functions[0].tasks == ["a"] and cfg.grpo.sft_warmup_steps > 0
     with pytest.raises(ConfigError, match=r"reward.functions\[0\].tasks: expected a list"):
         load_config(None, ["reward.functions=[{name: x, tasks: a}]"])
     with pytest.raises(ConfigError, match="sft_warmup_steps"):

@@ -109,7 +109,7 @@ def test_plot_draws_reward_and_kl_with_a_title_and_distinct_legend_lines(tmp_pat
     assert labels == (["per step"] if steps < 60 else ["per step", "mean of 2"])
     assert (reward.get_legend() is None) == (steps < 60)
     # KL with its term off is drawn, and says why it is flat
-    assert [x.get_text() for x in kl.texts] == ["0 at every step: no KL term (algo.beta=0)"]
+    assert [x.get_text() for x in kl.texts] == ["0 at every step: no KL term (grpo.beta=0)"]
 
 
 def test_accuracy_axes_span_0_to_1(tmp_path):
