@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.cluster import LocalCluster
 from dist_ft.config import ConfigError, load_config

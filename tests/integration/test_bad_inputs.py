@@ -35,7 +35,7 @@ class Bad:
     out: str = "out"  # the run.output_dir given to train and demo runs
     readonly: str | None = None  # a folder mounted as a read-only filesystem (needs root)
     loads: bool = False  # stopped only after the model loaded (the run's directory exists)
-    # A copy of a finished run (conftest.make_run) at "run", damaged by this before the command
+    # A copy of a finished run (support.make_run) at "run", damaged by this before the command
     damage: Callable[[Path], None] | None = None
 
 
@@ -64,14 +64,14 @@ def header_damaged(run: Path) -> None:
 
 def absurd_weight(run: Path) -> None:
     """8 bytes flipped: a weight of 1.18e29 in the adapter the run saved."""
-    from conftest import corrupt
+    from support import corrupt
 
     corrupt(run / "adapter" / "adapter_model.safetensors", 1.18e29, seal=False)
 
 
 def absurd_weight_sealed(run: Path) -> None:
     """The same weight as a diverged run would have saved it: the manifest agrees."""
-    from conftest import corrupt
+    from support import corrupt
 
     corrupt(run / "adapter" / "adapter_model.safetensors", 1.18e29, seal=True)
 
@@ -352,7 +352,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]
 
     def get() -> Path:
         if not made:
-            from conftest import make_run
+            from support import make_run
 
             made.append(make_run(tmp_path_factory.mktemp("finished"), seed=1)[0])
         return made[0]

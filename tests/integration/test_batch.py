@@ -6,7 +6,7 @@ functions. The gradient tests use the real tiny model through the real ``Learner
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group, group_advantages

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import terminal_sigint
+from support import terminal_sigint
 
 DIST_FT = Path(sys.executable).with_name("dist-ft")  # the console script pip installed
 

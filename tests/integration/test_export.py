@@ -1,6 +1,6 @@
 """`dist-ft export` and `dist-ft merge` round trips, and a rollout worker's adapter hot-swap.
 
-A "run" here is ``conftest.make_run``: the real output layout with the trainable tensors moved
+A "run" here is ``support.make_run``: the real output layout with the trainable tensors moved
 by a seeded draw in place of training steps, so the export sees what a run leaves.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corrupt, make_run
 from safetensors.torch import load_file
+from support import corrupt, make_run
 
 from dist_ft.cli import main
 from dist_ft.model.spec import PeftSpec

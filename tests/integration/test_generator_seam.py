@@ -1,7 +1,7 @@
 """The Generator seam: a second engine, chosen by config, trains end to end."""
 
-from conftest import build, load_learner_weights
 from generators import NaiveSampler
+from support import build, load_learner_weights
 
 from dist_ft.learner import Learner
 from dist_ft.rollout import RolloutWorker

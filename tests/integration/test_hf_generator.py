@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.cluster.local import LocalCluster
 from dist_ft.model.logprobs import completion_logprobs, group_logprobs

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import assert_adam_close, build
+from support import assert_adam_close, build
 
 from dist_ft.cluster import LocalCluster
 from dist_ft.data import encode_pairs
@@ -193,5 +193,6 @@ def test_a_groups_prompt_runs_once_and_the_update_equals_the_padded_forwards(
         padded.step(batch)
     a, b = snapshot(shared.module, True), snapshot(padded.module, True)
     assert a.keys() == b.keys() and a
-    for name in a:  # two summation orders: Adam-eps-sized gradients may move apart (conftest)
+    # two summation orders: Adam-eps-sized gradients may move apart (support.assert_adam_close)
+    for name in a:
         assert_adam_close(a[name], b[name], lk.lr, name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.config import ConfigError, load_config
 from dist_ft.recipes.grpo import train

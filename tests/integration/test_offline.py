@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build, dpo_batch
 from safetensors.torch import load_file
+from support import build, dpo_batch
 
 from dist_ft.algos.dpo import dpo_loss
 from dist_ft.algos.settings import DPOLoss, DPOParams

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build, load_learner_weights
+from support import build, load_learner_weights
 from test_hf_generator import PROMPTS, generator, learner_logprobs
 from torch.profiler import profile
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import terminal_sigint
 from safetensors.torch import load_file
+from support import terminal_sigint
 
 from dist_ft.config import RunConfig
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build, dpo_batch
+from support import build, dpo_batch
 
 from dist_ft.algos.common import token_logprobs
 from dist_ft.data import prepare_sft

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_adam_close, build, load_learner_weights
+from support import assert_adam_close, build, load_learner_weights
 
 from dist_ft.config import ConfigError, load_config
 from dist_ft.data import encode_pairs

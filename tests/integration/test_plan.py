@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from support import build
 from transformers import AutoConfig
 
 from dist_ft.cluster.placement import ActorSpec, plan_actors

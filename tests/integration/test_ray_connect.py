@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import stop_session
+from support import stop_session
 
 from dist_ft.cluster.connect import RayConnectError, check_gcs, protect_token_file
 

@@ -3,7 +3,7 @@ advantage estimator one function plus one line in ``ADVANTAGES`` (tests/algos_to
 REINFORCE objective and RLOO, added here as a user would). Real Learner, real rollouts."""
 
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.algos.advantages import ADVANTAGES
 from dist_ft.algos.objective import OBJECTIVES, Registered

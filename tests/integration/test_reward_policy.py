@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.algos.grpo import group_advantages
 from dist_ft.rewards import RewardError, RewardSet

@@ -3,7 +3,7 @@
 from dataclasses import replace
 
 import torch
-from conftest import build, load_learner_weights
+from support import build, load_learner_weights
 
 from dist_ft.learner import Learner
 from dist_ft.model.loading import load_policy

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.data import prepare_sft
 from dist_ft.learner import Learner

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from support import build
 
 from dist_ft.cluster.local import LocalCluster
 from dist_ft.rollout import RolloutWorker

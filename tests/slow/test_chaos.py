@@ -134,7 +134,7 @@ def startup_error(tiny_path: str, *overrides: str, **kwargs) -> str:
     """The message a RayCluster whose actors do not all start within 30 s fails with, on a
     private Ray whose workers can import tests/generators.py."""
     import ray
-    from conftest import build
+    from support import build
 
     from dist_ft.cluster.placement import ActorSpec
     from dist_ft.cluster.ray import ActorTimeoutError, RayCluster

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
+from support import assert_adam_close, build, dpo_batch, free_port, start_ray_node, stop_session
 
 from dist_ft.algos.objective import OBJECTIVES
 from dist_ft.cluster import ActorSpec, RayCluster

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from conftest import free_port, session_procs, start_ray_node, stop_session
+from support import free_port, session_procs, start_ray_node, stop_session
 
 from dist_ft.cluster.connect import check_gcs
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import session_procs, stop_session
 from readme import readme_command
+from support import session_procs, stop_session
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -204,3 +204,11 @@ def test_the_wire_format_and_the_rollout_worker_import_no_datasets():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_unit_test_folders_mirror_the_package():
+    """tests/unit/<pkg>/ holds the unit tests of dist_ft/<pkg>/ (and only of a real package)."""
+    unit = Path(__file__).resolve().parent
+    folders = {p.name for p in unit.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    packages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert folders and folders <= packages

@@ -17,7 +17,7 @@ from dist_ft.config.loader import _blame
 from dist_ft.model.spec import PeftMethod
 from dist_ft.ranges import Range
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write(tmp_path, text):

@@ -17,7 +17,7 @@ from dist_ft.rewards.judge import (
     load_constitution,
 )
 
-DEFAULT = str(Path(__file__).resolve().parents[2] / "configs" / "constitutions" / "default.yaml")
+DEFAULT = str(Path(__file__).resolve().parents[3] / "configs" / "constitutions" / "default.yaml")
 PROMPT = "What is 2+3?"
 # Different lengths, so a batch of them is left-padded.
 REPLIES = ["5", "It is 5.", "six", "2+3 is 5, I am sure of it.", "no idea", "5!!", "x", "five"]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_ft.rewards.judge import GROUP_TEMPLATE, JudgeSpec, JudgeWorker, load_constitution
 
-DEFAULT = str(Path(__file__).resolve().parents[2] / "configs" / "constitutions" / "default.yaml")
+DEFAULT = str(Path(__file__).resolve().parents[3] / "configs" / "constitutions" / "default.yaml")
 PROMPTS = ["What is 2+3?", "What is 2+3?", "Name a colour.", "Name a colour."]
 FIRSTS = ["5", "It is 5.", "red", "blue, I think"]
 SECONDS = ["six", "2+3 is 5, I am sure.", "no idea", "blue, I think"]  # the last pair: a tie
