@@ -86,6 +86,14 @@ class DriftingLoader(NaiveSampler):
         super().load_weights(tensors)
 
 
+class NoReadBack(DriftingLoader):
+    """An engine that cannot give back the exact bytes it holds (fused or sharded weights), so it
+    offers no export_weights; its loads convert like DriftingLoader's, which nothing but a
+    read-back could see."""
+
+    export_weights = None  # type: ignore[assignment]  # the optional method, left out
+
+
 class SlowStart(NaiveSampler):
     """NaiveSampler whose construction takes 10 minutes, as a model load on a swapping node
     can: an actor holding it is placed and stays in its ``__init__``."""

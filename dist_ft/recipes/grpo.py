@@ -115,7 +115,7 @@ def train(cfg: Config) -> dict[str, Any]:
             # ---- generate + score: G completions per prompt, rewards, group advantages.
             # Async: keep up to max_staleness later steps in flight, generating while we train.
             while next_issue <= min(step + a.max_staleness, cfg.run.steps):
-                chosen = [prompts[i] for i in sampler.next(a.prompts_per_step)]
+                chosen = [prompts[i] for i in sampler.next(cfg.algo.prompts_per_step)]
                 ledger.issue(next_issue, [p.index for p in chosen])
                 t_issue = time.perf_counter()
                 pending.append(cluster.submit_rollout(next_issue, chosen))

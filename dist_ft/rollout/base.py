@@ -40,8 +40,9 @@ class GeneratorSpec:
     top_p: float
     need_ref_logprobs: bool  # the KL term is on: return the reference policy's logprobs
     trust_remote_code: bool = False
-    cpu_linear: str = "onednn"  # resources.cpu_linear: "onednn" | "torch"
-    merge_lora: bool = True  # rollout.merge_lora
+    # The engine's own settings, a frozen dataclass it defines (HFGenerator: HFOptions, built by
+    # run/specs.py); None: the engine's defaults (a user's engine gets None)
+    options: object | None = None
 
 
 @dataclass
@@ -76,7 +77,11 @@ class Generator(Protocol):
         ...
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """What the engine really holds, in the form the learner sends (for fingerprints)."""
+        """Optional (read-back): what the engine really holds, in the form the learner sends,
+        re-hashed every ``rollout.read_back_every``-th sync to catch a load that converts or
+        drops. An engine whose weights are fused or sharded cannot give the exact bytes back:
+        it leaves the method out (or sets it to None), and its syncs are checked by the bytes that
+        arrived."""
         ...
 
     def use_adapter(self, name: str) -> None:

@@ -21,7 +21,8 @@ distribution (no top-p truncation), as the learner computes them
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -61,8 +62,17 @@ class InverseCDFSample:
         return out_NV.scatter_(1, picked_N1, 0.0)
 
 
+@dataclass(frozen=True)
+class HFOptions:
+    """The "hf" engine's own settings (``GeneratorSpec.options``)."""
+
+    cpu_linear: Literal["onednn", "torch"] = "onednn"  # resources.cpu_linear
+    merge_lora: bool = True  # rollout.merge_lora
+
+
 class HFGenerator:
     def __init__(self, spec: GeneratorSpec) -> None:
+        options = spec.options if isinstance(spec.options, HFOptions) else HFOptions()
         self.device = torch.device(spec.device)
         self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
         self.model = load_policy(
@@ -75,7 +85,7 @@ class HFGenerator:
             # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start.
             no_peft = PeftSpec(method=PeftMethod.NONE)
             self.ref_model = load_policy(spec.model_path, spec.dtype, no_peft, self.device).eval()
-        if spec.cpu_linear == "onednn" and self.device.type == "cpu":
+        if options.cpu_linear == "onednn" and self.device.type == "cpu":
             for model in (self.model, self.ref_model):
                 if model is not None:
                     onednn.convert(model)
@@ -87,7 +97,11 @@ class HFGenerator:
         self.logprobs_from_sampling = self.dtype == torch.float32
         self.shared_prefill = shares_prompt_cache(spec.peft)
         self.merged = None
-        if spec.merge_lora and spec.peft.method is PeftMethod.LORA and self.logprobs_from_sampling:
+        if (
+            options.merge_lora
+            and spec.peft.method is PeftMethod.LORA
+            and self.logprobs_from_sampling
+        ):
             self.merged = MergedLoRA(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         self.logits_to_keep = base._supports_logits_to_keep()

@@ -28,8 +28,9 @@ class GeneratorError(ValueError):
     """``rollout.generator`` names no usable engine; the message says which and what to fix."""
 
 
-# The Generator protocol's methods every engine needs; use_adapter only under peft.adapters
-_PROTOCOL = ("generate", "load_weights", "export_weights")
+# The Generator protocol's methods every engine needs; use_adapter only under peft.adapters,
+# export_weights only for read-back (an engine without it is checked by the bytes that arrive)
+_PROTOCOL = ("generate", "load_weights")
 
 
 def resolve_generator(name: str, adapters: bool = False) -> type:
@@ -132,7 +133,8 @@ class RolloutWorker:
 
         Returns the fingerprint of the bytes received, or with ``read_back`` of the weights
         re-exported from the generator after loading (a load that converts or drops anything
-        shows up there). Bytes that arrived damaged are not loaded; the caller's check fails.
+        shows up there; an engine that cannot re-export, see ``reads_back``, returns the bytes'
+        print). Bytes that arrived damaged are not loaded; the caller's check fails.
         """
         tensors = transport.receive(update)
         received = fingerprint(tensors)
@@ -140,7 +142,12 @@ class RolloutWorker:
             return received
         self.generator.load_weights(tensors)
         self.version = update.version
-        return self.fingerprint(tensors.keys()) if read_back else received
+        return self.fingerprint(tensors.keys()) if read_back and self.reads_back else received
+
+    @property
+    def reads_back(self) -> bool:
+        """Whether the engine can re-export what it holds (``Generator.export_weights``)."""
+        return callable(getattr(self.generator, "export_weights", None))
 
     def fingerprint(self, names: Iterable[str] | None = None) -> str:
         """Of the weights the generator holds. ``names``: a sync's tensor names; under

@@ -15,6 +15,7 @@ from dist_ft.model.loading import resolve_model_path
 from dist_ft.model.spec import auto_lr
 from dist_ft.rewards.judge import JudgeSpec
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
+from dist_ft.rollout.hf import HFOptions
 
 
 def resolve_device(device: str) -> str:
@@ -71,8 +72,9 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
             top_p=cfg.rollout.top_p,
             need_ref_logprobs=cfg.grpo.beta > 0,
             trust_remote_code=cfg.model.trust_remote_code,
-            cpu_linear=cfg.resources.cpu_linear,
-            merge_lora=cfg.rollout.merge_lora,
+            options=HFOptions(cfg.resources.cpu_linear, cfg.rollout.merge_lora)
+            if cfg.rollout.generator == "hf"
+            else None,
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,

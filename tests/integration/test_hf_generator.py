@@ -10,7 +10,7 @@ from dist_ft.cluster.local import LocalCluster
 from dist_ft.model.logprobs import completion_logprobs, group_logprobs
 from dist_ft.model.spec import PeftSpec
 from dist_ft.rollout.base import GeneratorSpec
-from dist_ft.rollout.hf import HFGenerator, InverseCDFSample
+from dist_ft.rollout.hf import HFGenerator, HFOptions, InverseCDFSample
 
 # Unequal lengths (left padding), one a single token (its shared-prefill row is all padding).
 PROMPTS = ["Repeat c:", "a", "Repeat the letter q, please:"]
@@ -18,7 +18,7 @@ PROMPTS = ["Repeat c:", "a", "Repeat the letter q, please:"]
 
 def generator(tiny_path: str, dtype: str, merge_lora: bool = True) -> HFGenerator:
     spec = GeneratorSpec(tiny_path, dtype, PeftSpec(r=8, alpha=16), "cpu", 12, 0.7, 0.9, False)
-    gen = HFGenerator(replace(spec, merge_lora=merge_lora))
+    gen = HFGenerator(replace(spec, options=HFOptions(merge_lora=merge_lora)))
     with torch.no_grad():  # an adapter away from its no-op init: the logprobs depend on it
         for name, p in gen.model.named_parameters():
             if "lora_B" in name:

@@ -16,7 +16,7 @@ from dist_ft.model.loading import load_policy
 from dist_ft.model.spec import PeftMethod, PeftSpec
 from dist_ft.rollout import RolloutWorker
 from dist_ft.rollout.base import GeneratorSpec
-from dist_ft.rollout.hf import HFGenerator
+from dist_ft.rollout.hf import HFGenerator, HFOptions
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
 CPU = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_convert_swaps_plain_fp32_linears_and_keeps_the_state_dict(tiny_path):
 @pytest.mark.parametrize("choice", ["onednn", "torch"])
 def test_the_generator_follows_resources_cpu_linear(tiny_path, choice):
     spec = GeneratorSpec(tiny_path, "float32", PeftSpec(), "cpu", 4, 1.0, 1.0, False)
-    gen = HFGenerator(replace(spec, cpu_linear=choice))
+    gen = HFGenerator(replace(spec, options=HFOptions(cpu_linear=choice)))
     converted = [m for m in gen.model.modules() if isinstance(m, onednn.OneDNNLinear)]
     assert bool(converted) == (choice == "onednn")
 

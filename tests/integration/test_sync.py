@@ -128,6 +128,26 @@ def test_debug_mode_reads_back_every_sync(tiny_path, transport):
     cluster.shutdown()
 
 
+def test_an_engine_that_cannot_read_back_is_checked_by_the_bytes_that_arrive(tiny_path):
+    """Read-back is an engine capability: without export_weights the worker hashes what arrived
+    (a damaged delivery is still refused, nothing loaded) and the conversion its load makes goes
+    unseen, where the same engine with read-back fails the second sync
+    (test_debug_mode_reads_back_every_sync)."""
+    _, wk, lk = build(
+        tiny_path, "algo.prompts_per_step=2", "rollout.generator=generators:NoReadBack"
+    )
+    cluster = LocalCluster(wk, lk)
+    worker = cluster.workers[0]
+    assert not worker.reads_back
+    cluster.sync_weights()
+    cluster.sync_weights()  # the drifting load: no read-back to catch it, no error
+    update = InProcessTransport().publish(3, cluster.learner.export_weights())
+    assert worker.set_weights(update, DamagingTransport(), read_back=True) != update.fingerprint
+    assert worker.version == 0  # the damaged bytes were not loaded
+    assert worker.set_weights(update, InProcessTransport(), read_back=True) == update.fingerprint
+    assert worker.version == 3
+
+
 def test_a_transport_named_in_the_config_carries_every_sync_of_a_run(tiny_path, tmp_path):
     """``resources.weight_transport=transports:DirTransport`` reaches the cluster: the run's
     syncs go through its files (each hashed on arrival and read back in debug mode), and its
