@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import datasets
 import torch
@@ -67,7 +67,7 @@ class _BadRow(Exception):
         self.fatal = fatal
 
 
-Rows = datasets.Dataset | Sequence[dict[str, Any] | BadLine]
+Rows: TypeAlias = datasets.Dataset | Sequence[dict[str, Any] | BadLine]
 _T = TypeVar("_T")
 
 
@@ -467,6 +467,8 @@ def prepare_preferences(
     sides = ("chosen", "rejected")
 
     def build(i: int, row: dict[str, Any]) -> PreferencePair:
+        chosen: str | list[dict[str, Any]]  # text, or messages in the chat form
+        rejected: str | list[dict[str, Any]]
         if any(isinstance(row.get(f), list) for f in sides):
             # the answers first: an answer that is not a message list is at fault, not the prompt
             answers = [_messages(row, f) for f in sides]
@@ -483,6 +485,7 @@ def prepare_preferences(
             tokens = [_completion_tokens(tokenizer, context, row[f], f) for f in sides]
         else:
             # The messages both sides start with are the prompt: context, never trained.
+            assert not isinstance(rejected, str)  # the chat form: both sides are message lists
             shared = next(
                 (j for j, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
                 min(len(chosen), len(rejected)),
@@ -545,7 +548,7 @@ class PromptSampler:
         return torch.randperm(self.num_prompts, generator=g).tolist()
 
     def next(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             if self.cursor == self.num_prompts:
                 self.epoch += 1

@@ -177,7 +177,7 @@ def config_errors(spec: PeftSpec) -> list[tuple[str, tuple[str, ...]]]:
     at fault)]``. A key the method does not read is refused when set away from its default
     (a user who sets ``peft.dropout`` for ia3 expects regularisation it never gets); ``r`` and
     ``alpha`` are let through, so a LoRA YAML can switch method with one override."""
-    errors = []
+    errors: list[tuple[str, tuple[str, ...]]] = []
     defaults = PeftSpec()
     unread = vars(spec).keys() - {"method", "r", "alpha"} - USES[spec.method]
     for key in sorted(unread):
@@ -201,7 +201,7 @@ ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def adapter_errors(adapters: dict[str, list[str]]) -> list[tuple[str, tuple[str, ...]]]:
     """``peft.adapters`` must map module-name-safe adapter names to disjoint, non-empty task
     lists (a task's prompts are generated and trained with exactly one adapter)."""
-    errors = []
+    errors: list[tuple[str, tuple[str, ...]]] = []
     owner: dict[str, str] = {}
     for name, tasks in adapters.items():
         key = f"peft.adapters.{name}"

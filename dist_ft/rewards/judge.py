@@ -267,7 +267,9 @@ class JudgeWorker:
         self._last = dict.fromkeys(self._last, 0)
         members: dict[int, list[int]] = {}  # group id -> its rows, in row order
         if self.mode is JudgeMode.POINTWISE:
-            keys = [(p, (c,)) for p, c in zip(prompts, completions)]
+            keys: list[tuple[str, tuple[str, ...]]] = [
+                (p, (c,)) for p, c in zip(prompts, completions)
+            ]
             choice_ids = self._choice_ids
         else:
             if group_ids is None or len(group_ids) != n:
