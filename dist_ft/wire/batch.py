@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,8 +51,12 @@ class ScoredBatch:
     sample_ids: torch.Tensor  # [N, 3] int32: (step, prompt index, completion index)
     versions: torch.Tensor  # [N] int32, policy version that generated each sample
     reward_names: list[str]
-    reward_errors: torch.Tensor | None = None  # [N, K] bool: that function failed on it
-    valid: torch.Tensor | None = None  # [N] bool: trained on (False: reward error, stale, dup)
+    # The next two default to None, which means no errors and all valid: __post_init__ fills
+    # them, so after construction they are always tensors (hence the ignores on the default).
+    # [N, K] bool: that function failed on it
+    reward_errors: torch.Tensor = None  # type: ignore[assignment]
+    # [N] bool: trained on (False: reward error, stale, dup)
+    valid: torch.Tensor = None  # type: ignore[assignment]
     ref_logprobs: torch.Tensor | None = None  # [N, T] float32, only when the KL term is on
     # [N] int8, only under peft.adapters: the adapter (its place in peft.adapters) that
     # generated each sample, and that the learner trains on it
@@ -219,12 +224,12 @@ class ScoredBatch:
                 stats[k] = (n0 + n, sec0 + sec)
         counters: dict[str, float] = {}
         for b in batches:
-            for k, v in b.counters.items():
-                counters[k] = counters.get(k, 0.0) + v
+            for name, v in b.counters.items():
+                counters[name] = counters.get(name, 0.0) + v
         messages: dict[str, str] = {}
         for b in batches:
-            for k, m in b.reward_messages.items():
-                messages.setdefault(k, m)
+            for name, m in b.reward_messages.items():
+                messages.setdefault(name, m)
         return ScoredBatch(
             reward_names=list(names),
             worker_stats=stats,
@@ -321,7 +326,10 @@ class ScoredBatch:
     def from_tensors(
         tensors: dict[str, torch.Tensor], prefix: str, reward_names: list[str]
     ) -> ScoredBatch:
-        picked = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        # Any: the tensors fill whichever fields their names say, which mypy cannot follow
+        picked: dict[str, Any] = {
+            k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+        }
         return ScoredBatch(reward_names=reward_names, **picked)
 
 
