@@ -37,6 +37,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing has it from 3.11; the package runs on 3.10
 
 NOBODY = 65534
 _TAIL_BYTES = 64 * 1024  # only this much of the child's stdout/stderr is ever read back
@@ -96,6 +100,15 @@ class SandboxResult:
     reward: float  # share of tests passed
     timed_out: bool
     error: str | None  # first failure, "timeout", "memory", "cpu" or a stderr tail
+
+
+class SandboxLimits(TypedDict, total=False):
+    """The limits ``code_tests`` passes on to ``run_python`` (a reward's YAML kwargs)."""
+
+    cpu_s: int
+    memory_mb: int
+    file_mb: int
+    max_procs: int
 
 
 class SandboxUnavailable(RuntimeError):
@@ -335,7 +348,9 @@ def extract_code(completion: str) -> str:
     The last one, because models tend to sketch or show usage first and give the answer last.
     A block left open (generation stopped at the fence) still counts.
     """
-    blocks, lang, lines = [], None, []
+    blocks: list[str] = []
+    lines: list[str] = []
+    lang = None
     for line in completion.splitlines():
         fence = line.strip()
         if lang is None and fence.startswith("```"):
@@ -357,7 +372,7 @@ def code_tests(
     answers: list[str | None],
     *,
     timeout_s: float = 5.0,
-    **limits: int,
+    **limits: Unpack[SandboxLimits],
 ) -> list[float]:
     """Share of each answer's tests (a JSON list of snippets) that the completion's code passes.
 
