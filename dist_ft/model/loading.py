@@ -15,7 +15,7 @@ from torch import nn
 # transformers (and dist_ft.model.tiny, which needs it) is imported where used: the CLI checks model
 # directories with check_model_path before anything heavy loads.
 from dist_ft.model.peft import apply_method
-from dist_ft.model.spec import PeftMethod, PeftSpec, TinyShape, check_model_path
+from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec, TinyShape, check_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +58,7 @@ def load_policy(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype]
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: HFModel = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if peft.method is PeftMethod.QLORA:
         _release_checkpoint_map(model)
     else:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dist_ft.algos.common import token_logprobs
-from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec
 
 
 def completion_logprobs(
@@ -84,7 +84,8 @@ def group_logprobs(
     t = completion_ids_NT.shape[1]
     positions_BP = (prompt_mask_BP.cumsum(-1) - 1).clamp(min=0)
     # the model's config (sliding-window layers need it), under a DeepSpeed engine's wrapper too
-    cache = DynamicCache(config=getattr(model, "module", model).config)
+    hf_model: HFModel = getattr(model, "module", model)
+    cache = DynamicCache(config=hf_model.config)
     # the last prompt position's logits predict each sample's first token: [Bg, 1, V]
     first_B1V = model(
         input_ids=prompt_ids_BP.long(),
@@ -100,7 +101,8 @@ def group_logprobs(
         return first_N1
     # [Bg, ...] -> [N, ...] in every layer; differentiable, so each prompt's gradient is the sum
     # over its samples
-    cache.reorder_cache(group_ids_N)
+    # transformers annotates the index as the legacy torch.LongTensor; a long Tensor is one
+    cache.reorder_cache(group_ids_N)  # type: ignore[arg-type]
     prompt_mask_NP = prompt_mask_BP[group_ids_N].long()
     start_N1 = prompt_mask_NP.sum(-1, keepdim=True)  # the first completion token's position
     rest_NTV = model(

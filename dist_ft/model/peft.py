@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_ft.model.spec import TRAINABLE_SET, PeftMethod, PeftSpec
+from dist_ft.model.spec import TRAINABLE_SET, HFModel, PeftMethod, PeftSpec
 
 # On a bitfit policy: {bias name: its value at load}, what the reference swaps back in.
 START_BIASES = "dist_ft_start_biases"
@@ -66,17 +66,17 @@ def _lora(model: nn.Module, spec: PeftSpec) -> nn.Module:
     from peft import get_peft_model
 
     names = list(spec.adapters) or ["default"]
-    model = get_peft_model(model, lora_config(spec), adapter_name=names[0])
+    peft_model = get_peft_model(model, lora_config(spec), adapter_name=names[0])
     for name in names[1:]:  # peft.adapters: more adapters on the same base layers
-        model.add_adapter(name, lora_config(spec))
+        peft_model.add_adapter(name, lora_config(spec))
     if len(names) > 1:
-        use_adapter(model, names[0])
+        use_adapter(peft_model, names[0])
     if spec.method is PeftMethod.QLORA:
-        _keep_4bit_trainable(model)
-    return model
+        _keep_4bit_trainable(peft_model)
+    return peft_model
 
 
-def use_adapter(model: nn.Module, name: str) -> None:
+def use_adapter(model: HFModel, name: str) -> None:
     """Route ``model``'s forward through adapter ``name`` of several (``peft.adapters``).
 
     peft's ``set_adapter`` also freezes the others; they are made trainable again, so the set
@@ -97,7 +97,7 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if pattern.search(n)]
 
 
-def by_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def by_adapter(model: HFModel, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """A peft sync's tensors split by the adapter they load into. A policy with several
     adapters names its tensors ``"<adapter>/<peft name>"`` (:func:`trainable_state`); one with
     a single adapter sends peft's names alone."""
@@ -179,7 +179,7 @@ def _matches(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def _bitfit(model: nn.Module, spec: PeftSpec) -> nn.Module:
+def _bitfit(model: HFModel, spec: PeftSpec) -> nn.Module:
     """BitFit (Ben Zaken et al. 2022): only biases train.
 
     Most current decoders (Llama, Mistral, Qwen's MLP) have no biases. Rather than refuse
@@ -235,14 +235,15 @@ class Bottleneck(nn.Module):
         return h + self.up(nn.functional.gelu(self.down(h)))
 
 
-def _after_block(module: nn.Module, args: Any, output: Any) -> Any:
+def _after_block(module: Any, args: Any, output: Any) -> Any:
+    # Any: the block's bottleneck child is set by _adapter, beyond what mypy can see.
     # Attention blocks return (hidden, attn_weights, ...), MLPs the hidden state alone.
     if isinstance(output, tuple):
         return (module.bottleneck(output[0]), *output[1:])
     return module.bottleneck(output)
 
 
-def _adapter(model: nn.Module, spec: PeftSpec) -> nn.Module:
+def _adapter(model: HFModel, spec: PeftSpec) -> nn.Module:
     """Bottleneck adapters after each attention and MLP block (``houlsby``) or after each MLP
     only (``pfeiffer``), on the block's output before the residual add.
 
@@ -254,7 +255,7 @@ def _adapter(model: nn.Module, spec: PeftSpec) -> nn.Module:
     names = _MLP_NAMES + (_ATTENTION_NAMES if spec.adapter_style == "houlsby" else ())
     config = model.config.get_text_config() if hasattr(model, "config") else None
     hidden = getattr(config, "hidden_size", None)
-    blocks = []
+    blocks: list[str] = []
     for name, _ in model.named_modules():
         last = name.rsplit(".", 1)[-1]
         inside = any(name.startswith(f"{b}.") for b in blocks)
@@ -304,7 +305,7 @@ def is_trainable_set(model: nn.Module) -> bool:
 
 
 def trainable_state(
-    model: nn.Module, adapters: Iterable[str] | None = None
+    model: HFModel, adapters: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """What trains, by name (the tensors themselves, not copies): a weight sync's content.
     peft methods: peft's adapter state dict (its names) less any frozen tensor in it (LoRA-FA's
@@ -347,7 +348,7 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 @contextlib.contextmanager
-def reference_mode(model: nn.Module) -> Iterator[None]:
+def reference_mode(model: HFModel) -> Iterator[None]:
     """The policy acting as the starting model, for reference logprobs, without a second copy:
     peft switches its adapter off, bottleneck adapters switch themselves off, and BitFit (whose
     biases cannot be switched off) swaps its starting biases in and back out. Not for use on a

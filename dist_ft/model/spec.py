@@ -8,7 +8,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeAlias
 
 from dist_ft.ranges import PosInt, Range
 
@@ -66,12 +66,24 @@ class PeftSpec:
 
 
 class TinyShape(Protocol):
-    """The built-in tiny model's shape (config's ``model.tiny``)."""
+    """The built-in tiny model's shape (config's ``model.tiny``). Read-only members, so that a
+    frozen dataclass is one."""
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    seed: int
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+
+
+# A transformers model, or peft's wrapper of one: an nn.Module whose own methods (generate,
+# config, get_base_model, save_pretrained; peft_config, set_adapter, disable_adapter) mypy
+# sees through nn.Module.__getattr__ as Tensor | Module, and that transformers' stubs type
+# too strictly (a model's .to(device)). Any, where such a model is held or its methods called.
+HFModel: TypeAlias = Any
 
 
 # What a local HF model directory must hold, each as "any of these globs". Without the check an

@@ -26,6 +26,7 @@ from dist_ft.model.spec import (
     TRAINABLE_SET,
     USES,
     WEIGHTS_FILE,
+    HFModel,
     PeftMethod,
     PeftSpec,
 )
@@ -63,7 +64,9 @@ def sync_bytes(config: Any, peft: PeftSpec, dtype: str) -> dict[str, int]:
         # peft syncs the prompt encoder's output for its virtual tokens (computed on the CPU,
         # which a meta tensor cannot reach); without the projection MLP (dist_ft never sets
         # it) that is the encoder's embedding table, the trainable parameter itself
-        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        state: dict[str, torch.Tensor] = {
+            n: p for n, p in model.named_parameters() if p.requires_grad
+        }
     else:
         state = trainable_state(model)
     adapter = sum(t.numel() * t.element_size() for t in state.values())
@@ -77,7 +80,7 @@ def is_adapter(model: nn.Module) -> bool:
 
 
 def export_state(
-    model: nn.Module, adapter_only: bool, adapters: Iterable[str] | None = None
+    model: HFModel, adapter_only: bool, adapters: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """What a weight sync carries: the adapter alone for PEFT models, else every weight.
     ``adapters``: of a policy with several (``peft.adapters``), these alone (None: all).
@@ -107,7 +110,7 @@ def tied_aliases(state: dict[str, torch.Tensor]) -> set[str]:
     return aliases
 
 
-def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_only: bool) -> None:
+def import_state(model: HFModel, tensors: dict[str, torch.Tensor], adapter_only: bool) -> None:
     """Load a weight sync into ``model``; any missing or unexpected name is an error."""
     if adapter_only and not hasattr(model, "peft_config"):  # bitfit, adapter: dist_ft's set
         load_trainable_state(model, tensors)
@@ -116,10 +119,11 @@ def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_onl
         from peft import set_peft_model_state_dict
 
         for adapter, part in by_adapter(model, tensors).items():
-            result = set_peft_model_state_dict(model, part, adapter_name=adapter)
+            # Any: peft annotates the result as the namedtuple factory; it is torch's load result
+            loaded: Any = set_peft_model_state_dict(model, part, adapter_name=adapter)
             # prefix tuning: peft loads "prompt_embeddings" into its prompt encoder itself, yet
             # reports it unexpected by the module's load_state_dict
-            unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+            unexpected = [k for k in loaded.unexpected_keys if k != "prompt_embeddings"]
             if unexpected:
                 raise KeyError(f"adapter sync has unknown tensors: {unexpected[:5]}")
         return
@@ -133,7 +137,7 @@ def import_state(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_onl
         )
 
 
-def save_artefact(model: nn.Module, out_dir: str | Path, spec: PeftSpec | None = None) -> None:
+def save_artefact(model: HFModel, out_dir: str | Path, spec: PeftSpec | None = None) -> None:
     """The trained result. peft methods: peft's ``save_pretrained`` (``adapter_config.json`` +
     ``adapter_model.safetensors``). bitfit and adapter, dist_ft's format:
     ``dist_ft_adapter.safetensors`` holds the trainable set under the base model's parameter

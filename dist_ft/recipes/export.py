@@ -54,7 +54,13 @@ import torch
 from torch import nn
 
 from dist_ft.model.loading import DTYPES, resolve_model_path
-from dist_ft.model.spec import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, PeftMethod
+from dist_ft.model.spec import (
+    CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    HFModel,
+    PeftMethod,
+)
 from dist_ft.run.artefacts import (
     MANIFEST,
     ExportError,
@@ -252,7 +258,7 @@ def _load(path: str, dtype: torch.dtype | str, remote: bool, config: Any = None)
     return AutoModelForCausalLM.from_pretrained(path, **kw)
 
 
-def _save_model(model: nn.Module, base: str, out: Path, remote: bool) -> None:
+def _save_model(model: HFModel, base: str, out: Path, remote: bool) -> None:
     from transformers import AutoTokenizer
 
     model.save_pretrained(str(out), safe_serialization=True)

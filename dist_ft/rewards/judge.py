@@ -37,6 +37,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dist_ft.model.loading import DTYPES, load_tokenizer
+from dist_ft.model.spec import HFModel
 
 # Char-level tiny model: 1 token per character and 512 positions, so the fixed text is ~100
 # tokens and leaves the rest to the constitution, prompt and completion(s). Each template ends
@@ -184,6 +185,8 @@ class JudgeSpec:
 
 class JudgeWorker:
     """Scores completions with a frozen judge model. A plain class (no Ray import)."""
+
+    model: HFModel  # declared here: an annotated self.model = ... would narrow it to the stub's
 
     def __init__(self, spec: JudgeSpec) -> None:
         mode, dtype, batch_size = spec.mode, spec.dtype, spec.batch_size

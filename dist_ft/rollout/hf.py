@@ -31,7 +31,7 @@ from dist_ft.model import onednn
 from dist_ft.model.loading import DTYPES, load_policy, load_tokenizer
 from dist_ft.model.logprobs import group_logprobs, shares_prompt_cache
 from dist_ft.model.peft import reference_mode, use_adapter
-from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec
 from dist_ft.rollout.merged import MergedLoRA
@@ -71,6 +71,8 @@ class HFOptions:
 
 
 class HFGenerator:
+    model: HFModel  # declared here: an annotated self.model = ... would narrow it to nn.Module
+
     def __init__(self, spec: GeneratorSpec) -> None:
         options = spec.options if isinstance(spec.options, HFOptions) else HFOptions()
         self.device = torch.device(spec.device)
@@ -105,9 +107,14 @@ class HFGenerator:
             self.merged = MergedLoRA(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         self.logits_to_keep = base._supports_logits_to_keep()
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            LogitsProcessor,
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
-        warpers = [TemperatureLogitsWarper(self.temperature)]
+        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(self.temperature)]
         if self.top_p < 1.0:
             warpers.append(TopPLogitsWarper(self.top_p))
         self.sampler = LogitsProcessorList([*warpers, InverseCDFSample()])
@@ -142,7 +149,9 @@ class HFGenerator:
             same = q is not None and (q.shape, q.dtype, q.device) == (p.shape, p.dtype, p.device)
             if p.requires_grad or not p.is_floating_point() or not same:  # 4-bit: left alone
                 continue
+            assert q is not None  # not same where the donor has no such tensor
             if id(p) in layer_of:
+                assert self.merged is not None  # layer_of is empty without it
                 self.merged.rebase(layer_of[id(p)], q.data)
             else:
                 p.data = q.data
@@ -178,7 +187,7 @@ class HFGenerator:
         # the learner's function on the learner's layout: one prompt row per group
         table = (enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
         args = (*table, group_ids, completion_ids, completion_mask, self.temperature)
-        share = {"share_prompts": self.shared_prefill}
+        share = self.shared_prefill
         if self.logprobs_from_sampling:
             # one [B*G, V] step at a time: no [B*G, T, V] copy beside the T steps generate holds
             steps = [
@@ -187,15 +196,15 @@ class HFGenerator:
             ]
             logprobs = torch.cat(steps, dim=1)  # [B*G, T]
         else:
-            logprobs = group_logprobs(self.model, *args, **share)
+            logprobs = group_logprobs(self.model, *args, share_prompts=share)
         logprobs = logprobs * completion_mask
         ref_logprobs = None
         if self.need_ref:
             if self.ref_model is not None:
-                ref_logprobs = group_logprobs(self.ref_model, *args, **share)
+                ref_logprobs = group_logprobs(self.ref_model, *args, share_prompts=share)
             else:  # PEFT: the policy acting as its start, no second copy (model/peft.py)
                 with reference_mode(self.model):
-                    ref_logprobs = group_logprobs(self.model, *args, **share)
+                    ref_logprobs = group_logprobs(self.model, *args, share_prompts=share)
             ref_logprobs = (ref_logprobs * completion_mask).float()
         return Generation(
             prompt_ids=enc["input_ids"],

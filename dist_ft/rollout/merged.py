@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,12 +38,13 @@ class MergedLoRA:
     def __init__(self, model: nn.Module) -> None:
         from peft.tuners.lora import LoraLayer
 
-        self.layers = [
+        # Any: peft's layers get base_layer, lora_A/B and get_delta_weight dynamically
+        self.layers: list[Any] = [
             m
             for m in model.modules()
             if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), nn.Linear)
         ]
-        self.start = [m.base_layer.weight.data for m in self.layers]
+        self.start: list[torch.Tensor] = [m.base_layer.weight.data for m in self.layers]
         self.merged: list[torch.Tensor | None] = [None] * len(self.layers)  # at the first decode
         self.merged_from: list[tuple[str, int, int]] | None = None
         self.transient = False  # merged weights released after each decode (see rebase)
