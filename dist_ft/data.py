@@ -121,6 +121,13 @@ def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> Rows:
     raise DatasetError(f"{source}: unsupported format (use .jsonl, .parquet or a folder)")
 
 
+def prompt_row(rows: Rows, index: int) -> dict[str, Any]:
+    """The row of :func:`load_rows` that prepared prompt ``index`` came from."""
+    row = rows[index]
+    assert not isinstance(row, BadLine)  # a bad line is rejected, it never becomes a prompt
+    return row
+
+
 def _chat_text(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
     """``messages`` through the tokenizer's chat template, as text. A template's own failure
     (e.g. its ``raise_exception(...)``) comes out as ValueError."""

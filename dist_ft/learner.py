@@ -265,6 +265,7 @@ class Learner:
             self._use_adapter(batch)
         loss = self._objective(objective)
         normaliser = loss.normaliser(self._sum_over_ranks(loss.count(batch)))
+        select: Callable[[torch.Tensor], ScoredBatch]  # index -> that micro-batch
         if OBJECTIVES[objective].whole_groups:  # micro-batches never split a group (a pair)
             units, select = int(batch.group_ids.max()) + 1 if len(batch) else 0, batch.select_groups
         else:

@@ -273,8 +273,14 @@ class RayCluster:
             for a in self.requests.of("rollout")
         ]
         self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
-        groups = {"rollout": self.workers, "learner": self.learners, "judge": self.judges}
-        self._info = {kind: self._started(kind, group) for kind, group in groups.items()}
+        groups: dict[Role, list[Any]] = {
+            "rollout": self.workers,
+            "learner": self.learners,
+            "judge": self.judges,
+        }
+        self._info: dict[str, list[Any]] = {
+            kind: self._started(kind, group) for kind, group in groups.items()
+        }
         self._start_learners(learner)
         self._update: Published | None = None  # the latest weights, as published
         self._syncs = 0
@@ -292,6 +298,7 @@ class RayCluster:
 
         strategy: Any = None
         if req.bundle is not None:
+            assert self._pg is not None  # __init__ placed it: a bundle comes with the group
             strategy = PlacementGroupSchedulingStrategy(self._pg, req.bundle)
         elif near is not None:
             strategy = NodeAffinitySchedulingStrategy(near, soft=True)

@@ -65,7 +65,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}", keys=(key,))
         return dict(value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # an annotation: a class
         if isinstance(value, tp):  # a default: rebuilt so that its values are checked too
             value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         if not isinstance(value, dict):

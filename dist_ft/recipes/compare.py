@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dist_ft.model.loading import load_policy, load_tokenizer, resolve_model_path
-from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Comparison:
 
 @torch.no_grad()
 def complete(
-    model: nn.Module,
+    model: HFModel,
     tokenizer: Any,
     prompts: list[str],
     max_new_tokens: int,
@@ -109,7 +108,7 @@ def compare_run(
     """Score the base and the trained policy of the finished run in ``run_dir`` on the first
     ``max_prompts`` good rows of its data (0 = all): greedy, and ``samples`` per prompt."""
     from dist_ft.config import ConfigError
-    from dist_ft.data import load_rows
+    from dist_ft.data import load_rows, prompt_row
     from dist_ft.model.weights import load_artefact
     from dist_ft.rewards import RewardSet
     from dist_ft.run.artefacts import finished_run
@@ -165,6 +164,6 @@ def compare_run(
         return scores.total(rewards.weights, fill=0.0).tolist()
 
     rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)
-    questions = [str(rows[p.index][cfg.data.prompt_field]) for p in prompts]
+    questions = [str(prompt_row(rows, p.index)[cfg.data.prompt_field]) for p in prompts]
     before, after = (Answers(g, s, totals(g), totals(s)) for g, s in outputs)
     return Comparison(questions, answers, samples, cfg.rollout.temperature, before, after)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from dist_ft.config import Config, ConfigError, config_to_dict
-from dist_ft.data import load_rows, write_rejects
+from dist_ft.data import load_rows, prompt_row, write_rejects
 from dist_ft.model.loading import load_tokenizer, resolve_model_path
 from dist_ft.rewards.judge import load_constitution
 from dist_ft.run.samplers import load_prompts
@@ -66,7 +66,7 @@ def label(cfg: Config) -> dict[str, Any]:
     prepared = load_prompts(cfg, tokenizer)
     prompts = prepared.prompts[: cfg.label.prompts or None]
     rows = load_rows(d.source, d.demo_size, cfg.run.seed)
-    raw = {p.index: rows[p.index][d.prompt_field] for p in prompts}
+    raw = {p.index: prompt_row(rows, p.index)[d.prompt_field] for p in prompts}
     if prepared.rejects:
         rejects = output.with_suffix(".rejects.jsonl")
         write_rejects(rejects, prepared.rejects)

@@ -219,6 +219,7 @@ def evaluate(
         mask = batch.loss_mask
         seq_N, n_N = sequence_logps(cluster.logprobs(batch), mask)
         ref = with_reference(batch, [r for rs in refs[start : start + len(part)] for r in rs])
+        assert ref.ref_logprobs is not None  # with_reference filled it
         ref_N, _ = sequence_logps(ref.ref_logprobs, mask)
         chosen.append(seq_N[0::2])
         rejected.append(seq_N[1::2])

@@ -67,7 +67,9 @@ def finished_run(run_dir: str | Path, name: str | None = None) -> tuple[Any, Pat
             "files are checked for damage by their values only",
             file=sys.stderr,
         )
-    weights = weights / name if names else weights
+    if names:
+        assert name is not None  # a name not among names raised above, None included
+        weights = weights / name
     check_weights(weights)
     return cfg, weights
 

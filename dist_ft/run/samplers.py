@@ -76,7 +76,7 @@ def adapter_rows(
     adapter None, without."""
     if not cfg.peft.adapters:
         return [(None, rows)]
-    parts = []
+    parts: list[tuple[int | None, list[dict[str, str]]]] = []
     for index, tasks in enumerate(cfg.peft.adapters.values()):
         if mine := [r for r in rows if r.get("task", DEFAULT_TASK) in tasks]:
             parts.append((index, mine))

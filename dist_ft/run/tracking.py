@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -34,7 +34,7 @@ class Tracker:
         *,
         run_name: str,
         total_steps: int,
-        wandb_mode: str,
+        wandb_mode: Literal["offline", "online", "disabled"],
         wandb_project: str,
         config: dict[str, Any],
         plot: bool = True,
@@ -80,7 +80,9 @@ class Tracker:
             # The console is not captured: whatever a user's reward prints (a secret too) would
             # be kept in the run's output.log, and uploaded online; WANDB_CONSOLE=wrap asks for
             # it. silent: wandb's banner and 30-line summary stay out of the run's output.
-            settings = wandb.Settings(console=os.environ.get("WANDB_CONSOLE", "off"), silent=True)
+            # WANDB_CONSOLE is any string a user sets; wandb's Settings validates it (the ignore)
+            console = os.environ.get("WANDB_CONSOLE", "off")
+            settings = wandb.Settings(console=console, silent=True)  # type: ignore[arg-type]
             self._wandb = wandb.init(
                 project=wandb_project,
                 name=run_name,
@@ -159,6 +161,7 @@ class Tracker:
     def _due(self, step: int) -> bool:
         """Steps that always get a progress line and samples: every ``every``th, the last, and
         the first of this process."""
+        assert self._first is not None  # log() sets it, and log_samples() follows a log()
         return step % self.every == 0 or step == self.total_steps or step == self._first[0]
 
     def log_samples(
@@ -175,8 +178,9 @@ class Tracker:
             import wandb
 
             names = batch.reward_names
-            columns = ["step", "prompt", "completion", "answer", "reward", "advantage", *names]
-            table = wandb.Table(columns=columns)
+            table = wandb.Table(
+                columns=["step", "prompt", "completion", "answer", "reward", "advantage", *names]
+            )
             for r in rows:
                 text = "".join(t["text"] for t in r["turns"])
                 scores = [r["rewards"][n] for n in names]
@@ -185,13 +189,13 @@ class Tracker:
                 )
             self._wandb.log({"samples": table}, step=step)
         r = rows[0]
-        scores = ", ".join(
+        scores_text = ", ".join(
             f"{n} {'error' if v is None else f'{v:.3g}'}" for n, v in r["rewards"].items()
         )
         text = "".join(t["text"] for t in r["turns"])
         print(
             f"sample, step {step}: {_clip(r['prompt'])} -> {_clip(text)} (answer "
-            f"{_clip(r['answer'])}; reward {r['reward']:.3g}: {scores})",
+            f"{_clip(r['answer'])}; reward {r['reward']:.3g}: {scores_text})",
             flush=True,
         )
 
@@ -267,7 +271,7 @@ class Tracker:
     def _series(self, key: str) -> tuple[list[int], list[float]]:
         """The steps that logged ``key``, and its values there."""
         rows = [r for r in self.history if key in r]
-        return [r["step"] for r in rows], [r[key] for r in rows]
+        return [int(r["step"]) for r in rows], [r[key] for r in rows]
 
 
 def sample_rows(
