@@ -34,9 +34,12 @@ test-unit: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra tests/unit tests/integration
 
+# mypy checks the package that [tool.mypy] in pyproject.toml names: under a minute on 2 cores,
+# seconds once .mypy_cache holds the unchanged modules
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -69,4 +72,4 @@ bench-peer: $(STAMP)
 	$(PY) bench/peer_trl.py --model $(PEER_MODEL) --out runs/bench-peer/$(PEER_MODEL).md
 
 clean:
-	rm -rf $(VENV) runs wandb .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs wandb .pytest_cache .ruff_cache .mypy_cache
