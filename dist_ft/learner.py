@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from dist_ft.model import onednn
 from dist_ft.model.loading import DTYPES, load_policy
 from dist_ft.model.logprobs import group_logprobs, packed_completion_logprobs, shares_prompt_cache
 from dist_ft.model.peft import adapter_parameters, use_adapter
-from dist_ft.model.spec import PeftMethod, PeftSpec
+from dist_ft.model.spec import Device, DType, PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, is_adapter
 from dist_ft.wire.batch import ScoredBatch
 
@@ -108,16 +108,16 @@ class LearnerSpec:
     """Everything one learner rank is built from (rank and rendezvous come separately)."""
 
     model_path: str
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: DType
     peft: PeftSpec
-    device: str  # "cpu" | "cuda"
+    device: Device
     loss: LossParams
     temperature: float  # the sampling temperature: logprobs are recomputed at it
     lr: float
     weight_decay: float
     grad_clip: float
     zero_stage: int
-    offload: str  # "none" | "cpu"
+    offload: Literal["none", "cpu"]
     samples_per_step: int
     micro_batches: int
     seed: int
@@ -125,7 +125,7 @@ class LearnerSpec:
     deterministic: bool = False
     dpo: DPOParams = field(default_factory=DPOParams)  # the DPO objective's loss variant and knobs
     pack: bool = True  # SFT and DPO forwards pack rows (see Learner._logprobs)
-    cpu_linear: str = "onednn"  # resources.cpu_linear: "onednn" | "torch"
+    cpu_linear: Literal["onednn", "torch"] = "onednn"  # resources.cpu_linear
 
 
 def deepspeed_config(spec: LearnerSpec, world_size: int) -> dict[str, Any]:

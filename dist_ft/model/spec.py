@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal, Protocol, TypeAlias
 
 from dist_ft.ranges import PosInt, Range
 
+DType = Literal["float32", "bfloat16", "float16"]  # a model's parameter dtype, by name
+Device = Literal["cpu", "cuda"]  # where a component runs (resources.device, resolved)
+
 
 class PeftMethod(str, enum.Enum):
     """What trains; ``dist_ft.model.peft`` builds each (its docstring has the table)."""

@@ -37,7 +37,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from dist_ft.model.loading import DTYPES, load_tokenizer
-from dist_ft.model.spec import HFModel
+from dist_ft.model.spec import Device, HFModel
 
 # Char-level tiny model: 1 token per character and 512 positions, so the fixed text is ~100
 # tokens and leaves the rest to the constitution, prompt and completion(s). Each template ends
@@ -176,7 +176,7 @@ class JudgeSpec:
     ratings: tuple[str, ...] = tuple(DEFAULT_RATINGS)
     labels: tuple[str, ...] = tuple(DEFAULT_LABELS)
     template: str | None = None
-    device: str = "cpu"
+    device: Device = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 16
     max_length: int | None = None

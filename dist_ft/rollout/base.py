@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from dist_ft.model.spec import PeftSpec
+from dist_ft.model.spec import Device, DType, PeftSpec
 
 
 class GeneratorKind(str, enum.Enum):
@@ -32,9 +32,9 @@ class GeneratorSpec:
     user's ``package.module:Class``."""
 
     model_path: str
-    dtype: str  # the rollout dtype: "float32" | "bfloat16" | "float16"
+    dtype: DType  # the rollout dtype
     peft: PeftSpec  # the same method as the learner: the weights it receives are its tensors
-    device: str
+    device: Device
     max_new_tokens: int
     temperature: float
     top_p: float

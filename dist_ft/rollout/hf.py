@@ -86,7 +86,9 @@ class HFGenerator:
         if spec.need_ref_logprobs and not self.adapter_only:
             # Full fine-tuning has no adapter to switch off: keep a frozen copy of the start.
             no_peft = PeftSpec(method=PeftMethod.NONE)
-            self.ref_model = load_policy(spec.model_path, spec.dtype, no_peft, self.device).eval()
+            self.ref_model = load_policy(
+                spec.model_path, spec.dtype, no_peft, self.device, spec.trust_remote_code
+            ).eval()
         if options.cpu_linear == "onednn" and self.device.type == "cpu":
             for model in (self.model, self.ref_model):
                 if model is not None:

@@ -10,7 +10,7 @@ import importlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -94,7 +94,7 @@ class RolloutSpec:
     rewards: list[tuple[str, float, dict[str, Any]]]  # (name or module:function, weight, kwargs)
     reward_tasks: list[list[str]]  # [K] the tasks each reward function scores; [] = every task
     reward_timeout_s: float
-    on_reward_error: str  # "mask" | "zero" | "abort" (reward.on_error, see RewardConfig)
+    on_reward_error: Literal["mask", "zero", "abort"]  # reward.on_error (see RewardConfig)
     scale_rewards: bool  # divide advantages by the group's std
     advantage: str  # the estimator's name in algos/advantages.py's ADVANTAGES
     seed: int

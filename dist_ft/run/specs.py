@@ -12,18 +12,23 @@ from dist_ft.cluster.placement import ActorSpec
 from dist_ft.config import Config
 from dist_ft.learner import LearnerSpec
 from dist_ft.model.loading import resolve_model_path
-from dist_ft.model.spec import auto_lr
+from dist_ft.model.spec import Device, auto_lr
 from dist_ft.rewards.judge import JudgeSpec
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
 from dist_ft.rollout.hf import HFOptions
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str) -> Device:
+    """``resources.device`` resolved: "auto" is cuda when a GPU is visible, else cpu."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("resources.device=cuda but no CUDA device is visible")
-    return device
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("resources.device=cuda but no CUDA device is visible")
+        return "cuda"
+    if device == "cpu":
+        return "cpu"
+    raise ValueError(f"resources.device={device!r}: one of auto, cpu, cuda")
 
 
 def judge_spec(cfg: Config) -> JudgeSpec | None:
