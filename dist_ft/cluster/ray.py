@@ -75,6 +75,8 @@ class LearnerHost:
 
     def __init__(self) -> None:
         self.learner: Any = None
+        # what rank 0 published and a blocking transport still has to send
+        self._outgoing: tuple[Published, dict[str, torch.Tensor]] | None = None
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -100,7 +102,17 @@ class LearnerHost:
         tensors = self.learner.export_weights(changed_only=changed_only)
         if self.learner.rank != 0:
             return None
-        return transport.publish(self.learner.version, to_rollout_dtype(tensors, dtype))
+        tensors = to_rollout_dtype(tensors, dtype)
+        update = transport.publish(self.learner.version, tensors)
+        self._outgoing = (update, tensors) if transport.blocking else None
+        return update
+
+    def send_weights(self, transport: Any) -> None:
+        """Rank 0, while the workers receive: the transfer of a blocking transport."""
+        if self._outgoing is not None:
+            update, tensors = self._outgoing
+            self._outgoing = None
+            transport.send(update, tensors)
 
     def logprobs(self, batch: ScoredBatch) -> torch.Tensor:
         return self.learner.logprobs(batch)
@@ -399,7 +411,9 @@ class RayCluster:
         if self._update is None or self._worker_version[k] == self._version:
             return
         update = self._update
-        if self.partial_syncs:  # the last sync may lack adapters this worker never received
+        # the last sync may lack adapters this worker never received; a blocking transport's
+        # data went with its send
+        if self.partial_syncs or self.transport.blocking:
             update = self._learners_get(
                 [
                     h.publish_weights.remote(self.rollout_dtype, self.transport, False)
@@ -407,10 +421,10 @@ class RayCluster:
                 ]
             )[0]
         # Read back: the worker was restarted or missed a sync, the rare case worth the cost.
-        fp = self._get(
-            self.workers[k].set_weights.remote(update, self.transport, read_back=True),
-            self._name("rollout", k),
-        )
+        ref = self.workers[k].set_weights.remote(update, self.transport, read_back=True)
+        sending = self.learners[0].send_weights.remote(self.transport)
+        fp = self._get(ref, self._name("rollout", k))
+        self._learners_get([sending])
         check_fingerprints(update, [fp], read_back=True)
         self._worker_version[k] = update.version
 
@@ -521,7 +535,9 @@ class RayCluster:
         # included) they also hash what their model holds after loading.
         read_back = self._syncs % self.read_back_every == 0
         self._syncs += 1
+        # receives and rank 0's send run at once: a blocking transport needs both sides there
         refs = [w.set_weights.remote(update, self.transport, read_back) for w in self.workers]
+        sending = self.learners[0].send_weights.remote(self.transport)
         prints = []
         for k, ref in enumerate(refs):
             try:
@@ -534,6 +550,7 @@ class RayCluster:
                     f"({type(e).__name__}); it loads v{update.version} before its next share",
                     stacklevel=2,
                 )
+        self._learners_get([sending])
         check_fingerprints(update, prints, read_back)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 

@@ -62,4 +62,10 @@ def make_transport(name: str, mode: str) -> WeightTransport:
         raise ValueError(
             f"resources.weight_transport={name!r} is not a dist_ft.sync.WeightTransport subclass"
         )
-    return cls()
+    if cls.blocking and mode == "local":
+        raise ValueError(
+            f"resources.weight_transport={name!r} sends only while its receivers receive, which "
+            "one process cannot do: use it with resources.mode=ray"
+        )
+    transport: WeightTransport = cls()
+    return transport

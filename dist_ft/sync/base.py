@@ -61,12 +61,15 @@ class Published:
 class WeightTransport:
     """How a version of the weights gets from learner rank 0 to every rollout worker.
 
-    Order of calls: ``setup`` on the driver, once; per sync, ``publish`` on rank 0, which must
-    return once the update is available (the driver needs its note), then ``receive`` on each
-    worker; ``close`` on the driver at shutdown. A transport whose send blocks until receivers
-    join (an NCCL broadcast) does not fit this order yet: publish would wait for receives that
-    start only after it returns.
+    Order of calls: ``setup`` on the driver, once. Per sync: ``publish`` on rank 0 returns the
+    note (it must not wait for receivers: the driver needs the note to start them); then, at
+    the same time, ``send`` on rank 0 and ``receive`` on every worker. ``close`` on the driver
+    at shutdown. A transport that delivers in ``publish`` (the object store) leaves ``send`` a
+    no-op; one whose transfer needs its receivers present (a broadcast) does it in ``send``,
+    and says so with ``blocking``: debug mode, one process, cannot run it.
     """
+
+    blocking = False  # send() waits for the receivers: needs them in other processes
 
     def setup(self) -> None:
         """Driver side, before the first sync (a rendezvous, a scratch directory)."""
@@ -74,6 +77,10 @@ class WeightTransport:
     def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Published:
         """Learner rank 0: make ``tensors`` available to the workers as ``version``."""
         raise NotImplementedError
+
+    def send(self, update: Published, tensors: dict[str, torch.Tensor]) -> None:
+        """Learner rank 0, while the workers receive ``update``: the transfer itself, for a
+        transport that needs its receivers present. ``tensors`` are those published."""
 
     def receive(self, update: Published) -> dict[str, torch.Tensor]:
         """A rollout worker: the tensors of ``update``."""

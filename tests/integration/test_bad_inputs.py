@@ -286,7 +286,7 @@ ROWS = [
         "demo",
         "rollout.generator=engines:Half",
         fragment="rollout.generator=engines:Half: Half is not a dist_ft.rollout.Generator: it "
-        "has no generate, load_weights, export_weights",
+        "has no generate, load_weights",
         files={"engines.py": ENGINES},
     ),
     row(

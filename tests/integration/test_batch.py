@@ -161,7 +161,7 @@ def reference_logprobs(learner: Learner, prompt: list[int], episodes: list[list[
     out = []
     for episode in episodes:
         ids = torch.tensor([prompt + episode])
-        logits = learner.module(input_ids=ids).logits[0] / learner.temperature
+        logits = learner.module(input_ids=ids).logits[0] / learner.spec.temperature
         logp = logits.float().log_softmax(-1)[len(prompt) - 1 : -1]
         out.append(logp.gather(-1, torch.tensor(episode)[:, None]).squeeze(-1))
     return out

@@ -87,12 +87,15 @@ def ray_sees_tests():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["object_store", "transports:DirTransport"])
+@pytest.mark.parametrize(
+    "transport", ["object_store", "transports:DirTransport", "transports:RendezvousTransport"]
+)
 def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(
     tiny_path, ray_sees_tests, transport
 ):
     """The built-in transport and a user's (tests/transports.py, chosen by its config name)
-    pass the same checks: bytes hashed on arrival every sync, read back every Nth."""
+    pass the same checks: bytes hashed on arrival every sync, read back every Nth. The
+    rendezvous transport sends only while a worker receives, as a broadcast does."""
     from dist_ft.cluster.placement import ActorSpec
     from dist_ft.cluster.ray import RayCluster
 
@@ -181,6 +184,8 @@ def test_a_transport_that_cannot_reach_the_workers_is_refused_by_name():
         make_transport("generators:NaiveSampler", "local")
     with pytest.raises(ValueError, match="one of auto, inprocess, object_store"):
         make_transport("nccl", "local")
+    with pytest.raises(ValueError, match=r"one process cannot do: use it with resources\.mode=ray"):
+        make_transport("transports:RendezvousTransport", "local")
 
 
 class DamagingTransport(InProcessTransport):
