@@ -12,13 +12,23 @@ PKG = Path(__file__).resolve().parents[2] / "dist_ft"
 
 
 def test_algos_import_neither_ray_nor_deepspeed():
-    code = (
-        "import sys, dist_ft.algos.grpo, dist_ft.algos.common, dist_ft.algos.dpo\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed'))\n"
-        "print(bad); sys.exit(1 if bad else 0)"
+    assert (
+        loaded_by(
+            "import dist_ft.algos.grpo, dist_ft.algos.common, dist_ft.algos.dpo",
+            ("ray", "deepspeed"),
+        )
+        == []
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def loaded_by(code: str, roots: tuple[str, ...]) -> list[str]:
+    """The modules of packages ``roots`` that running ``code`` in a fresh interpreter loads."""
+    probe = (
+        f"import sys\n{code}\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return ast.literal_eval(r.stdout.strip().splitlines()[-1])
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -49,13 +59,8 @@ def test_only_cluster_imports_ray():
 
 def test_importing_the_cluster_package_loads_no_ray():
     """Ray is imported where it is used, so local mode and the SLURM preflight never load it."""
-    code = (
-        "import sys, dist_ft.cluster, dist_ft.cluster.placement, dist_ft.recipes.plan\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ray')\n"
-        "print(bad[:5]); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    code = "import dist_ft.cluster, dist_ft.cluster.placement, dist_ft.recipes.plan"
+    assert loaded_by(code, ("ray",)) == []
 
 
 def test_no_module_over_600_lines():
@@ -111,13 +116,7 @@ def test_nothing_imports_the_recipes_but_the_cli():
 
 
 def test_the_driver_builds_specs_without_loading_deepspeed():
-    code = (
-        "import sys, dist_ft.recipes.grpo, dist_ft.learner\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed')\n"
-        "print(bad[:5]); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert loaded_by("import dist_ft.recipes.grpo, dist_ft.learner", ("deepspeed",)) == []
 
 
 def runtime_imports(path: Path, modules: set[str]) -> set[str]:
@@ -180,30 +179,18 @@ def test_loading_a_config_imports_no_torch():
     """`dist-ft train bad.yaml` answers before torch loads (it takes seconds): the config, its
     schema and every spec type it holds (``model.spec``, ``algos.settings``) are torch-free."""
     code = (
-        "import sys\n"
         "from dist_ft.config import load_config\n"
-        "load_config(None, ['peft.method=dora', 'algo.objective=dpo', 'dpo.loss=ipo'])\n"
-        "heavy = ('torch', 'transformers', 'peft', 'datasets', 'deepspeed', 'ray')\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
-        "print(bad[:5]); sys.exit(1 if bad else 0)"
+        "load_config(None, ['peft.method=dora', 'algo.objective=dpo', 'dpo.loss=ipo'])"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert loaded_by(code, ("torch", "transformers", "peft", "datasets", "deepspeed", "ray")) == []
 
 
 def test_the_wire_format_and_the_rollout_worker_import_no_datasets():
     """What crosses the wire is torch alone; a rollout worker (wire + generator + rewards) never
     loads ``datasets``, which only the driver's row loading needs."""
-    code = (
-        "import sys\n"
-        "import dist_ft.wire.batch, dist_ft.wire.packing, dist_ft.wire.prompt\n"
-        "wire = sorted(m for m in sys.modules if m.split('.')[0] in ('datasets', 'transformers'))\n"
-        "import dist_ft.rollout.worker\n"
-        "worker = sorted(m for m in sys.modules if m.split('.')[0] == 'datasets')\n"
-        "print(wire[:5], worker[:5]); sys.exit(1 if wire or worker else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    wire = "import dist_ft.wire.batch, dist_ft.wire.packing, dist_ft.wire.prompt"
+    assert loaded_by(wire, ("datasets", "transformers")) == []
+    assert loaded_by("import dist_ft.rollout.worker", ("datasets",)) == []
 
 
 def test_unit_test_folders_mirror_the_package():
