@@ -4,13 +4,13 @@
 the transformers ``generate`` engine.
 """
 
-from dist_ft.rollout.base import Generation, Generator, GeneratorKind, GeneratorSpec
+from dist_ft.rollout.base import GENERATORS, Generation, Generator, GeneratorSpec
 from dist_ft.rollout.worker import RolloutSpec, RolloutWorker
 
 __all__ = [
+    "GENERATORS",
     "Generation",
     "Generator",
-    "GeneratorKind",
     "GeneratorSpec",
     "RolloutSpec",
     "RolloutWorker",

@@ -4,7 +4,7 @@ A :class:`Generator` loads weights, samples ``n`` completions per prompt with th
 distribution it sampled from, and (when the KL term is on) the reference policy's logprobs. The
 rollout worker keeps everything else (rewards, advantages, the payload), so a new engine (vLLM on
 GPUs, a multi-turn environment wrapping generation) is one new file plus one
-:class:`GeneratorKind` value.
+line in :data:`GENERATORS`.
 
 Shapes: N = B x G samples (B prompts, G completions each), P = prompt tokens (left-padded),
 T = episode tokens after the prompt (right-padded; single-turn: the completions, T the longest
@@ -13,7 +13,6 @@ of them, at most ``max_new_tokens``).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,9 +20,11 @@ import torch
 
 from dist_ft.model.spec import Device, DType, PeftSpec
 
-
-class GeneratorKind(str, enum.Enum):
-    HF = "hf"  # transformers ``generate``; logprobs from its own logits in fp32
+# name -> "module:Class": the built-in engines (rollout.generator); a user's is named as
+# "package.module:Class" directly
+GENERATORS: dict[str, str] = {
+    "hf": "dist_ft.rollout.hf:HFGenerator",  # transformers generate; logprobs from its logits
+}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dist_ft.algos.advantages import advantage_fn
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
 from dist_ft.rewards import RewardError, RewardSet
-from dist_ft.rollout.base import Generator, GeneratorKind, GeneratorSpec
+from dist_ft.rollout.base import GENERATORS, Generator, GeneratorSpec
 from dist_ft.sync import Published, WeightTransport, fingerprint
 from dist_ft.wire.batch import ScoredBatch
 from dist_ft.wire.prompt import Prompt
@@ -34,17 +34,17 @@ _PROTOCOL = ("generate", "load_weights")
 
 
 def resolve_generator(name: str, adapters: bool = False) -> type:
-    """The engine class ``rollout.generator`` names: a :class:`GeneratorKind` value, or a user's
+    """The engine class ``rollout.generator`` names: a built-in (``GENERATORS``), or a user's
     ``package.module:Class`` that imports and has the :class:`Generator` methods (with
     ``adapters``, ``use_adapter`` too). Cheap for a user's class: the CLI checks it before any
     model loads."""
-    if name == GeneratorKind.HF.value:
-        from dist_ft.rollout.hf import HFGenerator
-
-        return HFGenerator
+    if name in GENERATORS:
+        module_name, _, cls_name = GENERATORS[name].partition(":")
+        builtin: type = getattr(importlib.import_module(module_name), cls_name)
+        return builtin
     module_name, _, cls_name = name.partition(":")
     if not (module_name and cls_name):
-        known = [k.value for k in GeneratorKind]
+        known = list(GENERATORS)
         raise GeneratorError(
             f"rollout.generator={name!r}: use one of {known} or 'package.module:Class'"
         )
@@ -72,9 +72,9 @@ def resolve_generator(name: str, adapters: bool = False) -> type:
 
 
 def make_generator(name: str, spec: GeneratorSpec) -> Generator:
-    """A built-in engine by :class:`GeneratorKind` value, or a user's ``package.module:Class``."""
+    """A built-in engine by name (``GENERATORS``), or a user's ``package.module:Class``."""
     cls = resolve_generator(name, bool(spec.peft.adapters))
-    if name == GeneratorKind.HF.value:  # dist_ft's own: an error here is a bug, traceback kept
+    if name in GENERATORS:  # dist_ft's own: an error here is a bug, traceback kept
         return cls(spec)
     try:
         return cls(spec)
@@ -89,7 +89,7 @@ class RolloutSpec:
     """Everything a rollout worker is built from (its index and judge come separately)."""
 
     generation: GeneratorSpec
-    generator: str  # a GeneratorKind value, or "package.module:Class"
+    generator: str  # a name in GENERATORS, or "package.module:Class"
     group_size: int  # G
     rewards: list[tuple[str, float, dict[str, Any]]]  # (name or module:function, weight, kwargs)
     reward_tasks: list[list[str]]  # [K] the tasks each reward function scores; [] = every task
