@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # turned into a connect to the stale address), RayCluster's own private Ray, and the multi-node
 # fixture (which ran a global `ray stop --force`).
 RAY_TESTS = [
-    "tests/integration/test_sync.py::test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load",
+    "tests/integration/test_sync.py::test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load[object_store]",
     "tests/slow/test_ray.py::test_colocated_actors_share_placement_group_bundles",
     "tests/slow/test_ray.py::test_multi_node_grpo[2-lora]",
 ]

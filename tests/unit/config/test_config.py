@@ -93,7 +93,11 @@ def test_config_is_frozen():
 
 
 @pytest.mark.parametrize("command", ["train", "sft", "dpo"])
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "bench").glob("*.yaml")]),
+    ids=lambda p: p.name,
+)
 def test_every_shipped_config_validates_for_every_command(path, command):
     """`dist-ft sft` / `dpo` load the recipe with algo.objective set to the command: every
     shipped recipe means the same model, peft, learner and resources under each of them."""
