@@ -290,7 +290,8 @@ def test_code_tests_scores_a_batch():
     ("bad", "reason"),
     [
         ("not json", r"sample 1: answer is not JSON \(Expecting value"),
-        ('"assert True"', r"sample 1: answer must be a non-empty JSON list of test snippets$"),
+        # one test snippet as a bare JSON string: a list is required, even of one
+        ('"assert f(1) == 2"', r"sample 1: answer must be a non-empty JSON list of test snippets$"),
         ("[]", r"sample 1: answer must be a non-empty JSON list of test snippets$"),
         ('["ok", 3]', r"sample 1: answer must be a non-empty JSON list of test snippets$"),
         (None, r"sample 1: answer must be a non-empty JSON list of test snippets$"),
