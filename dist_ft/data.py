@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import datasets
 import torch
 
+from dist_ft.envs import ENV_SOURCES, source_rows
 from dist_ft.tasks import DEFAULT_TASK, SOURCES, demo_rows
 from dist_ft.wire.batch import Span
 from dist_ft.wire.prompt import Prompt
@@ -103,6 +104,8 @@ def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> Rows:
     """
     if source in SOURCES:
         return demo_rows(demo_size, seed, source)
+    if source in ENV_SOURCES:  # a built-in environment's problems, demo_size of them
+        return source_rows(source)(demo_size, seed)
     path = Path(source)
     if not path.exists():
         raise DatasetError(f"data.source not found: {source}")
@@ -237,13 +240,15 @@ def prepare_prompts(
     max_prompt_tokens: int,
     on_bad_row: Literal["error", "skip"] = "error",
     task_field: str = "task",
+    keep_rows: bool = False,
 ) -> PreparedPrompts:
     """Validate and render every row up front, in source order.
 
     ``on_bad_row="error"``: the first bad row raises :class:`DatasetError`. ``"skip"``: bad rows
     become :class:`Reject` records and the rest become prompts. Either way, no usable row at all
     raises. ``Prompt.index`` is the row's index in the source, bad rows included. A row without
-    ``task_field`` is task ``"default"``.
+    ``task_field`` is task ``"default"``. ``keep_rows``: each Prompt carries its whole row
+    (``env.name``: the episode's environment is built from it).
     """
 
     def build(index: int, row: dict[str, Any]) -> Prompt:
@@ -262,7 +267,8 @@ def prepare_prompts(
                 f"{n_tokens} tokens exceeds data.max_prompt_tokens={max_prompt_tokens}",
             )
         task = DEFAULT_TASK if row.get(task_field) is None else _text(row, task_field)
-        return Prompt(index, rendered, None if answer is None else str(answer), task)
+        answer = None if answer is None else str(answer)
+        return Prompt(index, rendered, answer, task, dict(row) if keep_rows else None)
 
     prompts, rejects = _validate_rows(rows, source, on_bad_row, build)
     return PreparedPrompts(prompts, rejects)

@@ -6,12 +6,15 @@ exactly as a user's engine would be."""
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 
 from dist_ft.model.loading import load_policy, load_tokenizer
 from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout import Generation, GeneratorSpec
+from dist_ft.rollout.base import SampledTurn
+from dist_ft.rollout.hf import HFGenerator
 from dist_ft.wire.batch import Span
 
 
@@ -101,3 +104,22 @@ class SlowStart(NaiveSampler):
     def __init__(self, spec: GeneratorSpec) -> None:
         time.sleep(600)
         super().__init__(spec)
+
+
+class Scripted(HFGenerator):
+    """The "hf" engine whose multi-turn ``sample`` writes ``Scripted.turns[k]`` (then EOS) as
+    every episode's k-th model turn, for tests of what an environment does with a given reply
+    (a tool call the random tiny model would never write). Logprob 0: the script is certain."""
+
+    turns: ClassVar[list[str]] = []
+
+    def __init__(self, spec: GeneratorSpec) -> None:
+        super().__init__(spec)
+        self.calls = 0
+
+    def sample(self, contexts: list[list[int]], budgets: list[int]) -> list[SampledTurn]:
+        text = Scripted.turns[min(self.calls, len(Scripted.turns) - 1)]
+        self.calls += 1
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [*ids, self.tokenizer.eos_token_id]
+        return [SampledTurn(ids[:b], [0.0] * len(ids[:b])) for b in budgets]

@@ -101,6 +101,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 f"{key}: expected float, got {type(value).__name__} {value!r}", keys=(key,)
             )
         return float(value)
+    if tp is type(None):  # the None arm of an optional key ("null" in YAML)
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}", keys=(key,))
+        return None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(

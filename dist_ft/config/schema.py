@@ -121,6 +121,32 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn episodes: each of a prompt's G samples is an episode in an environment built
+    from the prompt's dataset row, inside the rollout worker (dist_ft/envs, README
+    "Environments")."""
+
+    name: str | None = None
+    """The environment: "calculator" (built in; data.source: calculator gives its problems) or a
+    "package.module:Class" with reset() and step() (dist_ft.envs.Environment). None: single-turn
+    prompts."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor, after the row."""
+    max_turns: PosInt = 4
+    """Model turns an episode may take; one that reaches it unfinished is truncated
+    (env/truncated)."""
+    max_episode_tokens: PosInt = 256
+    """Tokens after the prompt (the model's and the environment's); an episode whose next turn would
+    not fit is truncated. Each model turn also stops at rollout.max_new_tokens."""
+    timeout_s: PosFloat = 10.0
+    """Seconds each call into the environment (construction, reset, step, a tool) may take; one that
+    raises or takes longer ends its episode as a reward error (reward.on_error decides)."""
+    reward_weight: Annotated[float, Range()] = 1.0
+    """The weight of the environment's return (the sum of its turn rewards) in a sample's total,
+    beside reward.functions (scored on the episode's transcript); logged as reward "env"."""
+
+
+@dataclass(frozen=True)
 class RewardFnConfig:
     name: str
     """A built-in verifier name (see dist_ft.rewards.BUILTIN) or "package.module:function"."""
@@ -354,6 +380,8 @@ class Config:
     """Where the prompts (or demonstrations, or pairs) come from and how they are rendered."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """How rollout workers sample: group size, budget, temperature, engine."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn environments (none: single-turn prompts)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """How samples are scored: reward functions, the RLAIF judge, error policy."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -434,7 +462,7 @@ class Config:
                 "should run in float16",
                 keys=("model.dtype", "resources.device"),
             )
-        if grpo and not self.reward.functions:  # else the run fails after the model loads
+        if grpo and not self.reward.functions and self.env.name is None:  # fails late else
             raise ConfigError(
                 "reward.functions is empty: name at least one reward function",
                 keys=("reward.functions",),

@@ -28,7 +28,7 @@ from dist_ft.run.lifecycle import (
 from dist_ft.run.outputs import keep_rejects, prepare_output_dir
 from dist_ft.run.runstatus import RunStatus
 from dist_ft.run.samplers import AdapterSampler, adapter_rows, load_prompts, make_sampler
-from dist_ft.run.specs import cluster_for, component_specs
+from dist_ft.run.specs import cluster_for, component_specs, reward_columns
 from dist_ft.run.tracking import Tracker, finish_tracking, make_tracker
 from dist_ft.tasks import demo_format_rows
 from dist_ft.wire.batch import ScoredBatch
@@ -52,8 +52,8 @@ def train(cfg: Config) -> dict[str, Any]:
     prompts = prepared.prompts
     keep_rejects(out, d.source, prepared.rejects)
     task_of = {p.index: p.task for p in prompts}  # dataset row -> its task
-    reward_tasks = [f.tasks for f in cfg.reward.functions]
-    names = [f.name for f in cfg.reward.functions]
+    columns = reward_columns(cfg)
+    names, reward_tasks = [c[0] for c in columns], [c[3] for c in columns]
     if mismatch := task_mismatch(names, reward_tasks, set(task_of.values()), d.source):
         raise ConfigError(mismatch, keys=("reward.functions", "data.source"))
     sampler = make_sampler(cfg, prompts)

@@ -181,6 +181,20 @@ class _Call:
         return (None, error) if error is not None else (self.future.result(), None)
 
 
+def call_with_deadline(fn: Callable[..., Any], args: tuple, timeout_s: float) -> Any:
+    """``fn(*args)`` on its own thread (:class:`_Call`): what it returns, what it raises, or
+    TimeoutError past ``timeout_s`` (the call is abandoned). Environments' calls run so."""
+    try:
+        out, error = _Call(fn, args, {}, timeout_s).outcome()
+    except _Timeout:
+        raise TimeoutError(f"no answer within {timeout_s} s") from None
+    if isinstance(error, Exception):
+        raise error
+    if error is not None:  # SystemExit and the like: the caller's error, not our exit
+        raise RuntimeError(f"raised {type(error).__name__}: {error}") from error
+    return out
+
+
 class _Failure(NamedTuple):
     """Why a call failed: ``message`` names the function and the first bad value; ``kind`` is
     the reason without what changes from call to call, so each kind is printed once."""

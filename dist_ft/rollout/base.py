@@ -63,11 +63,27 @@ class Generation:
     texts: list[str]  # [N] decoded episodes (the completions), special tokens removed
 
 
+@dataclass(frozen=True)
+class SampledTurn:
+    """One model turn of a multi-turn episode, as sampled: ids up to and including EOS (or the
+    turn's budget), and each one's behaviour logprob."""
+
+    ids: list[int]
+    logprobs: list[float]
+
+
 class Generator(Protocol):
-    """The engine seam. One optional method is not part of the protocol: in debug mode
-    ``LocalCluster`` calls ``share_frozen(learner_module)`` on an engine that has it, so that an
-    engine in the learner's process may read the learner's frozen tensors instead of holding
-    copies (``HFGenerator.share_frozen``)."""
+    """The engine seam. Optional, and not part of the protocol:
+
+    - ``share_frozen(learner_module)``: in debug mode ``LocalCluster`` calls it on an engine
+      that has it, so that an engine in the learner's process may read the learner's frozen
+      tensors instead of holding copies (``HFGenerator.share_frozen``).
+    - multi-turn environments (``env.name``, ``rollout/episodes.py``) need ``tokenizer`` (an
+      HF tokenizer with a chat template), ``sample(contexts, budgets) -> list[SampledTurn]``
+      (one turn for each token context, in one batch) and, with the KL term on,
+      ``reference_logprobs(prompt_ids, prompt_mask, group_ids, episode_ids, attention,
+      trained)`` (``HFGenerator``'s).
+    """
 
     def generate(self, prompts: list[str], n: int) -> Generation:
         """``n`` sampled episodes per prompt; ``group_ids`` names each one's prompt."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -33,7 +33,7 @@ from dist_ft.model.logprobs import group_logprobs, shares_prompt_cache
 from dist_ft.model.peft import reference_mode, use_adapter
 from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, import_state, is_adapter
-from dist_ft.rollout.base import Generation, GeneratorSpec
+from dist_ft.rollout.base import Generation, GeneratorSpec, SampledTurn
 from dist_ft.rollout.merged import MergedLoRA
 from dist_ft.wire.batch import Span
 
@@ -188,26 +188,11 @@ class HFGenerator:
         completion_ids, completion_mask = self._completion(out.sequences[:, prompt_ids.shape[1] :])
         # the learner's function on the learner's layout: one prompt row per group
         table = (enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-        args = (*table, group_ids, completion_ids, completion_mask, self.temperature)
-        share = self.shared_prefill
-        if self.logprobs_from_sampling:
-            # one [B*G, V] step at a time: no [B*G, T, V] copy beside the T steps generate holds
-            steps = [
-                token_logprobs(step_NV[:, None], completion_ids[:, t, None], self.temperature)
-                for t, step_NV in enumerate(out.logits)
-            ]
-            logprobs = torch.cat(steps, dim=1)  # [B*G, T]
-        else:
-            logprobs = group_logprobs(self.model, *args, share_prompts=share)
-        logprobs = logprobs * completion_mask
+        span = (group_ids, completion_ids, completion_mask)
+        logprobs = self._behaviour(out, *table, *span, share=self.shared_prefill)
         ref_logprobs = None
         if self.need_ref:
-            if self.ref_model is not None:
-                ref_logprobs = group_logprobs(self.ref_model, *args, share_prompts=share)
-            else:  # PEFT: the policy acting as its start, no second copy (model/peft.py)
-                with reference_mode(self.model):
-                    ref_logprobs = group_logprobs(self.model, *args, share_prompts=share)
-            ref_logprobs = (ref_logprobs * completion_mask).float()
+            ref_logprobs = self.reference_logprobs(*table, *span, completion_mask)
         return Generation(
             prompt_ids=enc["input_ids"],
             prompt_mask=enc["attention_mask"],
@@ -219,6 +204,89 @@ class HFGenerator:
             ref_logprobs=ref_logprobs,
             texts=self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
         )
+
+    @torch.no_grad()
+    def sample(self, contexts: list[list[int]], budgets: list[int]) -> list[SampledTurn]:
+        """One model turn for each of N token contexts (multi-turn episodes, rollout/episodes.py):
+        context i is continued by at most ``budgets[i]`` tokens, up to and including EOS, all
+        rows in one ``generate`` call. The ids come back as sampled, with their behaviour
+        logprobs (the same distribution as :meth:`generate`'s)."""
+        n, width = len(contexts), max(map(len, contexts))
+        ids_NP = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask_NP = torch.zeros((n, width), dtype=torch.long)
+        for i, context in enumerate(contexts):  # left-padded, as generate continues every row
+            ids_NP[i, width - len(context) :] = torch.tensor(context)
+            mask_NP[i, width - len(context) :] = 1
+        ids_NP, mask_NP = ids_NP.to(self.device), mask_NP.to(self.device)
+        with self.merged.decoding() if self.merged is not None else nullcontext():
+            out = self.model.generate(
+                input_ids=ids_NP,
+                attention_mask=mask_NP,
+                do_sample=False,
+                logits_processor=self.sampler,
+                max_new_tokens=max(budgets),
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                output_logits=self.logprobs_from_sampling,
+                return_dict_in_generate=True,
+            )
+        turn_ids, turn_mask = self._completion(out.sequences[:, width:])
+        rows = torch.arange(n, device=self.device)  # every context is its own prompt row
+        logprobs = self._behaviour(out, ids_NP, mask_NP, rows, turn_ids, turn_mask, share=False)
+        turns = []
+        for i, budget in enumerate(budgets):
+            kept = min(int(turn_mask[i].sum()), budget)
+            turns.append(SampledTurn(turn_ids[i, :kept].tolist(), logprobs[i, :kept].tolist()))
+        return turns
+
+    @torch.no_grad()
+    def reference_logprobs(
+        self,
+        prompt_ids_BP: torch.Tensor,
+        prompt_mask_BP: torch.Tensor,
+        group_ids_N: torch.Tensor,
+        episode_ids_NT: torch.Tensor,
+        attention_NT: torch.Tensor,
+        trained_NT: torch.Tensor,
+    ) -> torch.Tensor:
+        """[N, T] float32: the reference policy's logprobs of the episode tokens, 0 off
+        ``trained_NT``; the forward attends to ``attention_NT`` (context included)."""
+        args = (prompt_ids_BP, prompt_mask_BP, group_ids_N, episode_ids_NT, attention_NT)
+        to = self.device
+        args = tuple(a.to(to) for a in args)  # type: ignore[assignment]
+        share = self.shared_prefill
+        if self.ref_model is not None:
+            ref_NT = group_logprobs(self.ref_model, *args, self.temperature, share_prompts=share)
+        else:  # PEFT: the policy acting as its start, no second copy (model/peft.py)
+            with reference_mode(self.model):
+                ref_NT = group_logprobs(self.model, *args, self.temperature, share_prompts=share)
+        return (ref_NT * trained_NT.to(to)).float()
+
+    def _behaviour(
+        self,
+        out: Any,
+        prompt_ids_BP: torch.Tensor,
+        prompt_mask_BP: torch.Tensor,
+        group_ids_N: torch.Tensor,
+        completion_ids_NT: torch.Tensor,
+        completion_mask_NT: torch.Tensor,
+        share: bool,
+    ) -> torch.Tensor:
+        """[N, T] float32 behaviour logprobs of ``generate``'s output ``out``, 0 off the mask:
+        from its own logits in fp32, else by the learner's function (module docstring)."""
+        if self.logprobs_from_sampling:
+            # one [N, V] step at a time: no [N, T, V] copy beside the T steps generate holds
+            steps = [
+                token_logprobs(step_NV[:, None], completion_ids_NT[:, t, None], self.temperature)
+                for t, step_NV in enumerate(out.logits)
+            ]
+            logprobs_NT = torch.cat(steps, dim=1)
+        else:
+            args = (prompt_ids_BP, prompt_mask_BP, group_ids_N, completion_ids_NT)
+            logprobs_NT = group_logprobs(
+                self.model, *args, completion_mask_NT, self.temperature, share_prompts=share
+            )
+        return (logprobs_NT * completion_mask_NT).float()
 
     def _prefill(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, n: int) -> DynamicCache | None:
         """The KV cache of every prompt but its last token, computed once per prompt and

@@ -7,6 +7,7 @@ returns a ``ScoredBatch``. A plain class: ``cluster/ray.py`` wraps it as a Ray a
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,8 +18,15 @@ import torch
 from dist_ft.algos.advantages import advantage_fn
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
-from dist_ft.rewards import RewardError, RewardSet
+from dist_ft.rewards import RewardError, RewardScores, RewardSet
 from dist_ft.rollout.base import GENERATORS, Generator, GeneratorSpec
+from dist_ft.rollout.episodes import (
+    ENV_REWARD,
+    EnvSpec,
+    Episode,
+    EpisodeRunner,
+    episode_counters,
+)
 from dist_ft.sync import Published, WeightTransport, fingerprint
 from dist_ft.wire.batch import ScoredBatch
 from dist_ft.wire.prompt import Prompt
@@ -99,6 +107,7 @@ class RolloutSpec:
     advantage: str  # the estimator's name in algos/advantages.py's ADVANTAGES
     seed: int
     deterministic: bool = False
+    env: EnvSpec | None = None  # multi-turn episodes (rollout/episodes.py); None: single-turn
 
 
 class RolloutWorker:
@@ -116,7 +125,16 @@ class RolloutWorker:
         self.judge = judge
         self._counters: dict[str, float] = {}
         self._group_ids: list[int] = []  # of each sample the judge scores in this rollout
-        extra = {"judge": self._judge_reward} if judge is not None else None
+        self._env_returns: list[float] = []  # of each episode of this rollout, in sample order
+        self._env_errors_printed: set[str] = set()
+        extra = {"judge": self._judge_reward} if judge is not None else {}
+        self.episodes = None
+        if spec.env is not None:
+            gen = spec.generation
+            self.episodes = EpisodeRunner(
+                spec.env, self.generator, gen.max_new_tokens, gen.need_ref_logprobs
+            )
+            extra[ENV_REWARD] = self._env_reward
         self.rewards = RewardSet(
             spec.rewards, timeout_s=spec.reward_timeout_s, extra=extra, tasks=spec.reward_tasks
         )
@@ -172,7 +190,12 @@ class RolloutWorker:
         if self.deterministic:
             torch.manual_seed(seed)
         adapter = self._use_adapter(prompts)
-        gen = self.generator.generate([p.text for p in prompts], self.group_size)
+        episodes: list[Episode] = []
+        if self.episodes is not None:
+            gen, episodes = self.episodes.run(prompts, self.group_size)
+            self._env_returns = [e.reward for e in episodes]
+        else:
+            gen = self.generator.generate([p.text for p in prompts], self.group_size)
         group_N = gen.group_ids.cpu()
         n = len(group_N)
 
@@ -184,6 +207,9 @@ class RolloutWorker:
             judged_N = self.rewards.applies(tasks)[:, self.rewards.names.index("judge")]
             self._group_ids = group_N[judged_N].tolist()
         scores = self.rewards.score(prompt_texts, gen.texts, answers, tasks)
+        if episodes:
+            self._env_failures(episodes, scores)
+            self._counters.update(episode_counters(episodes))
         errors_N = scores.errors_NK.any(1)
         if errors_N.any() and self.on_reward_error == "abort":
             raise RewardError(f"step {step}: " + "; ".join(scores.messages.values()))
@@ -235,6 +261,29 @@ class RolloutWorker:
         ((index, name),) = used
         self.generator.use_adapter(name)
         return index
+
+    def _env_reward(self, prompts: list[str], completions: list[str], answers: list) -> list[float]:
+        return list(self._env_returns)  # every sample is scored (the column has no tasks)
+
+    def _env_failures(self, episodes: list[Episode], scores: RewardScores) -> None:
+        """An episode whose environment failed is a failed entry of the env reward column, so
+        ``reward.on_error`` applies to it as to any reward error; each kind printed once."""
+        k = self.rewards.names.index(ENV_REWARD)
+        for i, episode in enumerate(episodes):
+            if episode.error is None:
+                continue
+            scores.rewards_NK[i, k] = float("nan")
+            scores.errors_NK[i, k] = True
+            scores.messages.setdefault(ENV_REWARD, episode.error)
+            kind = episode.error.split(":")[1] if ":" in episode.error else episode.error
+            if kind not in self._env_errors_printed:
+                self._env_errors_printed.add(kind)
+                print(
+                    f"env error: {episode.error} [printed once; every failure is counted in "
+                    "env/errors]",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _judge_reward(
         self, prompts: list[str], completions: list[str], answers: list[str | None]

@@ -97,4 +97,5 @@ def load_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
         max_prompt_tokens=d.max_prompt_tokens,
         on_bad_row=d.on_bad_row,
         task_field=d.task_field,
+        keep_rows=cfg.env.name is not None,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from dist_ft.model.loading import resolve_model_path
 from dist_ft.model.spec import Device, auto_lr
 from dist_ft.rewards.judge import JudgeSpec
 from dist_ft.rollout import GeneratorSpec, RolloutSpec
+from dist_ft.rollout.episodes import ENV_REWARD, EnvSpec
 from dist_ft.rollout.hf import HFOptions
 
 
@@ -63,6 +65,15 @@ def cluster_for(
     )
 
 
+def reward_columns(cfg: Config) -> list[tuple[str, float, dict[str, Any], list[str]]]:
+    """(name, weight, kwargs, tasks) of each reward column: ``reward.functions``, then under
+    ``env.name`` the environment's return, logged, weighted and error-handled as one more."""
+    columns = [(f.name, f.weight, dict(f.kwargs), list(f.tasks)) for f in cfg.reward.functions]
+    if cfg.env.name is not None:
+        columns.append((ENV_REWARD, cfg.env.reward_weight, {}, []))
+    return columns
+
+
 def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:
     """What rollout workers and learners are built from: the config tree stops here."""
     device = resolve_device(cfg.resources.device)
@@ -83,14 +94,23 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,
-        rewards=[(f.name, f.weight, f.kwargs) for f in cfg.reward.functions],
-        reward_tasks=[f.tasks for f in cfg.reward.functions],
+        rewards=[(name, weight, kwargs) for name, weight, kwargs, _ in reward_columns(cfg)],
+        reward_tasks=[tasks for *_, tasks in reward_columns(cfg)],
         reward_timeout_s=cfg.reward.timeout_s,
         on_reward_error=cfg.reward.on_error,
         scale_rewards=cfg.grpo.scale_rewards,
         advantage=cfg.grpo.advantage,
         seed=cfg.run.seed,
         deterministic=cfg.run.deterministic,
+        env=None
+        if cfg.env.name is None
+        else EnvSpec(
+            name=cfg.env.name,
+            kwargs=dict(cfg.env.kwargs),
+            max_turns=cfg.env.max_turns,
+            max_episode_tokens=cfg.env.max_episode_tokens,
+            timeout_s=cfg.env.timeout_s,
+        ),
     )
     learner = LearnerSpec(
         model_path=model_path,

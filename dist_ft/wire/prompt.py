@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from dist_ft.tasks import DEFAULT_TASK
 
@@ -13,3 +14,5 @@ class Prompt:
     text: str  # rendered (template applied): what the policy sees
     answer: str | None  # reference answer for verifiers, if the dataset has one
     task: str = DEFAULT_TASK  # the row's task column: which reward functions score it
+    # env.name: the whole dataset row, which the episode's environment is built from
+    row: dict[str, Any] | None = field(default=None, compare=False)

@@ -1,0 +1,64 @@
+"""Multi-turn environments: the protocol (``base.py``), tool calls (``tools.py``), the token
+rule (``chat.py``) and the built-in environments. The episode loop that drives them is
+``dist_ft/rollout/episodes.py``, inside the rollout worker."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from dist_ft.envs.base import Environment, Message, Step, Tool
+
+__all__ = ["ENVIRONMENTS", "ENV_SOURCES", "EnvError", "Environment", "Message", "Step", "Tool"]
+
+# env.name -> "module:Class": the built-in environments; a user's is "package.module:Class"
+ENVIRONMENTS: dict[str, str] = {
+    "calculator": "dist_ft.envs.calculator:Calculator",
+}
+# data.source -> "module:function(n, seed) -> rows": each built-in environment's own problems
+ENV_SOURCES: dict[str, str] = {
+    "calculator": "dist_ft.envs.calculator:rows",
+}
+
+
+class EnvError(ValueError):
+    """``env.name`` names no usable environment; the message says which and what to fix."""
+
+
+def _load(target: str, key: str, what: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    if not (module_name and attr):
+        raise EnvError(f"{key}={target!r}: use one of {sorted(ENVIRONMENTS)} or '{what}'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user's module: any error on import is theirs to fix
+        raise EnvError(
+            f"{key}={target}: cannot import {module_name} ({type(e).__name__}: {e})"
+        ) from None
+    if (found := getattr(module, attr, None)) is None:
+        raise EnvError(f"{key}={target}: {module_name} has no {attr}")
+    return found
+
+
+def resolve_env(name: str) -> type:
+    """The environment class ``env.name`` names: a built-in, or a user's
+    ``package.module:Class`` with ``reset`` and ``step``. Cheap: the CLI checks it before any
+    model loads."""
+    cls = _load(ENVIRONMENTS.get(name, name), "env.name", "package.module:Class")
+    if not isinstance(cls, type):
+        raise EnvError(f"env.name={name}: {cls!r} is not a class")
+    if missing := [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]:
+        raise EnvError(
+            f"env.name={name}: {cls.__name__} is not a dist_ft.envs.Environment: it has no "
+            f"{', '.join(missing)}"
+        )
+    return cls
+
+
+def source_rows(source: str) -> Callable[[int, int], list[dict[str, Any]]]:
+    """The row generator of a built-in environment's data.source (``ENV_SOURCES``)."""
+    rows: Callable[[int, int], list[dict[str, Any]]] = _load(
+        ENV_SOURCES[source], "data.source", "a file"
+    )
+    return rows
