@@ -51,7 +51,8 @@ class ModelConfig:
     path: str = "tiny"
     """A local HF model directory, or "tiny" for the built-in model. Hub ids are not fetched."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """The learner's parameter dtype (and the rollout workers' unless rollout.dtype says otherwise)."""
+    """The learner's parameter dtype (and the rollout workers' unless rollout.dtype says
+    otherwise)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model directory. Off: only architectures transformers ships
     load."""
@@ -77,7 +78,8 @@ class DataConfig:
     plain_template: str = "{prompt}"
     """The prompt text a plain-template row becomes; {prompt} is the row's prompt_field."""
     max_prompt_tokens: PosInt = 256
-    """A rendered prompt longer than this is a bad row (data.on_bad_row decides what happens to it)."""
+    """A rendered prompt longer than this is a bad row (data.on_bad_row decides what happens to
+    it)."""
     demo_size: PosInt = 256
     """Rows of the built-in demo task (source=demo and friends)."""
     on_bad_row: Literal["error", "skip"] = "error"
@@ -173,7 +175,8 @@ class JudgeConfig:
     rollout workers."""
 
     model: ModelConfig = field(default_factory=_judge_model)
-    """The judge model: a local HF directory, or "tiny" for the built-in model (tests and the demo)."""
+    """The judge model: a local HF directory, or "tiny" for the built-in model (tests and the
+    demo)."""
     constitution: str = "configs/constitutions/default.yaml"
     """.yaml or .md list of principles"""
     mode: Literal["pointwise", "group"] = "pointwise"
@@ -371,7 +374,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
     peft: PeftSpec = field(default_factory=PeftSpec)
-    """What trains (peft.method) and its knobs; only the trained set syncs to the rollout workers."""
+    """What trains (peft.method) and its knobs; only the trained set syncs to the rollout
+    workers."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where the prompts (or demonstrations, or pairs) come from and how they are rendered."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -15,10 +15,14 @@ __all__ = ["ENVIRONMENTS", "ENV_SOURCES", "EnvError", "Environment", "Message", 
 # env.name -> "module:Class": the built-in environments; a user's is "package.module:Class"
 ENVIRONMENTS: dict[str, str] = {
     "calculator": "dist_ft.envs.calculator:Calculator",
+    "python": "dist_ft.envs.python:Python",
+    "code_editor": "dist_ft.envs.code_editor:CodeEditor",
 }
 # data.source -> "module:function(n, seed) -> rows": each built-in environment's own problems
 ENV_SOURCES: dict[str, str] = {
     "calculator": "dist_ft.envs.calculator:rows",
+    "python": "dist_ft.envs.python:rows",
+    "code_editor": "dist_ft.envs.code_editor:rows",
 }
 
 

@@ -65,3 +65,7 @@ class Environment(Protocol):
     def step(self, message: str) -> Step:
         """The model's turn (its text, special tokens removed) -> the environment's answer."""
         ...
+
+    # Optional, not part of the protocol: ``tools`` (a list of :class:`Tool`, the model's tool
+    # calls are answered with them instead of ``step``) and ``close()`` (called once when the
+    # episode has ended, however it ended: free a workspace, a process, a connection).

@@ -77,10 +77,15 @@ class Calculator:
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.question}]
 
     def step(self, message: str) -> Step:
-        numbers = _NUMBER.findall(message)
-        correct = bool(numbers) and float(numbers[-1]) == self.answer
-        reward = float(correct) - self.turn_penalty
-        return Step(reward=reward, done=True, info={"correct": float(correct)})
+        return final_answer(message, self.answer, self.turn_penalty)
+
+
+def final_answer(message: str, answer: float, penalty: float = 0.0) -> Step:
+    """The episode's end on a reply without a tool call: reward 1 when its last number is
+    ``answer``, less ``penalty`` (``info["correct"]`` counts the right ones)."""
+    numbers = _NUMBER.findall(message)
+    correct = bool(numbers) and float(numbers[-1]) == answer
+    return Step(reward=float(correct) - penalty, done=True, info={"correct": float(correct)})
 
 
 _PROBLEMS: list[tuple[str, Callable[[int, int, int], int]]] = [

@@ -71,6 +71,7 @@ def main():
         os.setuid(job["uid"])
     marker = job.pop("marker")
     write, exit_, getpid, MemErr = os.write, os._exit, os.getpid, MemoryError
+    flush = sys.stdout.flush  # what the code printed goes out before the result line
     run, comp = exec, compile
     me, ns, errors = getpid(), {"__name__": "__main__"}, []
     sources = [("code", job["code"])] + [(f"test {i}", t) for i, t in enumerate(job["tests"])]
@@ -86,6 +87,10 @@ def main():
     first = next((e for e in errors if e is not None), "")
     bits = "".join(["1" if e is None else "0" for e in errors[1:]])
     line = "\n" + marker + bits + "\t" + first.replace("\n", " ")[:500] + "\n"
+    try:
+        flush()
+    except BaseException:  # a closed or broken stdout: the result line still goes out
+        pass
     write(1, line.encode(errors="replace"))
     exit_(0)
 main()
@@ -100,6 +105,7 @@ class SandboxResult:
     reward: float  # share of tests passed
     timed_out: bool
     error: str | None  # first failure, "timeout", "memory", "cpu" or a stderr tail
+    output: str = ""  # what the code and tests printed (the last 64 KiB of stdout, at most)
 
 
 class SandboxLimits(TypedDict, total=False):
@@ -339,7 +345,8 @@ def run_python(
             stderr = tails[1][-300:].decode(errors="replace").strip()
             error = f"exit {proc.returncode}: {stderr}"
     reward = sum(passed) / len(tests) if tests else 0.0
-    return SandboxResult(passed=passed, reward=reward, timed_out=timed_out, error=error)
+    printed = (tails[0][:at] if at >= 0 else tails[0]).decode(errors="replace")
+    return SandboxResult(passed, reward, timed_out, error, printed)
 
 
 def extract_code(completion: str) -> str:

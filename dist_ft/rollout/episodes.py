@@ -24,6 +24,7 @@ Shapes: B prompts, G episodes each, N = B x G, P prompt tokens, T episode tokens
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from dist_ft.envs.base import Message, Step, Tool
 from dist_ft.envs.chat import ChatCodec
 from dist_ft.envs.tools import BadCall, parse_calls
 from dist_ft.rewards import call_with_deadline
-from dist_ft.rollout.base import Generation
+from dist_ft.rollout.base import Generation, SampledTurn
 from dist_ft.wire.batch import Span
 from dist_ft.wire.prompt import Prompt
 
@@ -128,37 +129,45 @@ class EpisodeRunner:
         """``n`` episodes for each prompt; the Generation holds them in the order they were
         started (group by group)."""
         episodes, prompt_rows = self._start(prompts, n)
-        live = [e for e in episodes if not e.done]
-        eos = self.tokenizer.eos_token_id
-        while live:
-            contexts = [prompt_rows[e.group] + e.ids for e in live]
-            budgets = [
-                min(self.max_new_tokens, self.spec.max_episode_tokens - len(e.ids)) for e in live
-            ]
-            for episode, turn in zip(live, self.generator.sample(contexts, budgets), strict=True):
-                episode.append(turn.ids, Span.TRAINED, turn.logprobs)
-                episode.turns += 1
-                text = self.tokenizer.decode(turn.ids, skip_special_tokens=True)
-                episode.messages.append({"role": "assistant", "content": text})
-                reply = self._answer(episode, text)
-                if reply is None or reply.done:
-                    episode.done = True
-                    continue
-                ended = bool(turn.ids) and turn.ids[-1] == eos
-                assert episode.codec is not None  # set with the environment
-                between = self._call(
-                    episode, "step's messages", episode.codec.between, reply.messages, ended
-                )
-                if between is None:
-                    continue
-                room = self.spec.max_episode_tokens - len(episode.ids) - len(between)
-                if episode.turns >= self.spec.max_turns or room < 1:
-                    episode.truncated = episode.done = True  # no room for another model turn
-                    continue
-                episode.messages += reply.messages
-                episode.append(between, Span.CONTEXT)
-            live = [e for e in live if not e.done]
+        try:
+            live = [e for e in episodes if not e.done]
+            while live:
+                contexts = [prompt_rows[e.group] + e.ids for e in live]
+                room = [self.spec.max_episode_tokens - len(e.ids) for e in live]
+                budgets = [min(self.max_new_tokens, r) for r in room]
+                for episode, turn in zip(
+                    live, self.generator.sample(contexts, budgets), strict=True
+                ):
+                    self._take(episode, turn)
+                live = [e for e in live if not e.done]
+        finally:
+            for episode in episodes:
+                self._close(episode)
         return self._generation(prompt_rows, episodes), episodes
+
+    def _take(self, episode: Episode, turn: SampledTurn) -> None:
+        """Append a model turn as sampled, then the environment's answer (or end the episode)."""
+        episode.append(turn.ids, Span.TRAINED, turn.logprobs)
+        episode.turns += 1
+        text = self.tokenizer.decode(turn.ids, skip_special_tokens=True)
+        episode.messages.append({"role": "assistant", "content": text})
+        reply = self._answer(episode, text)
+        if reply is None or reply.done:
+            episode.done = True
+            return
+        ended = bool(turn.ids) and turn.ids[-1] == self.tokenizer.eos_token_id
+        assert episode.codec is not None  # set with the environment
+        between = self._call(
+            episode, "step's messages", episode.codec.between, reply.messages, ended
+        )
+        if between is None:
+            return
+        room = self.spec.max_episode_tokens - len(episode.ids) - len(between)
+        if episode.turns >= self.spec.max_turns or room < 1:
+            episode.truncated = episode.done = True  # no room for another model turn
+            return
+        episode.messages += reply.messages
+        episode.append(between, Span.CONTEXT)
 
     def _start(self, prompts: list[Prompt], n: int) -> tuple[list[Episode], list[list[int]]]:
         """Build and reset every episode's environment; each prompt's token row is its first
@@ -194,6 +203,16 @@ class EpisodeRunner:
             # every reset failed: the data's own rendering stands in, so the group keeps a row
             prompt_rows.append(row if row is not None else self._encode(prompt.text))
         return episodes, prompt_rows
+
+    def _close(self, episode: Episode) -> None:
+        """The environment's optional ``close()``; a failure there costs the episode nothing
+        (its reward is in) but is said on stderr."""
+        close = getattr(episode.env, "close", None)
+        if callable(close):
+            try:
+                call_with_deadline(close, (), self.spec.timeout_s)
+            except Exception as e:
+                print(f"env {self.spec.name}: close() {type(e).__name__}: {e}", file=sys.stderr)
 
     def _build(self, row: dict[str, Any]) -> Any:
         return self.env_cls(row, **self.spec.kwargs)
