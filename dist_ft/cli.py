@@ -366,6 +366,17 @@ def preflight(cfg: Config, samples: bool = False) -> None:
             resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
         except GeneratorError as e:
             raise ConfigError(str(e)) from None
+    if cfg.env.name is not None and cfg.resources.mode == "local" and rollouts:
+        from dist_ft.envs import EnvError, resolve_env  # the class, not an episode of it
+
+        try:
+            resolve_env(cfg.env.name)
+            if cfg.env.name in ("python", "code_editor"):  # their tools run in the sandbox
+                sandbox.check()
+        except EnvError as e:
+            raise ConfigError(str(e), keys=("env.name",)) from None
+        except sandbox.SandboxUnavailable as e:
+            raise ConfigError(f"env.name={cfg.env.name}: {e}", keys=("env.name",)) from None
     if rollouts:  # the transport is made with the cluster, after the models load
         from dist_ft.sync import make_transport
 

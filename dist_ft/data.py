@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import datasets
 import torch
 
-from dist_ft.envs import ENV_SOURCES, source_rows
+from dist_ft.envs import EnvError, is_env_source, source_rows
 from dist_ft.tasks import DEFAULT_TASK, SOURCES, demo_rows
 from dist_ft.wire.batch import Span
 from dist_ft.wire.prompt import Prompt
@@ -104,8 +104,11 @@ def load_rows(source: str, demo_size: int = 256, seed: int = 0) -> Rows:
     """
     if source in SOURCES:
         return demo_rows(demo_size, seed, source)
-    if source in ENV_SOURCES:  # a built-in environment's problems, demo_size of them
-        return source_rows(source)(demo_size, seed)
+    if is_env_source(source):  # an environment's problems, demo_size of them
+        try:
+            return source_rows(source, demo_size, seed)
+        except EnvError as e:  # a library not installed, a task it does not have
+            raise DatasetError(str(e)) from None
     path = Path(source)
     if not path.exists():
         raise DatasetError(f"data.source not found: {source}")
@@ -252,14 +255,21 @@ def prepare_prompts(
     """
 
     def build(index: int, row: dict[str, Any]) -> Prompt:
-        text = _require_text(row, prompt_field, "prompt")
+        if template == "chat" and isinstance(row.get(prompt_field), list):  # chat messages
+            messages = _messages(row, prompt_field)
+            try:
+                rendered = _chat_text(tokenizer, messages, generation_prompt=True)
+            except (KeyError, IndexError, ValueError) as e:
+                raise _BadRow(prompt_field, f"template error: {e}") from None
+        else:
+            text = _require_text(row, prompt_field, "prompt")
+            _check_encodable(prompt_field, text)
+            rendered = _render_prompt(tokenizer, prompt_field, text, template, plain_template)
         answer = row.get(answer_field)
         if answer is not None and not isinstance(answer, str | int | float):
             kind = type(answer).__name__
             raise _BadRow(answer_field, f"expected a string or number, got {kind}")
-        _check_encodable(prompt_field, text)
         _check_encodable(answer_field, answer)
-        rendered = _render_prompt(tokenizer, prompt_field, text, template, plain_template)
         n_tokens = len(_encode(tokenizer, rendered))
         if n_tokens > max_prompt_tokens:
             raise _BadRow(

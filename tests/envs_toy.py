@@ -11,15 +11,17 @@ from dist_ft.envs import Step, Tool
 
 class Relay:
     """Answers each model turn with a tool message ("seen 1", "seen 2", ...) and ends after
-    ``turns`` model turns. Turn reward: 1 for an even-length turn; ``info["k"]`` counts turns."""
+    ``turns`` model turns. Turn reward: 1 for an even-length turn; ``info["k"]`` counts turns.
+    ``delay_s``: each step takes that long (an application's latency; the chaos test's window)."""
 
-    def __init__(self, row: dict[str, Any], turns: int = 3) -> None:
-        self.prompt, self.turns, self.k = row["prompt"], turns, 0
+    def __init__(self, row: dict[str, Any], turns: int = 3, delay_s: float = 0.0) -> None:
+        self.prompt, self.turns, self.k, self.delay_s = row["prompt"], turns, 0, delay_s
 
     def reset(self) -> list[dict[str, Any]]:
         return [{"role": "user", "content": self.prompt}]
 
     def step(self, message: str) -> Step:
+        time.sleep(self.delay_s)
         self.k += 1
         seen = [{"role": "tool", "content": f"seen {self.k}"}]
         return Step(

@@ -187,3 +187,13 @@ def start_ray_node(argv: list[str], sessions: list[int], env: dict[str, str] | N
     sessions.append(p.pid)
     out, _ = p.communicate(timeout=180)
     assert p.returncode == 0, out[-3000:]
+
+
+def readme_example() -> str:
+    """The python block after the README's ``env-example`` marker (an Environment)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- env-example[^>]*-->\n```python\n(.*?)```", text, re.DOTALL)
+    assert match, "README has no env-example block"
+    return match.group(1)

@@ -464,11 +464,18 @@ class Config:
             )
         if grpo and not self.reward.functions and self.env.name is None:  # fails late else
             raise ConfigError(
-                "reward.functions is empty: name at least one reward function",
+                "reward.functions is empty: name at least one reward function (or an "
+                "environment, env.name, whose return is the reward)",
                 keys=("reward.functions",),
             )
         for message, keys in peft_config_errors(self.peft):  # a peft key the method ignores
             raise ConfigError(message, keys=keys)
+        if self.env.name is not None and not grpo:
+            raise ConfigError(
+                f"env.name runs episodes for GRPO (dist-ft train); algo.objective="
+                f"{self.algo.objective} trains on a dataset: remove env.name",
+                keys=("env.name", "algo.objective"),
+            )
         if self.peft.adapters and not grpo:
             raise ConfigError(
                 f"peft.adapters trains one adapter per task group under GRPO (dist-ft train); "

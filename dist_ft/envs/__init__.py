@@ -17,12 +17,17 @@ ENVIRONMENTS: dict[str, str] = {
     "calculator": "dist_ft.envs.calculator:Calculator",
     "python": "dist_ft.envs.python:Python",
     "code_editor": "dist_ft.envs.code_editor:CodeEditor",
+    # other libraries' environments, unchanged (pip install 'dist_ft[envs]')
+    "reasoning_gym": "dist_ft.envs.rgym:ReasoningGym",
+    "skyrl_gym": "dist_ft.envs.skyrl:SkyRLGym",
 }
-# data.source -> "module:function(n, seed) -> rows": each built-in environment's own problems
+# data.source -> "module:function(n, seed) -> rows": each built-in environment's own problems;
+# "name/arg" calls function(n, seed, arg) (reasoning_gym/leg_counting: that task's generator)
 ENV_SOURCES: dict[str, str] = {
     "calculator": "dist_ft.envs.calculator:rows",
     "python": "dist_ft.envs.python:rows",
     "code_editor": "dist_ft.envs.code_editor:rows",
+    "reasoning_gym": "dist_ft.envs.rgym:rows",
 }
 
 
@@ -60,9 +65,17 @@ def resolve_env(name: str) -> type:
     return cls
 
 
-def source_rows(source: str) -> Callable[[int, int], list[dict[str, Any]]]:
-    """The row generator of a built-in environment's data.source (``ENV_SOURCES``)."""
-    rows: Callable[[int, int], list[dict[str, Any]]] = _load(
-        ENV_SOURCES[source], "data.source", "a file"
-    )
-    return rows
+def is_env_source(source: str) -> bool:
+    """Whether ``data.source`` names an environment's problems (``ENV_SOURCES``)."""
+    return source.partition("/")[0] in ENV_SOURCES and not source.endswith((".jsonl", ".parquet"))
+
+
+def source_rows(source: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows of an environment's ``data.source`` (``ENV_SOURCES``; ``name/arg`` passes
+    ``arg`` on)."""
+    name, _, arg = source.partition("/")
+    rows: Callable[..., list[dict[str, Any]]] = _load(ENV_SOURCES[name], "data.source", "a file")
+    try:
+        return rows(n, seed, arg) if arg else rows(n, seed)
+    except (ImportError, ValueError) as e:  # a missing library, an unknown task
+        raise EnvError(f"data.source={source}: {e}") from None

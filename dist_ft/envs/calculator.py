@@ -10,6 +10,7 @@ and three-digit products, which a 135M model gets wrong by heart and right with 
 from __future__ import annotations
 
 import ast
+import json
 import operator
 import random
 import re
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dist_ft.envs.base import Message, Step, Tool
+from dist_ft.envs.tools import CLOSE, OPEN, with_instructions
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _OPS: dict[type, Callable[..., Any]] = {
@@ -104,12 +106,37 @@ _PROBLEMS: list[tuple[str, Callable[[int, int, int], int]]] = [
 ]
 
 
-def rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` problems: ``{"prompt", "answer"}``, deterministic in ``seed``."""
+# What a format warm-up's tool calls compute: the problem's numbers, combined at random (one of
+# these is right for each problem), so the warm-up teaches the tool's use and not the problems.
+_GUESSES = ["{a} * {b} + {c}", "{a} * {b} - {c}", "{a} + {b} * {c}", "({a} + {b}) * {c}"]
+
+
+def rows(n: int, seed: int = 0, kind: str = "problems") -> list[dict[str, Any]]:
+    """``n`` problems, deterministic in ``seed``: ``{"prompt", "answer"}`` (``data.source:
+    calculator``), or with ``kind="format"`` (``calculator/format``) SFT conversations that
+    call the tool on a random combination of the numbers and answer with its result, under the
+    system message an episode starts with (for a chat template without a tool format of its
+    own, SmolLM2's): the format, not the solution."""
+    if kind not in ("problems", "format"):
+        raise ValueError(f"calculator/{kind}: the sources are calculator and calculator/format")
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, Any]] = []
     for i in range(n):
         text, solve = _PROBLEMS[i % len(_PROBLEMS)]
         a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(2, 99)
-        out.append({"prompt": text.format(a=a, b=b, c=c), "answer": str(solve(a, b, c))})
+        question = text.format(a=a, b=b, c=c)
+        if kind == "problems":
+            out.append({"prompt": question, "answer": str(solve(a, b, c))})
+            continue
+        env = Calculator({"prompt": question, "answer": 0})
+        expression = rng.choice(_GUESSES).format(a=a, b=b, c=c)
+        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        result = evaluate(expression)
+        messages = [
+            *with_instructions(env.reset(), env.tools),
+            {"role": "assistant", "content": f"{OPEN}{call}{CLOSE}"},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": f"The answer is {result}."},
+        ]
+        out.append({"messages": messages})
     return out

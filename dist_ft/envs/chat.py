@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from dist_ft.envs.base import Message, Tool
-from dist_ft.envs.tools import instructions, template_renders_tools
+from dist_ft.envs.tools import template_renders_tools, with_instructions
 
 _SENTINEL = "\x00dist_ft-turn\x00"
 _STAND_IN: list[Message] = [
@@ -60,12 +60,7 @@ class ChatCodec:
         """The episode's prompt: ``reset()``'s messages and the generation prompt. Tools the
         template cannot render are described in a system message of their own (the first)."""
         if self.tools and not self.native_tools:
-            system = {"role": "system", "content": instructions(self.tools)}
-            if messages and messages[0]["role"] == "system":  # one system message, theirs first
-                merged = messages[0]["content"] + "\n\n" + system["content"]
-                messages = [{"role": "system", "content": merged}, *messages[1:]]
-            else:
-                messages = [system, *messages]
+            messages = with_instructions(messages, self.tools)
         return self._encode(self._render(messages, generation_prompt=True))
 
     def between(self, messages: list[Message], ended_with_eos: bool) -> list[int]:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dist_ft.envs.base import Tool
+from dist_ft.envs.base import Message, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
@@ -80,6 +80,18 @@ def instructions(tools: list[Tool]) -> str:
         "its result comes back in the next message. When you have the answer, reply without "
         f"a tool call.\nTools:\n{schemas}"
     )
+
+
+def with_instructions(messages: list[Message], tools: list[Tool]) -> list[Message]:
+    """``messages`` with :func:`instructions` in the system message (appended to the first
+    message when that is a system message, else a system message of its own, first)."""
+    text = instructions(tools)
+    if messages and messages[0]["role"] == "system":  # one system message, theirs first
+        return [
+            {"role": "system", "content": messages[0]["content"] + "\n\n" + text},
+            *messages[1:],
+        ]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def template_renders_tools(chat_template: str | None) -> bool:

@@ -117,6 +117,12 @@ def compare_run(
 
     cfg, weights = finished_run(run_dir)
     run, method = Path(run_dir), cfg.peft.method
+    if cfg.env.name is not None:  # before any model loads
+        raise ConfigError(
+            f"{run}: compare answers single prompts, and this run's samples are episodes in "
+            f"env {cfg.env.name}; {run}/samples.jsonl holds them, every turn with its rewards",
+            keys=("env.name",),
+        )
     base = resolve_model_path(cfg.model.path, cfg.model.tiny)
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg, tokenizer).prompts

@@ -290,6 +290,38 @@ ROWS = [
         files={"engines.py": ENGINES},
     ),
     row(
+        "env-cannot-import",
+        "demo",
+        "env.name=nope_env:Env",
+        fragment="env.name=nope_env:Env: cannot import nope_env (ModuleNotFoundError: No module "
+        "named 'nope_env')",
+    ),
+    row(
+        "env-not-an-environment",
+        "demo",
+        "env.name=engines:Half",
+        fragment="env.name=engines:Half: Half is not a dist_ft.envs.Environment: it has no "
+        "reset, step",
+        files={"engines.py": ENGINES},
+    ),
+    row(
+        "env-with-sft",
+        "demo",
+        "algo.objective=sft",
+        "env.name=calculator",
+        fragment="env.name runs episodes for GRPO (dist-ft train); algo.objective=sft trains on "
+        "a dataset: remove env.name",
+    ),
+    row(
+        "env-source-unknown-task",
+        "demo",
+        "data.source=reasoning_gym/no_such_task",
+        "env.name=reasoning_gym",
+        "grpo.sft_warmup_steps=0",
+        fragment="data.source=reasoning_gym/no_such_task: Dataset 'no_such_task' not registered",
+        loads=True,  # the data is read after the run directory is made, before the model loads
+    ),
+    row(
         "generator-not-a-class",
         "demo",
         "rollout.generator=engines:make",

@@ -7,10 +7,12 @@ call, a failing tool and a failing environment become with the scripted engine
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from generators import Scripted
-from support import build, load_learner_weights
+from support import build, load_learner_weights, readme_example
 
 from dist_ft.algos.grpo import GRPO
 from dist_ft.algos.objective import ObjectiveSettings
@@ -211,3 +213,22 @@ def test_env_failures_follow_the_reward_error_policy(
     assert batch.valid.tolist() == ([False, False] if policy == "mask" else [True, True])
     assert torch.isfinite(batch.reward_total).all() and torch.isfinite(batch.advantages).all()
     assert reason in capfd.readouterr().err  # said once, on stderr
+
+
+def test_the_readme_environment_runs_in_a_worker(tiny_path, demo_prompts, tmp_path, monkeypatch):
+    (tmp_path / "readme_env.py").write_text(readme_example())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [replace(p, row={"prompt": p.text, "answer": "7"}) for p in demo_prompts[:2]]
+    _, wk, _ = build(
+        tiny_path,
+        "env.name=readme_env:Guess",
+        "env.max_turns=3",
+        "reward.functions=[]",
+        "rollout.group_size=2",
+        TURN,
+    )
+    batch = RolloutWorker(wk).rollout(1, rows, seed=0)
+    assert batch.reward_names == ["env"] and batch.counters["env/episodes"] == 4
+    # the tiny model never guesses 7 in 3 turns: 2 hints (-0.1 each), truncated at the third
+    assert batch.counters["env/truncated"] + batch.counters.get("env/solved", 0) == 4
+    assert batch.counters["env/errors"] == 0

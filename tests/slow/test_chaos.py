@@ -90,6 +90,37 @@ def test_rollout_actors_killed_at_steps_2_and_4_lose_nothing(tmp_path):
     assert losses(run) == losses(ref)
 
 
+def test_a_rollout_actor_killed_mid_episode_loses_nothing(tmp_path):
+    """Multi-turn episodes (tests/envs_toy.py: Relay, 3 turns, each env step 0.2 s, so a
+    worker's rollout is ~5 s of episodes): a worker SIGKILLed during step 2 takes its live
+    episodes with it, and its prompts are issued again; every sample trains exactly once."""
+    run = tmp_path / "chaos_env"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # envs_toy
+    episodes = [
+        "env.name=envs_toy:Relay", "env.kwargs={turns: 3, delay_s: 0.2}", "reward.functions=[]",
+        "grpo.sft_warmup_steps=0", "run.steps=3", "algo.prompts_per_step=4",
+        "rollout.group_size=4", "rollout.max_new_tokens=4",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [DIST_FT, "demo", *RECIPE, *episodes, f"run.output_dir={run}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    wait_for(lambda: (run / "placement.json").exists(), proc)
+    victim = rollout_pids(run)[0]
+    wait_for(lambda: steps_logged(run) >= 1, proc)  # step 2's episodes are under way
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert "issuing its" in err
+    rows = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    ids = [tuple(s[:3]) for row in rows for s in row["samples"]]
+    assert len(ids) == len(set(ids)) == 3 * 4 * 4
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["env/episodes"] for m in metrics] == [16.0] * 3  # whole groups, none cut short
+    assert [m["env/turns"] for m in metrics] == [48.0] * 3
+    print(f"chaos ledger (episodes): {len(ids)} samples trained, 0 lost, 0 twice")
+
+
 def test_stalled_rollout_actor_is_named_within_the_timeout(tmp_path):
     out = tmp_path / "stall"
     timeout_s = 45  # also bounds actor start-up (imports, model load) on a busy 2-core machine

@@ -192,3 +192,15 @@ def test_sampler_resumes_exactly():
     c = PromptSampler(10, seed=1)
     assert sorted(c.next(10)) == list(range(10))
     assert first == PromptSampler(10, seed=1).next(7)
+
+
+def test_chat_message_prompts_render_through_the_template(tmp_path, tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path, [{"prompt": messages, "answer": "x"}])
+    (prompt,) = prepare(path, tok, template="chat", max_prompt_tokens=64).prompts
+    assert prompt.text == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+    with pytest.raises(DatasetError, match=r"row 0: field 'prompt'"):
+        prepare(path, tok, template="plain")  # a message list needs the chat template
+    bad = write_jsonl(tmp_path, [{"prompt": [{"role": "robot", "content": "x"}]}], "bad.jsonl")
+    with pytest.raises(DatasetError, match=r"field 'prompt\[0\]\.role': unknown role 'robot'"):
+        prepare(bad, tok, template="chat", max_prompt_tokens=64)

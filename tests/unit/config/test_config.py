@@ -102,11 +102,14 @@ def test_every_shipped_config_validates_for_every_command(path, command):
     """`dist-ft sft` / `dpo` load the recipe with algo.objective set to the command: every
     shipped recipe means the same model, peft, learner and resources under each of them."""
     overrides = [] if command == "train" else [f"algo.objective={command}"]
-    if command != "train" and load_config(path).peft.adapters:
-        # several adapters train under GRPO only: the other commands refuse, naming the key
+    shipped = load_config(path)
+    grpo_only = "peft.adapters" if shipped.peft.adapters else "env.name" if shipped.env.name else ""
+    if command != "train" and grpo_only:
+        # several adapters, and environments' episodes, are GRPO's: the other commands refuse,
+        # naming the key
         with pytest.raises(ConfigError) as e:
             load_config(path, overrides)
-        assert e.value.keys == ("peft.adapters", "algo.objective")
+        assert e.value.keys == (grpo_only, "algo.objective")
         return
     cfg = load_config(path, overrides)
     assert isinstance(cfg, Config)
