@@ -1,5 +1,6 @@
 """Multi-turn episodes: one rollout worker's episodes/s with every live episode's turn in one
-generate call (what dist_ft does), against the same episodes run one at a time, interleaved.
+generate call (what dist_ft does), against the same episodes run one at a time by the same
+episode loop and engine, interleaved. Generation and environment only (no scoring).
 
 16 concurrent episodes (4 prompts x G=4) in an environment whose episodes last 1 to 4 model
 turns (drawn per row, so episodes finish out of order and the batch shrinks as they do); each
@@ -87,35 +88,38 @@ def main() -> None:
         Prompt(i, r["prompt"], r["answer"], row={**r, "turns": rng.randint(1, 4)})
         for i, r in enumerate(rows)
     ]
-    batched = worker_for(args.model, args.turn_tokens, args.group)
-    alone = worker_for(args.model, args.turn_tokens, 1)
-    calls: list[int] = []  # batch size of each sample call of the batched worker
-    sample = batched.generator.sample
+    worker = worker_for(args.model, args.turn_tokens, args.group)
+    runner = worker.episodes  # the worker's episode loop, and its engine, both ways
+    assert runner is not None
+    calls: list[int] = []  # batch size of each sample call
+    sample = worker.generator.sample
 
     def counted(contexts: list[list[int]], budgets: list[int]) -> Any:
         calls.append(len(contexts))
         return sample(contexts, budgets)
 
-    batched.generator.sample = counted  # type: ignore[method-assign]
-    batched.rollout(0, prompts, seed=0)  # warm-up, both ways
-    alone.rollout(0, prompts[:1], seed=0)
+    worker.generator.sample = counted  # type: ignore[method-assign]
+    runner.run(prompts, args.group)  # warm-up
     n = args.prompts * args.group
     print(f"{n} episodes ({args.prompts} prompts x G={args.group}), turns per row "
           f"{[p.row['turns'] for p in prompts if p.row]}, {args.turn_tokens} tokens a turn, "
           f"model {args.model}")  # fmt: skip
     ratios = []
     for run in range(args.runs):
+        torch.manual_seed(run)
         calls.clear()
         t0 = time.perf_counter()
-        batch = batched.rollout(run + 1, prompts, seed=run)
+        generation, _ = runner.run(prompts, args.group)
         together = time.perf_counter() - t0
+        batch_calls = list(calls)
         t0 = time.perf_counter()
         for p in prompts:  # the same episodes, one at a time
-            for g in range(args.group):
-                alone.rollout(run + 1, [p], seed=run * 100 + g)
+            for _ in range(args.group):
+                runner.run([p], 1)
         apart = time.perf_counter() - t0
+        calls[:] = batch_calls
         # live episodes at call k, from the episodes themselves: those with more than k turns
-        turns_N = model_turns(batch.episode_mask)
+        turns_N = model_turns(generation.episode_mask)
         live = [sum(t > k for t in turns_N) for k in range(len(calls))]
         share = sum(calls) / sum(live)
         ratios.append(apart / together)

@@ -63,8 +63,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "demo"
-    """"demo" (built-in letter-repeat task; "demo_next", "demo_mix": see dist_ft.tasks), or a .jsonl
-    / .parquet file / save_to_disk folder."""
+    """"demo" (built-in letter-repeat task; "demo_next", "demo_mix": see dist_ft.tasks), an
+    environment's problems ("calculator", "python", "code_editor", "calculator/format" for its SFT
+    warm-up, "reasoning_gym/<task>"; see env.name), or a .jsonl / .parquet file / save_to_disk
+    folder."""
     prompt_field: str = "prompt"
     """The column that holds a row's prompt (text, or chat messages with template=chat)."""
     answer_field: str = "answer"
@@ -127,9 +129,10 @@ class EnvConfig:
     "Environments")."""
 
     name: str | None = None
-    """The environment: "calculator" (built in; data.source: calculator gives its problems) or a
-    "package.module:Class" with reset() and step() (dist_ft.envs.Environment). None: single-turn
-    prompts."""
+    """The environment: built in "calculator", "python" or "code_editor" (data.source of the same
+    name gives its problems), "reasoning_gym" or "skyrl_gym" (other libraries' environments, the
+    [envs] extra), or a "package.module:Class" with reset() and step() (dist_ft.envs.Environment).
+    None: single-turn prompts."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment's constructor, after the row."""
     max_turns: PosInt = 4

@@ -4,11 +4,11 @@ rule (``chat.py``) and the built-in environments. The episode loop that drives t
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from dist_ft.envs.base import Environment, Message, Step, Tool
+from dist_ft.extensions import import_named
 
 __all__ = ["ENVIRONMENTS", "ENV_SOURCES", "EnvError", "Environment", "Message", "Step", "Tool"]
 
@@ -35,17 +35,10 @@ class EnvError(ValueError):
     """``env.name`` names no usable environment; the message says which and what to fix."""
 
 
-def _load(target: str, key: str, what: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    if not (module_name and attr):
-        raise EnvError(f"{key}={target!r}: use one of {sorted(ENVIRONMENTS)} or '{what}'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # a user's module: any error on import is theirs to fix
-        raise EnvError(
-            f"{key}={target}: cannot import {module_name} ({type(e).__name__}: {e})"
-        ) from None
-    if (found := getattr(module, attr, None)) is None:
+def _load(target: str, key: str, form: str) -> Any:
+    found = import_named(target, key, EnvError, ENVIRONMENTS, form)
+    if found is None:
+        module_name, _, attr = target.partition(":")
         raise EnvError(f"{key}={target}: {module_name} has no {attr}")
     return found
 

@@ -18,6 +18,7 @@ import torch
 from dist_ft.algos.advantages import advantage_fn
 from dist_ft.algos.common import group_slots
 from dist_ft.algos.grpo import advantages_by_group
+from dist_ft.extensions import import_named
 from dist_ft.rewards import RewardError, RewardScores, RewardSet
 from dist_ft.rollout.base import GENERATORS, Generator, GeneratorSpec
 from dist_ft.rollout.episodes import (
@@ -50,19 +51,10 @@ def resolve_generator(name: str, adapters: bool = False) -> type:
         module_name, _, cls_name = GENERATORS[name].partition(":")
         builtin: type = getattr(importlib.import_module(module_name), cls_name)
         return builtin
+    cls = import_named(
+        name, "rollout.generator", GeneratorError, GENERATORS, "package.module:Class"
+    )
     module_name, _, cls_name = name.partition(":")
-    if not (module_name and cls_name):
-        known = list(GENERATORS)
-        raise GeneratorError(
-            f"rollout.generator={name!r}: use one of {known} or 'package.module:Class'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # a user's module: any error on import is theirs to fix
-        raise GeneratorError(
-            f"rollout.generator={name}: cannot import {module_name} ({type(e).__name__}: {e})"
-        ) from None
-    cls = getattr(module, cls_name, None)
     if not isinstance(cls, type):
         what = "nothing" if cls is None else f"a {type(cls).__name__}"
         raise GeneratorError(

@@ -7,7 +7,11 @@ call, a failing tool and a failing environment become with the scripted engine
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +236,27 @@ def test_the_readme_environment_runs_in_a_worker(tiny_path, demo_prompts, tmp_pa
     # the tiny model never guesses 7 in 3 turns: 2 hints (-0.1 each), truncated at the third
     assert batch.counters["env/truncated"] + batch.counters.get("env/solved", 0) == 4
     assert batch.counters["env/errors"] == 0
+
+
+def test_episodes_train_async_and_resume_from_a_checkpoint(tmp_path):
+    """The built-in calculator environment through `dist-ft train` in debug mode, one step
+    off-policy (grpo.max_staleness=1), checkpointed every step, stopped after 2 steps and
+    resumed to 3: every sample trained once, each step a full set of episodes."""
+    out = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).with_name("dist-ft")), "train",
+        str(Path(__file__).resolve().parents[2] / "configs" / "env_calculator.yaml"),
+        "rollout.max_new_tokens=6", "algo.prompts_per_step=2", "rollout.group_size=2",
+        "grpo.max_staleness=1", "run.checkpoint_every=1", f"run.output_dir={out}",
+        "run.wandb=disabled", "run.plot=false",
+    ]  # fmt: skip
+    for steps, resume in ((2, "none"), (3, "auto")):
+        r = subprocess.run([*cmd, f"run.steps={steps}", f"run.resume={resume}"],
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["env/episodes"] for m in metrics] == [4.0, 4.0, 4.0]
+    rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    ids = [tuple(s[:3]) for row in rows for s in row["samples"]]
+    assert len(ids) == len(set(ids)) == 3 * 2 * 2

@@ -123,3 +123,13 @@ def test_env_config_keys():
         load_config(None, ["env.max_turn=2"])
     with pytest.raises(ConfigError, match=r"reward\.functions is empty"):
         load_config(None, ["reward.functions=[]"])  # single-turn: nothing would score
+
+
+def test_codec_gives_the_schemas_to_a_template_that_renders_tools():
+    tok = build_tokenizer()
+    tok.chat_template = (  # as Qwen2.5's does: the schemas go into the template's own text
+        "{% if tools %}<|system|>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}\n"
+        "{% endif %}" + CHATML
+    )
+    text = tok.decode(ChatCodec(tok, [ECHO]).prompt([{"role": "user", "content": "hi"}]))
+    assert text.startswith("<|system|>echo;<|user|>hi") and "You can call tools" not in text
