@@ -42,6 +42,9 @@ class ChatCodec:
         self.tools = tools
         self.native_tools = bool(tools) and template_renders_tools(tokenizer.chat_template)
         self.eos_text = tokenizer.eos_token or ""
+        # the stand-in conversation through its sentinel: every between() renders it first
+        before = self._render(_STAND_IN, generation_prompt=False)
+        self._stand_in = before[: before.index(_SENTINEL) + len(_SENTINEL)]
 
     def _render(self, messages: list[Message], generation_prompt: bool) -> str:
         kwargs: dict[str, Any] = {}
@@ -66,12 +69,10 @@ class ChatCodec:
     def between(self, messages: list[Message], ended_with_eos: bool) -> list[int]:
         """Ids to append after a model turn: the template's end of that turn, ``messages``, and
         the generation prompt of the next turn."""
-        before = self._render(_STAND_IN, generation_prompt=False)
         after = self._render([*_STAND_IN, *messages], generation_prompt=True)
-        cut = before.index(_SENTINEL) + len(_SENTINEL)
-        if after[:cut] != before[:cut]:
+        if not after.startswith(self._stand_in):
             raise ValueError("the chat template renders a conversation's start differently")
-        text = after[cut:]
+        text = after[len(self._stand_in) :]
         if ended_with_eos and self.eos_text and text.startswith(self.eos_text):
             text = text[len(self.eos_text) :]  # the model wrote it: it is in the episode
         return self._encode(text)

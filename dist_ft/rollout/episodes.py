@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from dist_ft.envs import resolve_env
 from dist_ft.envs.base import Message, Step, Tool
@@ -37,6 +38,7 @@ from dist_ft.envs.tools import BadCall, parse_calls
 from dist_ft.rewards import call_with_deadline
 from dist_ft.rollout.base import Generation, SampledTurn
 from dist_ft.wire.batch import Span
+from dist_ft.wire.packing import left_pad
 from dist_ft.wire.prompt import Prompt
 
 ENV_REWARD = "env"  # the reward column of the environment's return
@@ -60,12 +62,12 @@ class Episode:
     ids: list[int] = field(default_factory=list)  # [T] after the prompt
     spans: list[int] = field(default_factory=list)  # [T] Span codes
     logprobs: list[float] = field(default_factory=list)  # [T], 0 off TRAINED
-    messages: list[Message] = field(default_factory=list)  # the transcript, for logs
     turns: int = 0  # model turns
     reward: float = 0.0  # the sum of the environment's turn rewards
     done: bool = False
     truncated: bool = False
     error: str | None = None  # why a call into the environment failed; the episode ended there
+    error_kind: str = ""  # the error without what changes from call to call: printed once
     tool_calls: int = 0
     bad_tool_calls: int = 0
     info: dict[str, float] = field(default_factory=dict)  # Step.info's numbers, summed
@@ -122,6 +124,7 @@ class EpisodeRunner:
             return call_with_deadline(fn, args, self.spec.timeout_s)
         except Exception as e:
             episode.error = f"env {self.spec.name}: {what} {type(e).__name__}: {e}"
+            episode.error_kind = f"{what} {type(e).__name__}"
             episode.done = True
             return None
 
@@ -150,7 +153,6 @@ class EpisodeRunner:
         episode.append(turn.ids, Span.TRAINED, turn.logprobs)
         episode.turns += 1
         text = self.tokenizer.decode(turn.ids, skip_special_tokens=True)
-        episode.messages.append({"role": "assistant", "content": text})
         reply = self._answer(episode, text)
         if reply is None or reply.done:
             episode.done = True
@@ -166,7 +168,6 @@ class EpisodeRunner:
         if episode.turns >= self.spec.max_turns or room < 1:
             episode.truncated = episode.done = True  # no room for another model turn
             return
-        episode.messages += reply.messages
         episode.append(between, Span.CONTEXT)
 
     def _start(self, prompts: list[Prompt], n: int) -> tuple[list[Episode], list[list[int]]]:
@@ -191,7 +192,6 @@ class EpisodeRunner:
                 ids = self._call(episode, "reset's messages", episode.codec.prompt, messages)
                 if episode.done:
                     continue
-                episode.messages = list(messages)
                 if row is None:
                     row = ids
                 elif ids != row:
@@ -199,7 +199,7 @@ class EpisodeRunner:
                         f"env {self.spec.name}: reset() of row {prompt.index} gave its episodes "
                         "different first messages; a group needs one prompt"
                     )
-                    episode.done = True
+                    episode.error_kind, episode.done = "reset differs", True
             # every reset failed: the data's own rendering stands in, so the group keeps a row
             prompt_rows.append(row if row is not None else self._encode(prompt.text))
         return episodes, prompt_rows
@@ -231,7 +231,7 @@ class EpisodeRunner:
                 return None
             if not isinstance(step, Step):
                 episode.error = f"env {self.spec.name}: step returned {type(step).__name__}"
-                episode.done = True
+                episode.error_kind, episode.done = "step returned", True
                 return None
             episode.reward += float(step.reward)
             for key, value in step.info.items():
@@ -254,21 +254,16 @@ class EpisodeRunner:
 
     def _generation(self, prompt_rows: list[list[int]], episodes: list[Episode]) -> Generation:
         pad = self.tokenizer.pad_token_id
-        width_P = max(map(len, prompt_rows))
-        prompt_ids = torch.full((len(prompt_rows), width_P), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompt_rows), width_P), dtype=torch.long)
-        for b, row in enumerate(prompt_rows):  # left-padded
-            prompt_ids[b, width_P - len(row) :] = torch.tensor(row, dtype=torch.long)
-            prompt_mask[b, width_P - len(row) :] = 1
-        width_T = max([len(e.ids) for e in episodes] + [1])
-        n = len(episodes)
-        ids_NT = torch.full((n, width_T), pad, dtype=torch.long)
-        spans_NT = torch.zeros((n, width_T), dtype=torch.int8)
-        logprobs_NT = torch.zeros((n, width_T), dtype=torch.float32)
-        for i, e in enumerate(episodes):  # right-padded
-            ids_NT[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-            spans_NT[i, : len(e.ids)] = torch.tensor(e.spans, dtype=torch.int8)
-            logprobs_NT[i, : len(e.ids)] = torch.tensor(e.logprobs, dtype=torch.float32)
+        prompt_ids, prompt_mask = left_pad(prompt_rows, pad)
+        # right-padded [N, T]; an episode that failed before its first turn is all padding
+        ids_NT, spans_NT, logprobs_NT = (
+            pad_sequence([torch.tensor(getattr(e, f), dtype=dtype) for e in episodes], True, value)
+            for f, dtype, value in (
+                ("ids", torch.long, pad),
+                ("spans", torch.int8, int(Span.PAD)),
+                ("logprobs", torch.float32, 0.0),
+            )
+        )
         group_ids = torch.tensor([e.group for e in episodes], dtype=torch.long)
         ref_logprobs = None
         if self.need_ref:

@@ -36,6 +36,7 @@ from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout.base import Generation, GeneratorSpec, SampledTurn
 from dist_ft.rollout.merged import MergedLoRA
 from dist_ft.wire.batch import Span
+from dist_ft.wire.packing import left_pad
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -211,12 +212,8 @@ class HFGenerator:
         context i is continued by at most ``budgets[i]`` tokens, up to and including EOS, all
         rows in one ``generate`` call. The ids come back as sampled, with their behaviour
         logprobs (the same distribution as :meth:`generate`'s)."""
-        n, width = len(contexts), max(map(len, contexts))
-        ids_NP = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask_NP = torch.zeros((n, width), dtype=torch.long)
-        for i, context in enumerate(contexts):  # left-padded, as generate continues every row
-            ids_NP[i, width - len(context) :] = torch.tensor(context)
-            mask_NP[i, width - len(context) :] = 1
+        ids_NP, mask_NP = left_pad(contexts, self.tokenizer.pad_token_id)
+        n, width = ids_NP.shape
         ids_NP, mask_NP = ids_NP.to(self.device), mask_NP.to(self.device)
         with self.merged.decoding() if self.merged is not None else nullcontext():
             out = self.model.generate(

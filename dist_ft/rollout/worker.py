@@ -267,9 +267,8 @@ class RolloutWorker:
             scores.rewards_NK[i, k] = float("nan")
             scores.errors_NK[i, k] = True
             scores.messages.setdefault(ENV_REWARD, episode.error)
-            kind = episode.error.split(":")[1] if ":" in episode.error else episode.error
-            if kind not in self._env_errors_printed:
-                self._env_errors_printed.add(kind)
+            if episode.error_kind not in self._env_errors_printed:
+                self._env_errors_printed.add(episode.error_kind)
                 print(
                     f"env error: {episode.error} [printed once; every failure is counted in "
                     "env/errors]",

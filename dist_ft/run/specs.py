@@ -77,6 +77,7 @@ def reward_columns(cfg: Config) -> list[tuple[str, float, dict[str, Any], list[s
 def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerSpec]:
     """What rollout workers and learners are built from: the config tree stops here."""
     device = resolve_device(cfg.resources.device)
+    columns = reward_columns(cfg)
     rollout = RolloutSpec(
         generation=GeneratorSpec(
             model_path=model_path,
@@ -94,8 +95,8 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,
-        rewards=[(name, weight, kwargs) for name, weight, kwargs, _ in reward_columns(cfg)],
-        reward_tasks=[tasks for *_, tasks in reward_columns(cfg)],
+        rewards=[(name, weight, kwargs) for name, weight, kwargs, _ in columns],
+        reward_tasks=[tasks for *_, tasks in columns],
         reward_timeout_s=cfg.reward.timeout_s,
         on_reward_error=cfg.reward.on_error,
         scale_rewards=cfg.grpo.scale_rewards,

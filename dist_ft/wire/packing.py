@@ -131,6 +131,19 @@ def pad_examples(
     return ids_NT, spans_NT
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as ids [N, P] long, left-padded with ``pad_id``, and their 0/1 mask
+    [N, P] long: the layout ``generate`` continues and a prompt table has."""
+    width = max(map(len, rows))
+    ids_NP = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask_NP = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids_NP[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask_NP[i, width - len(row) :] = 1
+    return ids_NP, mask_NP
+
+
 def block_causal_mask(
     example_ids_NT: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
