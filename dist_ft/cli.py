@@ -366,6 +366,13 @@ def preflight(cfg: Config, samples: bool = False) -> None:
             resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
         except GeneratorError as e:
             raise ConfigError(str(e)) from None
+    if cfg.resources.mode == "local" and cfg.rollout.generator == "vllm" and rollouts:
+        from dist_ft.rollout.vllm_engine import VLLMError, vllm_python
+
+        try:
+            vllm_python(cfg.rollout.vllm.python)
+        except VLLMError as e:
+            raise ConfigError(str(e), keys=("rollout.vllm.python",)) from None
     if cfg.env.name is not None and cfg.resources.mode == "local" and rollouts:
         from dist_ft.envs import EnvError, resolve_env  # the class, not an episode of it
 

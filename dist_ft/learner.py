@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from dist_ft.algos.common import merge_stats
 from dist_ft.algos.objective import OBJECTIVES, Objective, ObjectiveSettings, objective_class
 from dist_ft.algos.settings import DPOParams, LossParams
 from dist_ft.model import onednn
@@ -234,15 +235,15 @@ class Learner:
         # ``micro_batches``-th backward, so one piece short shifts the step boundary into the
         # next step's batch.
         chunks = torch.arange(rows).tensor_split(self.micro_batches)
-        totals: dict[str, float] = {"loss": 0.0}
+        total_loss, parts = 0.0, []
         for idx in chunks:
             loss, stats = micro_loss(idx)
             # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
             self.engine.backward(loss * self.micro_batches * self.world_size)
             self.engine.step()
-            totals["loss"] += float(loss.detach())
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / len(chunks)
+            total_loss += float(loss.detach())
+            parts.append(stats)
+        totals = {"loss": total_loss, **merge_stats(parts)}
         self.version += 1
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:  # DeepSpeed does not record it for fp32 ZeRO-0

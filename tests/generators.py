@@ -15,6 +15,7 @@ from dist_ft.model.weights import export_state, import_state, is_adapter
 from dist_ft.rollout import Generation, GeneratorSpec
 from dist_ft.rollout.base import SampledTurn
 from dist_ft.rollout.hf import HFGenerator
+from dist_ft.rollout.vllm_engine import VLLMGenerator
 from dist_ft.wire.batch import Span
 
 
@@ -123,3 +124,22 @@ class Scripted(HFGenerator):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [*ids, self.tokenizer.eos_token_id]
         return [SampledTurn(ids[:b], [0.0] * len(ids[:b])) for b in budgets]
+
+
+class ConvertingVLLM(VLLMGenerator):
+    """The vLLM engine, whose LoRA loads silently round the adapter's first A matrix through
+    bfloat16 before vLLM gets it: only a read-back of the engine's layers can see it."""
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        first = min(k for k in tensors if "lora_A" in k)
+        tensors = {**tensors, first: tensors[first].to(torch.bfloat16).to(torch.float32)}
+        super().load_weights(tensors)
+
+
+class DroppingVLLM(VLLMGenerator):
+    """The vLLM engine, whose full-weight loads silently leave out the first MLP down
+    projection: the engine goes on computing with the one it held before."""
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        dropped = min(k for k in tensors if "down_proj" in k)
+        super().load_weights({k: v for k, v in tensors.items() if k != dropped})

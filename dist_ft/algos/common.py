@@ -28,6 +28,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One step's statistics from its micro-batches' (or learner ranks'): a ``.../max_...`` key
+    is the largest part's, every other key the parts' mean."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {
+        k: max(p[k] for p in parts) if "/max_" in k else sum(p[k] for p in parts) / len(parts)
+        for k in keys
+    }
+
+
 def group_slots(group_N: torch.Tensor) -> torch.Tensor:
     """Each sample's place within its group, in row order: [N] long.
 

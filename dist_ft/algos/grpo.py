@@ -108,6 +108,43 @@ def loss_normaliser(mask_NT: torch.Tensor, params: LossParams) -> float:
     return normaliser_from_count(loss_count(mask_NT, params), params)
 
 
+def mismatch_stats(
+    learner_NT: torch.Tensor, engine_NT: torch.Tensor, mask_NT: torch.Tensor
+) -> dict[str, float]:
+    """How far the rollout engine's logprobs of the sampled tokens are from the learner's on the
+    same tokens (all [N, T]; ``mask_NT`` 1 on the trained ones): the mean and largest
+    |log(pi_learner / pi_engine)|, and the k3 estimate of KL(engine || learner) (the tokens were
+    drawn from the engine). A weight sync that did not take, or an engine whose kernels or dtype
+    differ from the learner's, shows here before it shows in the rewards."""
+    mask = mask_NT.to(learner_NT.dtype)
+    gap = (learner_NT - engine_NT).abs() * mask
+    return {
+        "mismatch/mean_abs_log_ratio": float(masked_mean(gap, mask)),
+        "mismatch/max_abs_log_ratio": float(gap.max()) if gap.numel() else 0.0,
+        # float64: at fp32-level gaps (1e-6) k3 ~ d^2 / 2 is below float32's resolution of 1
+        "mismatch/k3": float(masked_mean(kl_k3(engine_NT.double(), learner_NT.double()), mask)),
+    }
+
+
+def check_mismatch(metrics: dict[str, float], limit: float | None, step: int) -> None:
+    """The rollout trust check (``algo.max_mismatch``): stop a run whose engine does not sample
+    the policy the learner trains."""
+    gap = metrics.get("mismatch/mean_abs_log_ratio", 0.0)
+    if limit is not None and gap > limit:
+        raise MismatchError(
+            f"step {step}: the rollout engine's logprobs of its sampled tokens differ from the "
+            f"learner's by {gap:.3g} mean |log-ratio| > algo.max_mismatch={limit} (largest "
+            f"{metrics['mismatch/max_abs_log_ratio']:.3g}): the engine is not sampling the "
+            "policy being trained (a weight sync that did not take, or kernels or a dtype unlike "
+            "the learner's). See mismatch/* in metrics.jsonl; algo.tis_cap corrects a small, "
+            "steady mismatch"
+        )
+
+
+class MismatchError(RuntimeError):
+    """The rollout engine's logprobs left ``algo.max_mismatch``."""
+
+
 def policy_loss(
     logp_NT: torch.Tensor,
     old_logp_NT: torch.Tensor,
@@ -119,23 +156,42 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss (plus beta x KL) for one batch of completions.
 
-    logp_NT [N, T]: current policy, with grad. old_logp_NT [N, T]: the behaviour policy that
-    sampled the tokens. adv_N [N]. mask_NT [N, T]: 1 on completion tokens. ref_logp_NT [N, T]
-    is required when ``params.beta > 0``. ``normaliser`` defaults to this batch's own
-    (:func:`loss_normaliser`). Returns the scalar loss and detached statistics.
+    logp_NT [N, T]: current policy, with grad. old_logp_NT [N, T]: the rollout engine's
+    logprobs of the tokens it sampled. adv_N [N]. mask_NT [N, T]: 1 on completion tokens.
+    ref_logp_NT [N, T] is required when ``params.beta > 0``. ``normaliser`` defaults to this
+    batch's own (:func:`loss_normaliser`). Returns the scalar loss and detached statistics.
+
+    The learner takes one optimizer step per batch, so ``logp_NT`` is its policy before the
+    update: detached, it is the learner's own behaviour logprobs. The ratio divides by the
+    engine's (``params.behaviour == "engine"``) or by those (``"learner"``). With
+    ``params.tis_cap`` the ratio is the learner's and each token's surrogate is weighed by
+    min(pi_learner / pi_engine, tis_cap) (truncated importance sampling: Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"): the engine sampled the
+    tokens, the learner's distribution is what the gradient is for. GSPO weighs each sequence by
+    the capped length-normalised ratio, as its own ratio is.
     """
     mask = mask_NT.to(logp_NT.dtype)
     adv = adv_N.to(logp_NT.dtype).unsqueeze(-1)  # [N, 1]
-    log_ratio = (logp_NT - old_logp_NT) * mask
+    learner_NT = logp_NT.detach()
+    behaviour_NT = old_logp_NT
+    if params.behaviour == "learner" or params.tis_cap is not None:
+        behaviour_NT = learner_NT
+    log_ratio = (logp_NT - behaviour_NT) * mask
     lo, hi = 1.0 - params.eps_low, 1.0 + params.eps_high
     lengths_N = mask.sum(-1).clamp(min=1.0)
+    gspo = params.loss_type is LossType.GSPO
 
-    if params.loss_type is LossType.GSPO:
+    if gspo:
         ratio = torch.exp(log_ratio.sum(-1, keepdim=True) / lengths_N.unsqueeze(-1))  # [N, 1]
     else:
         ratio = torch.exp(log_ratio)  # [N, T]
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
     clipped = (ratio < lo) & (adv < 0) | (ratio > hi) & (adv > 0)
+    if params.tis_cap is not None:
+        gap = (learner_NT - old_logp_NT) * mask  # log(pi_learner / pi_engine)
+        if gspo:
+            gap = gap.sum(-1, keepdim=True) / lengths_N.unsqueeze(-1)  # [N, 1]
+        surrogate = surrogate * torch.exp(gap).clamp(max=params.tis_cap)
 
     kl_NT = torch.zeros_like(logp_NT)
     if params.beta > 0:
@@ -143,7 +199,7 @@ def policy_loss(
             raise ValueError("beta > 0 needs reference logprobs (ref_logp_NT)")
         kl_NT = kl_k3(logp_NT, ref_logp_NT)
 
-    if params.loss_type is LossType.GSPO:
+    if gspo:
         per_seq_N = -surrogate.squeeze(-1) + params.beta * (kl_NT * mask).sum(-1) / lengths_N
         total = per_seq_N.sum()
         clip_frac = clipped.float().mean()
@@ -162,6 +218,7 @@ def policy_loss(
         "clip_frac": float(clip_frac),
         "kl": float(masked_mean(kl_NT.detach(), mask)),
         "ratio": float(masked_mean(torch.exp(log_ratio.detach()), mask)),
+        **mismatch_stats(learner_NT, old_logp_NT, mask_NT),
     }
     return loss, stats
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from dist_ft.ranges import Range
 
@@ -29,6 +29,12 @@ class LossParams:
     """KL coefficient; 0 disables the KL term"""
     max_tokens: int = 1
     """Dr.GRPO's constant: the completion budget (rollout.max_new_tokens)"""
+    behaviour: Literal["engine", "learner"] = "engine"
+    """Whose logprobs of the sampled tokens the importance ratio divides by: the rollout
+    engine's, or the learner's own before its update (algo.behaviour_logprobs)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (algo.tis_cap): with behaviour "engine", the ratio is taken
+    against the learner and each token weighed by min(pi_learner / pi_engine, tis_cap)."""
 
 
 class DPOLoss(str, enum.Enum):

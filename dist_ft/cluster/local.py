@@ -109,4 +109,6 @@ class LocalCluster:
     def shutdown(self) -> None:
         # The world-size-1 process group stays: DeepSpeed caches it, and a later run in this
         # process (tests, notebooks) reuses it.
+        for w in self.workers:
+            w.close()
         self.transport.close()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_ft.algos.common import merge_stats
 from dist_ft.algos.objective import OBJECTIVES
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
@@ -362,12 +363,8 @@ class RayCluster:
         """Rank 0's node address and a free port there form the DeepSpeed rendezvous."""
         master_addr, master_port = self._get(self.learners[0].address.remote(), "learner rank 0")
         n = len(self.learners)
-        self._learners_get(
-            [
-                host.start.remote(spec, rank, n, master_addr, master_port)
-                for rank, host in enumerate(self.learners)
-            ]
-        )
+        ranks = enumerate(self.learners)
+        self._learners_get([h.start.remote(spec, r, n, master_addr, master_port) for r, h in ranks])
 
     @property
     def _version(self) -> int:
@@ -483,8 +480,8 @@ class RayCluster:
         per_rank = self._learners_get(
             [h.step.remote(s, objective) for h, s in zip(self.learners, shards)]
         )
-        # Each rank's loss is its share of the step's loss: sum them; average the rest.
-        out = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
+        # Each rank's loss is its share of the step's loss: sum them; merge the rest.
+        out = merge_stats(per_rank)
         out["loss"] = sum(m["loss"] for m in per_rank)
         out["tokens"] = float(batch.num_tokens)
         return out
@@ -587,6 +584,10 @@ class RayCluster:
     def shutdown(self) -> None:
         import ray
 
+        # the engines' processes first (killed with their actors, they leave files behind)
+        ray.wait(
+            [w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=30
+        )
         for actor in self.workers + self.learners + self.judges:
             ray.kill(actor)
         if self._pg is not None:

@@ -20,6 +20,7 @@ from dist_ft.algos.settings import DPOParams, LossType
 from dist_ft.model.spec import PeftSpec
 from dist_ft.model.spec import config_errors as peft_config_errors
 from dist_ft.ranges import NonNegFloat, NonNegInt, PosFloat, PosInt, Range
+from dist_ft.rollout.vllm_spec import VLLMOptions, check_vllm
 from dist_ft.tasks import SOURCES as DEMO_SOURCES
 
 
@@ -111,8 +112,10 @@ class RolloutConfig:
     """Rollout workers hold the policy in this dtype; syncs are cast to it before they are sent
     (fp32 learner + bf16 rollout halves the sync). "auto": model.dtype."""
     generator: str = "hf"
-    """The generation engine: "hf" (transformers generate; logprobs from its own pass), or a
-    "package.module:Class" implementing dist_ft.rollout.Generator, built as Class(GeneratorSpec)."""
+    """The generation engine: "hf" (transformers generate; logprobs from its own pass), "vllm" (a
+    vLLM engine per rollout worker, rollout.vllm: LoRA or full fine-tuning; README "Rollout
+    engines"), or a "package.module:Class" implementing dist_ft.rollout.Generator, built as
+    Class(GeneratorSpec)."""
     merge_lora: bool = True
     """fp32 LoRA: the "hf" engine decodes through W0 + scaling * B @ A (rollout/merged.py): 1.2x
     faster generation for a second copy of the adapted weights. false: peft adds B @ A x."""
@@ -120,6 +123,8 @@ class RolloutConfig:
     """Workers hash the bytes of every weight sync they receive; every Nth sync on Ray (the first
     included) they also re-export and hash what their model holds after loading, which costs a
     full export. Debug mode reads back every sync."""
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    """The "vllm" engine's settings (generator=vllm only)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,21 @@ class AlgoConfig:
     objective's own settings are in its section (grpo:, dpo:)."""
     prompts_per_step: PosInt = 8
     """B; a GRPO step trains on B x G samples, an SFT step on B examples, a DPO step on B pairs"""
+    behaviour_logprobs: Literal["engine", "learner"] = "engine"
+    """GRPO: whose logprobs of the sampled tokens the importance ratio divides by. "engine": the
+    rollout engine's, which sampled them (with tis_cap, the ratio is the learner's and the engine
+    enters through the truncated weight); "learner": the learner's own before its update,
+    ignoring the engine's (a sampler/learner mismatch then goes uncorrected). The gap between
+    the two is logged every step for every engine (mismatch/* metrics)."""
+    tis_cap: Annotated[float | None, Range(ge=1)] = None
+    """GRPO, behaviour_logprobs=engine: truncated importance sampling. Each token's loss is
+    weighed by min(pi_learner / pi_engine, tis_cap), which corrects for an engine whose
+    probabilities differ from the learner's (vLLM's kernels, bf16); 2 is the write-up's value.
+    None: off."""
+    max_mismatch: Annotated[float | None, Range(gt=0)] = None
+    """GRPO: stop the run when a step's mean |log(pi_learner / pi_engine)| over the sampled
+    tokens exceeds this (the rollout trust check: the engine is not sampling the policy being
+    trained). None: off; the mismatch is logged regardless."""
 
 
 @dataclass(frozen=True)
@@ -479,6 +499,11 @@ class Config:
                 f"{self.algo.objective} trains on a dataset: remove env.name",
                 keys=("env.name", "algo.objective"),
             )
+        # before any model loads: what vLLM cannot serve names itself here
+        vllm = self.rollout.generator == "vllm"
+        if vllm and (refusal := check_vllm(self.peft, self.grpo.beta)):
+            message, keys = refusal
+            raise ConfigError(message, keys=("rollout.generator", *keys))
         if self.peft.adapters and not grpo:
             raise ConfigError(
                 f"peft.adapters trains one adapter per task group under GRPO (dist-ft train); "

@@ -24,6 +24,7 @@ from dist_ft.model.spec import Device, DType, PeftSpec
 # "package.module:Class" directly
 GENERATORS: dict[str, str] = {
     "hf": "dist_ft.rollout.hf:HFGenerator",  # transformers generate; logprobs from its logits
+    "vllm": "dist_ft.rollout.vllm_engine:VLLMGenerator",  # a vLLM engine in a child process
 }
 
 

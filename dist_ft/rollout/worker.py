@@ -137,6 +137,12 @@ class RolloutWorker:
         adapters = spec.generation.peft.adapters
         self.adapter_of = {t: (i, a) for i, (a, ts) in enumerate(adapters.items()) for t in ts}
 
+    def close(self) -> None:
+        """Stop what the engine runs beside this process (the vLLM engine's child), if any."""
+        close = getattr(self.generator, "close", None)
+        if callable(close):
+            close()
+
     # ------------------------------------------------------------------ weights
     def set_weights(self, update: Published, transport: WeightTransport, read_back: bool) -> str:
         """Receive ``update`` through ``transport`` and load it as policy ``update.version``.

@@ -89,9 +89,7 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
             top_p=cfg.rollout.top_p,
             need_ref_logprobs=cfg.grpo.beta > 0,
             trust_remote_code=cfg.model.trust_remote_code,
-            options=HFOptions(cfg.resources.cpu_linear, cfg.rollout.merge_lora)
-            if cfg.rollout.generator == "hf"
-            else None,
+            options=engine_options(cfg),
         ),
         generator=cfg.rollout.generator,
         group_size=cfg.rollout.group_size,
@@ -137,6 +135,15 @@ def component_specs(cfg: Config, model_path: str) -> tuple[RolloutSpec, LearnerS
     return rollout, learner
 
 
+def engine_options(cfg: Config) -> object | None:
+    """The built-in engine's own settings (``GeneratorSpec.options``); a user's engine gets None."""
+    if cfg.rollout.generator == "hf":
+        return HFOptions(cfg.resources.cpu_linear, cfg.rollout.merge_lora)
+    if cfg.rollout.generator == "vllm":
+        return cfg.rollout.vllm
+    return None
+
+
 def loss_params(cfg: Config) -> LossParams:
     return LossParams(
         loss_type=cfg.grpo.loss,
@@ -144,6 +151,8 @@ def loss_params(cfg: Config) -> LossParams:
         eps_high=cfg.grpo.eps_high,
         beta=cfg.grpo.beta,
         max_tokens=cfg.rollout.max_new_tokens,
+        behaviour=cfg.algo.behaviour_logprobs,
+        tis_cap=cfg.algo.tis_cap,
     )
 
 

@@ -5,11 +5,15 @@ import math
 import pytest
 import torch
 
+from dist_ft.algos.common import merge_stats
 from dist_ft.algos.grpo import (
+    MismatchError,
+    check_mismatch,
     group_advantages,
     kl_k3,
     loss_count,
     loss_normaliser,
+    mismatch_stats,
     normaliser_from_count,
     policy_loss,
 )
@@ -141,3 +145,68 @@ def test_normaliser_counts_by_hand():
     assert loss_normaliser(MASK, LossParams(LossType.DR_GRPO, max_tokens=3)) == 6.0
     # a step with nothing to train on divides by 1, not 0
     assert loss_normaliser(torch.zeros(2, 3), LossParams(LossType.DAPO)) == 1.0
+
+
+# ---- sampler/learner mismatch and truncated importance sampling
+# Learner logprobs (before its update) and the engine's, on two sequences of two tokens.
+LEARNER = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]])
+ENGINE = torch.tensor([[-1.5, -1.0], [-0.5, -3.0]])
+MASK2 = torch.ones(2, 2)
+ADV2 = torch.tensor([1.0, -1.0])
+
+
+def test_mismatch_stats_by_hand():
+    # log(pi_learner / pi_engine) = [[0.5, -1.0], [0.0, 1.5]]
+    stats = mismatch_stats(LEARNER, ENGINE, MASK2)
+    assert stats["mismatch/mean_abs_log_ratio"] == pytest.approx((0.5 + 1.0 + 0.0 + 1.5) / 4)
+    assert stats["mismatch/max_abs_log_ratio"] == pytest.approx(1.5)
+    # k3 of KL(engine || learner): r - 1 - log r with r = pi_learner / pi_engine
+    k3 = [math.exp(d) - 1 - d for d in (0.5, -1.0, 0.0, 1.5)]
+    assert stats["mismatch/k3"] == pytest.approx(sum(k3) / 4, rel=1e-6)
+
+
+def test_truncated_importance_sampling_loss_by_hand():
+    logp = LEARNER.clone().requires_grad_(True)
+    params = LossParams(loss_type=LossType.GRPO, tis_cap=2.0)
+    loss, stats = policy_loss(logp, ENGINE, ADV2, MASK2, params)
+    # The ratio is the learner's (1 before its update); each token is weighed by
+    # min(exp(learner - engine), 2): [[e^0.5, e^-1], [1, min(e^1.5, 2) = 2]].
+    w = [[math.exp(0.5), math.exp(-1.0)], [1.0, 2.0]]
+    # GRPO: per sequence the token mean of -w * A, then the mean over the 2 sequences
+    seq0 = -(w[0][0] + w[0][1]) / 2 * 1.0
+    seq1 = -(w[1][0] + w[1][1]) / 2 * -1.0
+    assert float(loss.detach()) == pytest.approx((seq0 + seq1) / 2, rel=1e-6)
+    loss.backward()
+    # d/dlogp of -w * A * ratio / 2 tokens / 2 sequences, at ratio 1
+    expected = torch.tensor([[-w[0][0], -w[0][1]], [w[1][0], w[1][1]]]) / 4
+    torch.testing.assert_close(logp.grad, expected)
+    assert stats["ratio"] == pytest.approx(1.0)
+
+
+def test_behaviour_logprobs_choose_the_ratio_denominator():
+    logp = LEARNER.clone().requires_grad_(True)
+    # engine: the ratio divides by the engine's, exp([[0.5, -1], [0, 1.5]]), and is clipped
+    _, engine = policy_loss(logp, ENGINE, ADV2, MASK2, LossParams(behaviour="engine"))
+    ratio = [math.exp(d) for d in (0.5, -1.0, 0.0, 1.5)]
+    assert engine["ratio"] == pytest.approx(sum(ratio) / 4, rel=1e-6)
+    assert engine["clip_frac"] > 0
+    # learner: its own logprobs, so on-policy at 1, nothing clipped; mismatch logged either way
+    _, learner = policy_loss(logp, ENGINE, ADV2, MASK2, LossParams(behaviour="learner"))
+    assert learner["ratio"] == pytest.approx(1.0) and learner["clip_frac"] == 0
+    assert learner["mismatch/mean_abs_log_ratio"] == engine["mismatch/mean_abs_log_ratio"] > 0
+
+
+def test_check_mismatch_stops_past_the_limit():
+    stats = mismatch_stats(LEARNER, ENGINE, MASK2)  # mean 0.75
+    check_mismatch(stats, None, 3)
+    check_mismatch(stats, 0.8, 3)
+    with pytest.raises(MismatchError, match=r"step 3: .* 0\.75 .* algo\.max_mismatch=0\.5"):
+        check_mismatch(stats, 0.5, 3)
+
+
+def test_merge_stats_means_and_maxima():
+    parts = [
+        {"ratio": 1.0, "mismatch/max_abs_log_ratio": 0.5},
+        {"ratio": 3.0, "mismatch/max_abs_log_ratio": 2.0},
+    ]
+    assert merge_stats(parts) == {"ratio": 2.0, "mismatch/max_abs_log_ratio": 2.0}

@@ -271,3 +271,32 @@ def test_a_key_that_moved_to_its_objectives_section_names_the_new_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'algo\.beta' is now 'grpo\.beta'"):
         load_config(None, ["algo.beta=0.1"])
     assert load_config(None, ["grpo.beta=0.1"]).grpo.beta == 0.1
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("peft.method=dora", "peft.method"),
+        ("peft.modules_to_save=[lm_head]", "peft.modules_to_save"),
+        ("grpo.beta=0.1", "grpo.beta"),
+    ],
+)
+def test_vllm_refuses_what_it_cannot_serve_at_load(setting, key):
+    # at config load, before any model (or vLLM) loads: the method or key, and the engine
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(setting.split('[')[0])}.*rollout\.generator=vllm"
+    ) as e:
+        load_config(None, ["rollout.generator=vllm", setting])
+    assert e.value.keys == ("rollout.generator", key)
+    assert load_config(None, ["rollout.generator=vllm", "peft.method=none"])
+
+
+def test_the_behaviour_policy_keys_reach_the_loss():
+    from dist_ft.run.specs import loss_params
+
+    params = loss_params(load_config(None, ["algo.behaviour_logprobs=learner", "algo.tis_cap=2"]))
+    assert (params.behaviour, params.tis_cap) == ("learner", 2.0)
+    assert (
+        loss_params(load_config(None, [])).behaviour,
+        loss_params(load_config(None, [])).tis_cap,
+    ) == ("engine", None)
