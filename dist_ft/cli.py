@@ -201,9 +201,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "label":
         return _label(cfg)
     # Training's imports (datasets, deepspeed, ray) only once the inputs are known to be good.
+    from dist_ft.algos.grpo import MismatchError
     from dist_ft.data import DatasetError
     from dist_ft.recipes.grpo import train
     from dist_ft.rewards import RewardError
+    from dist_ft.rollout.vllm_engine import VLLMError
     from dist_ft.rollout.worker import GeneratorError
     from dist_ft.run.checkpoint import CheckpointError
 
@@ -217,8 +219,8 @@ def _run(args: argparse.Namespace) -> int:
             summary = train(cfg)
     except (DatasetError, GeneratorError) as e:  # a user's engine refused when built
         return _fail(e, 2)
-    except (RewardError, CheckpointError, TimeoutError) as e:  # stopped mid-run, loudly
-        return _fail(e, 1, named=True)
+    except (RewardError, CheckpointError, TimeoutError, MismatchError, VLLMError) as e:
+        return _fail(e, 1, named=True)  # stopped mid-run, loudly
     if offline:
         print(
             f"{cfg.algo.objective} loss: first 5 steps {summary['first_loss']:.4f}, "

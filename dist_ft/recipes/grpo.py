@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dist_ft.algos.grpo import check_mismatch
 from dist_ft.cluster import Cluster, PendingRollout, SyncStats
 from dist_ft.config import Config, ConfigError
 from dist_ft.data import PromptSampler, encode_pairs, render
@@ -148,6 +149,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 tracker.log(step, row)
                 tracker.log_samples(step, batch, tokenizer, prompts)
                 watch.check(step, batch)
+                check_mismatch(row, cfg.algo.max_mismatch, step)  # the rollout trust check
 
                 # ---- checkpoint: learner state and run state, atomically
                 if checkpoint_due(cfg, step):

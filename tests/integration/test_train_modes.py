@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from bad_rows import write_bad_dataset, write_clean_dataset
 
+from dist_ft.algos.grpo import MismatchError
 from dist_ft.config import load_config
 from dist_ft.data import DatasetError
 from dist_ft.recipes.grpo import train
@@ -73,3 +74,14 @@ def test_rlaif_demo_raises_the_judge_score(tmp_path, monkeypatch):
     last = json.loads((tmp_path / "rlaif" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["judge/requests"] == 64 and last["judge/cache_hits"] >= 0
     assert last["reward/errors/judge"] == 0
+
+
+def test_max_mismatch_stops_a_run_whose_engine_samples_another_policy(tmp_path):
+    # bf16 rollouts of an fp32 learner: the engine's logprobs are off by ~1e-2, over the limit
+    with pytest.raises(MismatchError, match=r"step 1: .*algo\.max_mismatch=0\.001") as e:
+        run(tmp_path, "run.steps=3", "grpo.sft_warmup_steps=0", "rollout.dtype=bfloat16",
+            "algo.max_mismatch=1e-3")  # fmt: skip
+    print(e.value)
+    assert len(losses(tmp_path)) == 1  # step 1 was logged, with the mismatch that stopped it
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and "MismatchError" in status["reason"]
