@@ -368,6 +368,17 @@ def preflight(cfg: Config, samples: bool = False) -> None:
             resolve_generator(cfg.rollout.generator, bool(cfg.peft.adapters))
         except GeneratorError as e:
             raise ConfigError(str(e)) from None
+    tiny = cfg.model.tiny
+    if cfg.rollout.generator == "vllm" and cfg.model.path == "tiny" and rollouts:
+        head = tiny.hidden_size // tiny.num_heads  # vLLM fails deep in its first forward else
+        if head < 32 and cfg.resources.device != "cuda":
+            raise ConfigError(
+                f"rollout.generator=vllm: the tiny model's attention head size is {head} "
+                f"(model.tiny.hidden_size={tiny.hidden_size} / model.tiny.num_heads="
+                f"{tiny.num_heads}), and vLLM's CPU attention takes 32 and up: set "
+                f"model.tiny.num_heads={max(1, tiny.hidden_size // 32)}",
+                keys=("model.tiny.num_heads",),
+            )
     if cfg.resources.mode == "local" and cfg.rollout.generator == "vllm" and rollouts:
         from dist_ft.rollout.vllm_engine import VLLMError, vllm_python
 

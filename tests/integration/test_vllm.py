@@ -64,16 +64,37 @@ def test_a_load_into_vllm_that_converts_or_drops_is_caught(tmp_path, method, eng
                                  f"run.steps={steps}", f"run.output_dir={tmp_path}"]))  # fmt: skip
 
 
-def test_a_method_vllm_cannot_serve_is_refused_before_any_model_loads(tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("peft.method=dora", "peft.method=dora: rollout.generator=vllm serves lora, none only"),
+        # the default tiny model's heads are 16 wide: vLLM would fail inside its first forward
+        (
+            "model.tiny.num_heads=4",
+            "vLLM's CPU attention takes 32 and up: set model.tiny.num_heads=2",
+        ),
+    ],
+)
+def test_what_vllm_cannot_serve_is_refused_before_any_model_loads(tmp_path, setting, message):
     dist_ft = Path(sys.executable).with_name("dist-ft")
-    t0 = time.perf_counter()
     demo = str(ROOT / "configs" / "demo.yaml")
+    t0 = time.perf_counter()
     r = subprocess.run(
-        [str(dist_ft), "train", demo, "rollout.generator=vllm", "peft.method=dora",
-         f"run.output_dir={tmp_path}"],
+        [str(dist_ft), "train", demo, *VLLM, setting, f"run.output_dir={tmp_path}"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
-    assert "peft.method=dora: rollout.generator=vllm serves lora, none only" in r.stderr
+    assert message in r.stderr
     assert time.perf_counter() - t0 < 30  # no model, no engine: a tiny model load is 40 s
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_multi_turn_episodes_on_the_vllm_engine(tmp_path):
+    """Episodes of 3 model turns with tool messages between them, each turn sampled by vLLM:
+    its logprobs of the model's tokens match the learner's, which reads the whole episode."""
+    train(load_config(None, [*VLLM, "env.name=envs_toy:Relay", "reward.functions=[]",
+                             "rollout.group_size=2", "rollout.max_new_tokens=5", "run.steps=2",
+                             f"run.output_dir={tmp_path}"]))  # fmt: skip
+    for row in metrics(tmp_path):
+        assert row["env/episodes"] == 8 and row["env/turns"] == 24  # 4 prompts x G=2, 3 turns
+        assert 0 < row["mismatch/mean_abs_log_ratio"] < 1e-4

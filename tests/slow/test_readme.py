@@ -8,7 +8,8 @@ What this test changes, and why:
   key wins): `run.steps=3` for training commands, `ARGS='run.steps=3'` for `make demo` (the
   Makefile's documented way), `label.prompts=16` for `dist-ft label`. Never an output directory:
   the README's recipes must not collide as written.
-- The copy reuses the checkout's built `.venv` (a symlink; building one takes minutes): files
+- The copy reuses the checkout's built `.venv` and `.venv-vllm` (symlinks; building them takes
+  minutes): files
   are copied with their times, so `make` finds the venv up to date for them. That venv's
   `dist-ft` would import the checkout's `dist_ft` (an editable install), so PYTHONPATH points
   at the copy, whose `dist_ft` then comes first (checked below).
@@ -94,6 +95,7 @@ def fresh_copy(dest: Path) -> None:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / ".venv").symlink_to(ROOT / ".venv")
+    (dest / ".venv-vllm").symlink_to(ROOT / ".venv-vllm")  # make test built it (make vllm-env)
 
 
 def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
