@@ -6,8 +6,9 @@ fresh process, so both see the same machine state.
 Each run reports:
 
 - load: seconds to build the rollout worker (model load; for vLLM, the engine's start);
-- generate-only: samples/s and tokens/s of ``generate`` over B prompts x G samples, the median of
-  ``--reps`` calls after one warm-up;
+- generate-only: samples/s and tokens/s of ``generate`` over B prompts x G samples with the
+  learner's initial weights synced in (for LoRA an adapter loaded), the median of ``--reps``
+  calls after one warm-up;
 - GRPO step: seconds per step of a real ``dist-ft train`` run in debug mode (generate, score,
   learner step, weight sync into the engine with its read-back), the median of steps 2..;
 - peak RSS of the generate-only phase: the worker's process, plus for vLLM its engine process.
@@ -67,7 +68,8 @@ def child(args: argparse.Namespace, engine: str, group: int, tokens: int) -> dic
     """One run of one engine, in this (fresh) process."""
     from dist_ft.config import load_config
     from dist_ft.data import demo_rows, render
-    from dist_ft.model.loading import load_tokenizer, resolve_model_path
+    from dist_ft.model.loading import load_policy, load_tokenizer, resolve_model_path
+    from dist_ft.model.weights import export_state
     from dist_ft.recipes.fetch_model import MODELS, real_model_path
     from dist_ft.recipes.grpo import train
     from dist_ft.rollout import RolloutWorker
@@ -84,8 +86,15 @@ def child(args: argparse.Namespace, engine: str, group: int, tokens: int) -> dic
     # ---- load and generate-only
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    worker = RolloutWorker(component_specs(cfg, path)[0])
+    spec = component_specs(cfg, path)[0]
+    worker = RolloutWorker(spec)
     load_s = time.perf_counter() - t0
+    # generate as the loop does, with the learner's weights synced in: for LoRA the engines
+    # decode with an adapter loaded (hf through merged weights, vLLM through its LoRA kernels)
+    gen = spec.generation
+    learner_side = load_policy(path, gen.dtype, gen.peft, torch.device(gen.device))
+    worker.generator.load_weights(export_state(learner_side, gen.peft.method.value != "none"))
+    del learner_side
     worker.generator.generate(prompts, group)  # warm-up
     seconds, counts = [], []
     for _ in range(args.reps):
