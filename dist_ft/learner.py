@@ -28,6 +28,7 @@ from dist_ft.model.logprobs import group_logprobs, packed_completion_logprobs, s
 from dist_ft.model.peft import adapter_parameters, use_adapter
 from dist_ft.model.spec import Device, DType, PeftMethod, PeftSpec
 from dist_ft.model.weights import export_state, is_adapter
+from dist_ft.sync.rendezvous import interface_towards, listening_fd
 from dist_ft.wire.batch import ScoredBatch
 
 
@@ -59,14 +60,7 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     if iface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
-    listen_fd = None
-    if rank == 0:
-        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((master_addr, master_port))
-        listener.listen()
-        listen_fd = listener.detach()  # the store owns and closes it
+    listen_fd = listening_fd(master_addr, master_port)[0] if rank == 0 else None
     # torch's env:// waits as long for the other ranks (30 min), not TCPStore's own 5 min
     store = dist.TCPStore(
         master_addr,
@@ -84,24 +78,6 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     # cached op; a failed build raises, so nothing said here is needed
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above
-
-
-def interface_towards(addr: str) -> str | None:
-    """The name of this host's network interface that traffic to ``addr`` leaves by ("lo" for
-    a loopback address), or None if no route or no such interface is found."""
-    import psutil
-
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((addr, 9))  # a UDP connect sends nothing: it only picks the route
-            local = s.getsockname()[0]
-    except OSError:
-        return None
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%")[0] == local for a in addrs):
-            return name
-    return None
 
 
 @dataclass(frozen=True)

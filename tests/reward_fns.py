@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 
 def raises(prompts, completions, answers):
@@ -67,4 +68,11 @@ def exits_quietly(prompts, completions, answers):
 def prints_secret(prompts, completions, answers):
     """Prints a secret of its environment (issue 20: it ended up in wandb's output.log)."""
     print(f"reward_fns: token={os.environ['DIST_FT_TEST_SECRET']}", flush=True)
+    return [0.0] * len(completions)
+
+
+def pause(prompts, completions, answers):
+    """Scores nothing after a second's pause: a run whose steps last long enough for nodes to
+    join and leave while it trains (tests/slow/test_fleet.py)."""
+    time.sleep(1.0)
     return [0.0] * len(completions)

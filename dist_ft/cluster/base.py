@@ -4,7 +4,7 @@ local and Ray placement share: one step's pending rollout, prompt shares and the
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +37,7 @@ class PendingRollout:
     # Seconds the driver spent issuing it: all of the generation in debug mode, which computes
     # at issue time; a few remote calls on Ray. Part of the step's rollout time either way.
     issue_seconds: float = 0.0
+    owners: list[Any] = field(default_factory=list)  # on Ray, the fleet.Worker of each share
 
 
 class Cluster(Protocol):
@@ -72,6 +73,11 @@ class Cluster(Protocol):
     def save_pretrained(self, out_dir: Path) -> None: ...
 
     def placement(self) -> dict[str, list[Any]]: ...
+
+    def fleet_stats(self) -> dict[str, float]:
+        """This step's ``fleet/*`` metrics (live rollout workers; joins, losses and prompts
+        issued again since the last call); empty where the workers cannot come and go."""
+        ...
 
     def shutdown(self) -> None: ...
 

@@ -102,6 +102,9 @@ class LocalCluster:
     def save_pretrained(self, out_dir: Path) -> None:
         self.learner.save_pretrained(out_dir)
 
+    def fleet_stats(self) -> dict[str, float]:
+        return {}
+
     def placement(self) -> dict[str, list[Any]]:
         local = {"node_id": "local", "pid": os.getpid()}
         return {"rollout": [local] * len(self.workers), "learner": [local]}

@@ -30,6 +30,8 @@ class ActorSpec:
     learner_gpus: float | str = "auto"
     colocate: bool = False
     gpu: bool = False  # the run trains on CUDA (the resolved resources.device)
+    min_rollout_workers: int = 1  # "auto" on Ray: below it the run waits (cluster/fleet.py)
+    max_rollout_workers: int = 0  # "auto": at most this many; 0: one per `rollout` unit
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ def plan_actors(spec: ActorSpec, nodes: Sequence[Mapping[str, Any]]) -> Placemen
         if spec.colocate
         else resolve_rollout_workers(spec.rollout_workers, nodes, spec.learners, spec.gpu)
     )
+    if spec.rollout_workers == "auto" and spec.max_rollout_workers:
+        workers = min(workers, spec.max_rollout_workers)
     share = 0.5 if spec.colocate else 1.0
 
     def gpus(setting: float | str) -> float:

@@ -6,8 +6,7 @@ Ray is imported inside the functions that use it, so local mode never loads it.
 
 from __future__ import annotations
 
-import contextlib
-import os
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,14 @@ from dist_ft.algos.common import merge_stats
 from dist_ft.algos.objective import OBJECTIVES
 from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_prompts
 from dist_ft.cluster.connect import init_ray
+from dist_ft.cluster.fleet import Fleet, Worker
+from dist_ft.cluster.nodes import (
+    actor_info,
+    cluster_nodes,
+    missing_resources,
+    rollout_nodes,
+    startup_state,
+)
 from dist_ft.cluster.placement import ActorRequest, ActorSpec, Role, plan_actors
 from dist_ft.sync import (
     Published,
@@ -35,40 +42,6 @@ if TYPE_CHECKING:
     from dist_ft.rewards.judge import JudgeSpec
     from dist_ft.rollout import RolloutSpec
     from dist_ft.wire.prompt import Prompt
-
-
-def cluster_nodes() -> list[dict[str, Any]]:
-    """The live nodes of the Ray this process is connected to (``ray.nodes()`` entries)."""
-    import ray
-
-    return [n for n in ray.nodes() if n["Alive"]]
-
-
-def probe_nodes(address: str) -> list[dict[str, Any]]:
-    """The live nodes at ``address`` (see ``init_ray``), for a plan: connects, reads and
-    disconnects, unless this process is already connected. ``"local"`` is this machine as it
-    is, in ``ray.nodes()`` form: the private Ray a run starts is sized to the actors' request,
-    so it would fit any plan and show nothing about the machine."""
-    import ray
-
-    if ray.is_initialized():
-        return cluster_nodes()
-    if address == "local":
-        have = {"CPU": float(os.cpu_count() or 1)}
-        if gpus := torch.cuda.device_count():
-            have["GPU"] = float(gpus)
-        return [{"NodeManagerAddress": "127.0.0.1", "Resources": have}]
-    init_ray(address, 0)
-    try:
-        return cluster_nodes()
-    finally:
-        ray.shutdown()
-
-
-def rollout_nodes(nodes: list[dict[str, Any]]) -> list[str]:
-    """IDs of the nodes set aside for generation (the ``rollout`` resource), else of all."""
-    marked = [n["NodeID"] for n in nodes if n["Resources"].get("rollout")]
-    return marked or [n["NodeID"] for n in nodes]
 
 
 class LearnerHost:
@@ -128,14 +101,6 @@ class LearnerHost:
         self.learner.save_pretrained(out_dir)
 
 
-def actor_info(_self: Any) -> dict[str, Any]:
-    """Run inside an actor (``__ray_call__``): where it is."""
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
-
-
 class RemoteJudge:
     """What a rollout worker holds on Ray instead of a ``JudgeWorker``: the judge actor's
     handle, called the same way."""
@@ -150,53 +115,6 @@ class RemoteJudge:
 
         ref = self.handle.score_with_stats.remote(prompts, completions, group_ids)
         return ray.get(ref, timeout=self.timeout_s)
-
-
-def startup_state(handle: Any, req: ActorRequest) -> str:
-    """What keeps an actor that has not answered its first call, from Ray's actor table: not
-    placed (and which resources no node has free), placed and still in ``__init__``, dead or
-    restarting, or alive and not answering."""
-    from ray._private import state
-
-    info = state.actors(handle._actor_id.hex())  # {} if the GCS does not know it
-    status, pid = info.get("State", "UNKNOWN"), info.get("Pid") or 0
-    where = f"pid {pid} on node {info.get('Address', {}).get('IPAddress') or '?'}"
-    if status == "PENDING_CREATION" and not pid:
-        return (
-            f"not placed: it asks {req.describe_asks()}; "
-            f"{missing_resources(req.required(), cluster_nodes())}"
-        )
-    if status in ("PENDING_CREATION", "DEPENDENCIES_UNREADY"):
-        return (
-            f"placed ({where}) but still starting: its __init__ (imports, model load) has not "
-            "returned; a busy or swapping node is slow, a hung one never returns"
-        )
-    if status == "RESTARTING":
-        return f"crashed while starting and is being restarted (restart {info['NumRestarts']})"
-    if status == "DEAD":
-        return f"died while starting ({where}): {info.get('DeathCause') or 'no cause recorded'}"
-    return f"started ({where}) but its first call did not answer: stalled process or lost node"
-
-
-def missing_resources(asks: dict[str, float], nodes: list[dict[str, Any]]) -> str:
-    """Which of ``asks`` (a resource dict, Ray's names) the cluster cannot give now: what no
-    live node has at all, else what is held by other actors or tasks."""
-    import ray
-
-    free = ray.available_resources()
-    lacking, held = [], []
-    for name, need in asks.items():
-        most = max((n["Resources"].get(name, 0.0) for n in nodes), default=0.0)
-        total = sum(n["Resources"].get(name, 0.0) for n in nodes)
-        if most < need:
-            lacking.append(f"{need:g} {name} (the largest node has {most:g})")
-        elif free.get(name, 0.0) < need:
-            held.append(f"{name} ({free.get(name, 0.0):g} of {total:g} free)")
-    if lacking:
-        return f"no live node has {', '.join(lacking)}: see `dist-ft plan`"
-    if held:
-        return f"held by other actors or tasks: {', '.join(held)}"
-    return "what it asks is free now (freed meanwhile, or split across nodes)"
 
 
 class ActorTimeoutError(TimeoutError):
@@ -214,8 +132,10 @@ class RayCluster:
 
     A rollout worker that dies is restarted by Ray (``max_restarts``); the shares it held are
     issued again, to it once it is back or to another worker, after the current weights have
-    been loaded there. A worker or rank that does not answer within ``timeout_s`` fails the run
-    with its name, node and pid.
+    been loaded there. With ``rollout_workers="auto"`` and the ``rollout`` resource the workers
+    are an elastic ``fleet.Fleet`` instead: lost ones leave, new nodes' units get new ones.
+    A worker or rank that does not answer within ``timeout_s`` fails the run with its name,
+    node and pid.
     """
 
     def __init__(
@@ -276,29 +196,49 @@ class RayCluster:
 
         from dist_ft.rollout import RolloutWorker
 
-        self.workers = [
-            self._actor(
+        # Elastic (fleet.py): the fleet follows the cluster's `rollout` units; a lost worker is
+        # replaced by the fleet where a unit is free, not restarted by Ray.
+        elastic = (
+            actors.rollout_workers == "auto"
+            and not actors.colocate
+            and any(n["Resources"].get("rollout") for n in nodes)
+        )
+
+        # A blocking transport addresses worker processes: one Ray restarted under the same
+        # name would be a stranger to its groups, so a lost worker leaves instead.
+        self._leave_on_loss = elastic or self.transport.blocking
+
+        def start_worker(req: ActorRequest) -> Any:
+            return self._actor(
                 RolloutWorker,
-                a,
-                max_restarts=max_restarts,
+                req,
+                max_restarts=0 if self._leave_on_loss else max_restarts,
                 max_task_retries=0,  # a lost share is issued again by collect(), not by Ray
-            ).remote(rollout, worker_index=a.index, judge=self._judge_for(a.index))
-            for a in self.requests.of("rollout")
-        ]
+            ).remote(rollout, worker_index=req.index, judge=self._judge_for(req.index))
+
+        planned = self.requests.of("rollout")
+        handles = [start_worker(a) for a in planned]
         self.learners = [self._actor(LearnerHost, a).remote() for a in self.requests.of("learner")]
         groups: dict[Role, list[Any]] = {
-            "rollout": self.workers,
+            "rollout": handles,
             "learner": self.learners,
             "judge": self.judges,
         }
         self._info: dict[str, list[Any]] = {
             kind: self._started(kind, group) for kind, group in groups.items()
         }
+        self.fleet = Fleet(
+            [Worker(h, i, info) for i, (h, info) in enumerate(zip(handles, self._info["rollout"]))],
+            # elastic: not colocated, so a joiner asks what worker 0 asked, bundle-free
+            lambda i: start_worker(dataclasses.replace(planned[0], index=i)),
+            elastic=elastic,
+            min_workers=actors.min_rollout_workers,
+            max_workers=actors.max_rollout_workers,
+            timeout_s=timeout_s,
+        )
         self._start_learners(learner)
         self._update: Published | None = None  # the latest weights, as published
         self._syncs = 0
-        # The weights version each worker holds; None: unknown (Ray restarted it)
-        self._worker_version: list[int | None] = [0] * len(self.workers)
 
     def _actor(self, cls: type, req: ActorRequest, near: str | None = None, **opts: Any) -> Any:
         """``cls`` as a Ray actor class holding exactly ``req``: inside its placement-group
@@ -367,6 +307,11 @@ class RayCluster:
         self._learners_get([h.start.remote(spec, r, n, master_addr, master_port) for r, h in ranks])
 
     @property
+    def workers(self) -> list[Any]:
+        """The live rollout worker actors, in the order prompt shares go to them."""
+        return [w.handle for w in self.fleet.live]
+
+    @property
     def _version(self) -> int:
         """The policy version the rollout workers should hold (0 before the first sync)."""
         return self._update.version if self._update is not None else 0
@@ -374,8 +319,7 @@ class RayCluster:
     # ------------------------------------------------------------------ remote calls
     def _name(self, kind: str, i: int) -> str:
         info = self._info[kind][i]
-        label = f"rollout worker {i}" if kind == "rollout" else f"learner rank {i}"
-        return f"{label} (pid {info['pid']} on node {info['ip']})"
+        return f"{kind} rank {i} (pid {info['pid']} on node {info['ip']})"
 
     def _get(self, refs: Any, who: str) -> Any:
         import ray
@@ -403,9 +347,9 @@ class RayCluster:
         return out
 
     # ------------------------------------------------------------------ rollout
-    def _load_current(self, k: int) -> None:
-        """Bring worker ``k`` to the latest weights if it is not known to hold them."""
-        if self._update is None or self._worker_version[k] == self._version:
+    def _load_current(self, worker: Worker) -> None:
+        """Bring ``worker`` to the latest weights if it is not known to hold them."""
+        if self._update is None or worker.version == self._version:
             return
         update = self._update
         # the last sync may lack adapters this worker never received; a blocking transport's
@@ -417,62 +361,89 @@ class RayCluster:
                     for h in self.learners
                 ]
             )[0]
-        # Read back: the worker was restarted or missed a sync, the rare case worth the cost.
-        ref = self.workers[k].set_weights.remote(update, self.transport, read_back=True)
-        sending = self.learners[0].send_weights.remote(self.transport)
-        fp = self._get(ref, self._name("rollout", k))
+        # Read back: the worker was restarted, missed a sync or just joined: worth the cost.
+        members = (worker.index,)
+        ref = worker.handle.set_weights.remote(
+            update, self.transport.bind(members, 1), read_back=True
+        )
+        sending = self.learners[0].send_weights.remote(self.transport.bind(members, 0))
+        fp = self._get(ref, worker.name)
         self._learners_get([sending])
         check_fingerprints(update, [fp], read_back=True)
-        self._worker_version[k] = update.version
+        worker.version = update.version
+
+    def _lost(self, worker: Worker, why: str, quiet: bool = False) -> None:
+        """A call on ``worker`` failed: elastic, or with a collective transport (whose groups
+        name worker processes), it leaves the fleet; else Ray restarts it, with its initial
+        weights, and says so."""
+        if self._leave_on_loss:
+            self.fleet.lose(worker, why)
+        elif not quiet:
+            warnings.warn(f"{worker.name} {why}; Ray restarts it", stacklevel=3)
+        worker.version = None
 
     def submit_rollout(self, step: int, prompts: list[Prompt]) -> PendingRollout:
         from ray.exceptions import RayActorError
 
-        shares = split_prompts(prompts, len(self.workers))
+        self.fleet.ensure(self._load_current)
+        workers = list(self.fleet.live)
+        shares = split_prompts(prompts, len(workers))
         seeds = [share_seed(self.seed, step, k) for k in range(len(shares))]
-        for k in range(len(shares)):
-            with contextlib.suppress(RayActorError):  # if still down, collect() reissues
-                self._load_current(k)  # a worker Ray restarted holds its initial weights
+        for w in workers[: len(shares)]:
+            try:
+                self._load_current(w)  # a worker Ray restarted holds its initial weights
+            except RayActorError as e:  # if still down, collect() reissues
+                self._lost(w, f"died before step {step} ({type(e).__name__})")
         versions = [self._version] * len(shares)
-        refs = [w.rollout.remote(step, s, sd) for w, s, sd in zip(self.workers, shares, seeds)]
-        return PendingRollout(step, shares, seeds, versions, refs)
+        refs = [w.handle.rollout.remote(step, s, sd) for w, s, sd in zip(workers, shares, seeds)]
+        for w in workers[: len(shares)]:
+            w.busy += 1
+        return PendingRollout(step, shares, seeds, versions, refs, owners=workers[: len(shares)])
 
     def collect(self, pending: PendingRollout) -> ScoredBatch:
-        """Wait for every share; a share lost with its worker is issued again (same seed)."""
+        """Wait for every share; a share lost with its worker is issued again (same seed) to
+        the next live worker, after that one is brought to the current weights."""
         from ray.exceptions import RayActorError
 
         for k, result in enumerate(pending.results):
             if isinstance(result, ScoredBatch):
                 continue
-            ref, target, expected = result, k, pending.versions[k]
-            for attempt in range(len(self.workers) * 4):
+            ref, owner, expected = result, pending.owners[k], pending.versions[k]
+            for attempt in range(len(self.fleet.live) * 4 + 4):
                 try:
-                    batch = self._get(ref, self._name("rollout", target))
+                    batch = self._get(ref, owner.name)
+                    owner.busy -= 1
                     # A worker restarted since its last sync holds its initial weights.
                     if bool((batch.versions == expected).all()):
                         pending.results[k] = batch
                         break
                     cause = f"came back holding weights v{int(batch.versions[0])}"
                 except RayActorError as e:
+                    owner.busy -= 1
                     cause = f"died ({type(e).__name__})"
-                self._worker_version[target] = None
-                lost, target = target, (k + attempt + 1) % len(self.workers)
+                self._lost(owner, f"{cause} at step {pending.step}", quiet=True)
+                self.fleet.ensure(self._load_current)  # elastic: none may be left
+                live = self.fleet.live
+                lost, owner = owner, live[(k + attempt + 1) % len(live)]
                 warnings.warn(
-                    f"step {pending.step}: {self._name('rollout', lost)} {cause}; issuing its "
-                    f"{len(pending.shares[k])} prompts again on rollout worker {target}",
+                    f"step {pending.step}: {lost.name} {cause}; issuing its "
+                    f"{len(pending.shares[k])} prompts again on {owner.name}",
                     stacklevel=2,
                 )
+                self.fleet.reissued(len(pending.shares[k]))
+                owner.busy += 1
                 try:
-                    self._load_current(target)
+                    self._load_current(owner)
                 except RayActorError:
                     continue  # also gone: the next attempt picks another worker
                 expected = self._version
-                ref = self.workers[target].rollout.remote(
-                    pending.step, pending.shares[k], pending.seeds[k]
-                )
+                ref = owner.handle.rollout.remote(pending.step, pending.shares[k], pending.seeds[k])
             else:
                 raise RuntimeError(f"step {pending.step}: no rollout worker could take share {k}")
         return ScoredBatch.concat(pending.results)
+
+    def fleet_stats(self) -> dict[str, float]:
+        return self.fleet.stats()
 
     # ------------------------------------------------------------------ learning
     def train_step(self, batch: ScoredBatch, objective: str) -> dict[str, float]:
@@ -521,7 +492,7 @@ class RayCluster:
         return margins, per_principle
 
     def sync_weights(self) -> SyncStats:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         t0 = time.perf_counter()
         published = self._learners_get(
@@ -533,21 +504,36 @@ class RayCluster:
         read_back = self._syncs % self.read_back_every == 0
         self._syncs += 1
         # receives and rank 0's send run at once: a blocking transport needs both sides there
-        refs = [w.set_weights.remote(update, self.transport, read_back) for w in self.workers]
-        sending = self.learners[0].send_weights.remote(self.transport)
-        prints = []
-        for k, ref in enumerate(refs):
+        workers = list(self.fleet.live)
+        members = tuple(w.index for w in workers)
+        refs = [
+            w.handle.set_weights.remote(update, self.transport.bind(members, i), read_back)
+            for i, w in enumerate(workers, start=1)
+        ]
+        sending = self.learners[0].send_weights.remote(self.transport.bind(members, 0))
+        results: list[Any] = []
+        for w, ref in zip(workers, refs):
             try:
-                prints.append(self._get(ref, self._name("rollout", k)))
-                self._worker_version[k] = update.version
-            except RayActorError as e:  # restarted by Ray; loads the weights before its next share
-                self._worker_version[k] = None
-                warnings.warn(
-                    f"{self._name('rollout', k)} died during the weight sync "
-                    f"({type(e).__name__}); it loads v{update.version} before its next share",
-                    stacklevel=2,
-                )
-        self._learners_get([sending])
+                results.append(self._get(ref, w.name))
+            except (RayActorError, RayTaskError) as e:  # a task error: a broadcast cut short
+                results.append(e)
+        lost = [w for w, r in zip(workers, results) if isinstance(r, RayActorError)]
+        for w in lost:  # elastic or collective: it leaves; else Ray restarts it
+            self._lost(w, f"died during weight sync v{update.version}")
+        try:
+            self._learners_get([sending])
+        except RayTaskError:
+            if not lost:  # a broadcast fails for its sender when a receiver dies mid-way
+                raise
+        if not lost and (broken := [r for r in results if isinstance(r, RayTaskError)]):
+            raise broken[0]
+        prints = []
+        for w, r in zip(workers, results):
+            if isinstance(r, str):
+                prints.append(r)
+                w.version = update.version
+            elif w not in lost:  # its copy was cut short: loaded before its next share
+                w.version = None
         check_fingerprints(update, prints, read_back)
         return SyncStats(update.version, update.nbytes, time.perf_counter() - t0)
 
@@ -563,14 +549,15 @@ class RayCluster:
         return self._get(refs, "rollout workers")
 
     def load_rng_states(self, states: list[torch.Tensor]) -> None:
-        if len(states) != len(self.workers):  # another worker count: streams can't carry over
+        workers = self.workers
+        if len(states) != len(workers):  # another worker count: streams can't carry over
             warnings.warn(
                 f"checkpoint has {len(states)} worker RNG states, not restored", stacklevel=2
             )
             return
         refs = [
             w.__ray_call__.remote(lambda _self, s: torch.set_rng_state(s), state)
-            for w, state in zip(self.workers, states)
+            for w, state in zip(workers, states)
         ]
         self._get(refs, "rollout workers")
 
@@ -585,10 +572,10 @@ class RayCluster:
         import ray
 
         # the engines' processes first (killed with their actors, they leave files behind)
-        ray.wait(
-            [w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=30
-        )
-        for actor in self.workers + self.learners + self.judges:
+        workers = self.workers
+        ray.wait([w.close.remote() for w in workers], num_returns=len(workers), timeout=30)
+        self.fleet.close()
+        for actor in workers + self.learners + self.judges:
             ray.kill(actor)
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group

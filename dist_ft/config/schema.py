@@ -308,7 +308,16 @@ class ResourcesConfig:
     """Where models run: "auto" is cuda when a GPU is visible, else cpu."""
     rollout_workers: Annotated[int | Literal["auto"], Range(ge=1)] = 1
     """"auto": one per unit of the custom resource ``rollout`` when the cluster advertises it, else
-    one per GPU the learners leave free, else one per node (1 in local mode)."""
+    one per GPU the learners leave free, else one per node (1 in local mode). With the ``rollout``
+    resource "auto" is elastic: workers start on nodes that join and a lost node's prompts go to
+    the others (dist_ft/cluster/fleet.py)."""
+    min_rollout_workers: PosInt = 1
+    """With rollout_workers "auto" on Ray: fewer live rollout workers than this (nodes left) and
+    the run waits for nodes with the ``rollout`` resource to join, then stops after
+    actor_timeout_s."""
+    max_rollout_workers: NonNegInt = 0
+    """With rollout_workers "auto": at most this many rollout workers; 0: one per ``rollout``
+    unit the cluster has, as nodes join and leave."""
     learners: PosInt = 1
     """Learner ranks (one DeepSpeed data-parallel rank each); more than 1 needs mode=ray."""
     rollout_cpus: NonNegFloat = 1.0
@@ -327,7 +336,8 @@ class ResourcesConfig:
     fp32 arithmetic: dist_ft/model/onednn.py), "torch" on torch's default. Not GPUs, not bf16."""
     weight_transport: str = "auto"
     """How weight syncs reach the rollout workers: "auto" (in-process in local mode, Ray's object
-    store on Ray), "inprocess", "object_store", or a dist_ft.sync.WeightTransport subclass of
+    store on Ray), "inprocess", "object_store", "collective" (a gloo broadcast from learner rank
+    0, on Ray: dist_ft/sync/collective.py), or a dist_ft.sync.WeightTransport subclass of
     yours as package.module:Class (dist_ft/sync/base.py says which calls it gets, and when)."""
     actor_timeout_s: PosFloat = 600.0
     """A rollout worker or learner rank that does not answer within this many seconds fails the run
@@ -463,6 +473,24 @@ class Config:
                 keys=("grpo.sft_warmup_steps", "data.source"),
             )
         res = self.resources
+        if res.rollout_workers != "auto" and (
+            res.min_rollout_workers != 1 or res.max_rollout_workers
+        ):
+            raise ConfigError(
+                "resources.min_rollout_workers and max_rollout_workers bound an elastic fleet: "
+                f"set resources.rollout_workers=auto (it is {res.rollout_workers})",
+                keys=(
+                    "resources.rollout_workers",
+                    "resources.min_rollout_workers",
+                    "resources.max_rollout_workers",
+                ),
+            )
+        if 0 < res.max_rollout_workers < res.min_rollout_workers:
+            raise ConfigError(
+                f"resources.max_rollout_workers={res.max_rollout_workers} is below "
+                f"resources.min_rollout_workers={res.min_rollout_workers}",
+                keys=("resources.min_rollout_workers", "resources.max_rollout_workers"),
+            )
         if res.colocate and res.rollout_workers not in ("auto", res.learners):
             raise ConfigError(
                 "resources.colocate pairs rollout worker i with learner rank i: set "

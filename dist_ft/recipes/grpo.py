@@ -146,6 +146,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 row = step_metrics(
                     metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
                 )
+                row.update(cluster.fleet_stats())
                 tracker.log(step, row)
                 tracker.log_samples(step, batch, tokenizer, prompts)
                 watch.check(step, batch)

@@ -105,7 +105,7 @@ def describe_plan(cfg: Config) -> str:
     if res.mode == "ray":
         import torch
 
-        from dist_ft.cluster.ray import probe_nodes
+        from dist_ft.cluster.nodes import probe_nodes
 
         # "auto" resolves as the driver will (run.specs.resolve_device); an explicit "cuda" is
         # planned as asked even on a machine without one, which only plans.

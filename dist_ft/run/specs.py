@@ -171,4 +171,6 @@ def actor_spec(cfg: Config, gpu: bool) -> ActorSpec:
         res.learner_gpus,
         res.colocate,
         gpu,
+        res.min_rollout_workers,
+        res.max_rollout_workers,
     )

@@ -32,9 +32,11 @@ __all__ = [
 TRANSPORTS = {
     "inprocess": "dist_ft.sync.inprocess:InProcessTransport",
     "object_store": "dist_ft.sync.object_store:ObjectStoreTransport",
+    "collective": "dist_ft.sync.collective:CollectiveTransport",
 }
 _DEFAULT = {"local": "inprocess", "ray": "object_store"}
-_MODES = {"inprocess": {"local"}, "object_store": {"ray"}}  # the built-ins' reach
+# the built-ins' reach
+_MODES = {"inprocess": {"local"}, "object_store": {"ray"}, "collective": {"ray"}}
 
 
 def make_transport(name: str, mode: str) -> WeightTransport:

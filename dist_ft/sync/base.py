@@ -86,6 +86,13 @@ class WeightTransport:
         """A rollout worker: the tensors of ``update``."""
         raise NotImplementedError
 
+    def bind(self, members: tuple[int, ...], rank: int) -> WeightTransport:
+        """This transport as one party of one sync sees it: ``members``, the indices of the
+        rollout workers the sync goes to, and ``rank``, 0 for learner rank 0 (the sender) or
+        i for ``members[i - 1]``. The driver binds before each call; a transport that
+        addresses no one in particular (object store, in-process) is itself."""
+        return self
+
     def close(self) -> None:
         """Driver side, at shutdown: release what ``setup`` made."""
 

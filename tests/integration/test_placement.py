@@ -166,7 +166,7 @@ def granted(role, index, resources, bundle):
 def test_ray_grants_each_actor_exactly_the_planned_request(config, overrides, monkeypatch):
     import ray
 
-    from dist_ft.cluster.ray import cluster_nodes
+    from dist_ft.cluster.nodes import cluster_nodes
     from dist_ft.config import load_config
     from dist_ft.model.loading import resolve_model_path
     from dist_ft.recipes.plan import describe_plan

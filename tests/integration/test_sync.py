@@ -88,7 +88,8 @@ def ray_sees_tests():
 
 
 @pytest.mark.parametrize(
-    "transport", ["object_store", "transports:DirTransport", "transports:RendezvousTransport"]
+    "transport",
+    ["object_store", "collective", "transports:DirTransport", "transports:RendezvousTransport"],
 )
 def test_a_ray_sync_reads_back_every_nth_and_catches_a_lossy_load(
     tiny_path, ray_sees_tests, transport
@@ -173,6 +174,55 @@ def test_a_transport_named_in_the_config_carries_every_sync_of_a_run(tiny_path, 
     # the start's weights (version 0), then one version per step, all through its files
     assert transport.published == [0, 1, 2]
     assert not Path(transport.root).exists()  # close() ran at shutdown
+
+
+def test_a_collective_sync_keeps_its_group_and_a_lost_member_leaves(tiny_path):
+    """``resources.weight_transport=collective`` on a local Ray, 2 workers, every sync read
+    back: the broadcast group of (rank 0, worker 0, worker 1) is made once and reused; a worker
+    SIGKILLed between syncs leaves the fleet at the next (Ray does not restart it: a restarted
+    process would be a stranger to the group), and the survivor keeps getting exact weights,
+    through a new group of its own."""
+    import os
+    import signal
+
+    import ray
+
+    from dist_ft.cluster.placement import ActorSpec
+    from dist_ft.cluster.ray import RayCluster
+
+    _, wk, lk = build(tiny_path, "algo.prompts_per_step=2")
+    cluster = RayCluster(
+        wk,
+        lk,
+        ActorSpec(2, 1),
+        "local",
+        read_back_every=1,
+        transport=make_transport("collective", "ray"),
+    )
+
+    def held_groups(_self) -> list[tuple[int, ...]]:  # runs in learner rank 0's process
+        from dist_ft.sync import collective
+
+        return [key[2] for key in collective._GROUPS]
+
+    def groups() -> list[tuple[int, ...]]:
+        return ray.get(cluster.learners[0].__ray_call__.remote(held_groups))
+
+    try:
+        for _ in range(3):
+            sync = cluster.sync_weights()
+            held = ray.get([w.fingerprint.remote() for w in cluster.workers])
+            assert held == [cluster._update.fingerprint] * 2 and sync.nbytes > 0
+        assert groups() == [(0, 1)]  # one rendezvous for three syncs
+        os.kill(cluster.fleet.live[1].info["pid"], signal.SIGKILL)
+        with pytest.warns(UserWarning, match="rollout worker 1 .* leaves the fleet"):
+            cluster.sync_weights()
+        assert [w.index for w in cluster.fleet.live] == [0]
+        cluster.sync_weights()
+        assert ray.get(cluster.workers[0].fingerprint.remote()) == cluster._update.fingerprint
+        assert groups() == [(0, 1), (0,)]
+    finally:
+        cluster.shutdown()
 
 
 def test_a_transport_that_cannot_reach_the_workers_is_refused_by_name():

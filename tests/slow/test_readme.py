@@ -41,6 +41,7 @@ OWNERS = {
     ("launch/ray_submit.sh",): "tests/slow/test_ray_submit.py",
     ("launch/ray_stop.py",): "tests/slow/test_ray_submit.py",
     ("sbatch",): "tests/slow/test_slurm.py",
+    ("python", "launch/netns_hosts.py"): "tests/slow/test_fleet.py",
 }
 PREFLIGHT = "python launch/slurm/preflight.py"
 TRAINS = ("demo", "train", "sft", "dpo")

@@ -54,7 +54,14 @@ def test_only_learner_imports_deepspeed():
 def test_only_cluster_imports_ray():
     # base.py, local.py and placement.py stay Ray-free: debug mode and `dist-ft plan`'s
     # arithmetic run without it.
-    assert users_of("ray") == {"cluster/ray.py", "cluster/connect.py", "sync/object_store.py"}
+    assert users_of("ray") == {
+        "cluster/ray.py",
+        "cluster/connect.py",
+        "cluster/fleet.py",
+        "cluster/nodes.py",
+        "sync/collective.py",
+        "sync/object_store.py",
+    }
 
 
 def test_importing_the_cluster_package_loads_no_ray():

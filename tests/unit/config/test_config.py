@@ -300,3 +300,33 @@ def test_the_behaviour_policy_keys_reach_the_loss():
         loss_params(load_config(None, [])).behaviour,
         loss_params(load_config(None, [])).tis_cap,
     ) == ("engine", None)
+
+
+def test_fleet_bounds_need_an_elastic_fleet_and_an_order():
+    with pytest.raises(ConfigError, match=r"set resources.rollout_workers=auto \(it is 2\)") as e:
+        load_config(None, ["resources.rollout_workers=2", "resources.min_rollout_workers=2"])
+    assert e.value.keys[0] == "resources.rollout_workers"
+    with pytest.raises(ConfigError, match=r"max_rollout_workers=1 is below"):
+        load_config(
+            None,
+            [
+                "resources.rollout_workers=auto",
+                "resources.min_rollout_workers=2",
+                "resources.max_rollout_workers=1",
+            ],
+        )
+    cfg = load_config(None, ["resources.rollout_workers=auto", "resources.max_rollout_workers=3"])
+    assert cfg.resources.max_rollout_workers == 3
+
+
+def test_max_rollout_workers_caps_an_auto_fleet_at_start():
+    from dist_ft.cluster.placement import ActorSpec, plan_actors
+
+    nodes = [
+        {"Resources": {"CPU": 8.0, "rollout": 4.0}},
+        {"Resources": {"CPU": 8.0, "rollout": 2.0}},
+    ]
+    assert len(plan_actors(ActorSpec("auto", 1), nodes).of("rollout")) == 6
+    capped = ActorSpec("auto", 1, max_rollout_workers=3)
+    assert len(plan_actors(capped, nodes).of("rollout")) == 3
+    assert len(plan_actors(ActorSpec(5, 1, max_rollout_workers=3), nodes).of("rollout")) == 5
