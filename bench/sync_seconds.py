@@ -22,6 +22,14 @@ machine may have free (Ray's memory monitor then kills a worker).
 
     python bench/sync_seconds.py [--layers 24] [--repeats 3] [--rollout-dtype float32]
         [--methods lora,none]
+
+``--transports`` compares the two transports instead, on the same actors and interleaved
+(object store, collective, object store, ...): the current path against
+``resources.weight_transport=collective`` (learner rank 0 broadcasts over gloo), for each
+rollout worker count in ``--workers`` (2,4); the first sync of each (the collective's group
+rendezvous, and a read-back) is a warm-up, not timed.
+
+    python bench/sync_seconds.py --transports --workers 2,4 [--layers 24] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -51,14 +59,16 @@ from dist_ft.config import load_config
 from dist_ft.model.loading import resolve_model_path
 from dist_ft.model.tiny import cache_dir
 from dist_ft.run.specs import actor_spec, component_specs
-from dist_ft.sync import check_fingerprints, describe, to_rollout_dtype
+from dist_ft.sync import check_fingerprints, describe, make_transport, to_rollout_dtype
 
 ROLLOUT_WORKERS, LEARNERS = 2, 1
 # Large: only the first sync of the new path reads back (RayCluster reads back on sync 0).
 READ_BACK_EVERY = 10**9
 
 
-def build_cluster(model_path: str, method: str, rollout_dtype: str) -> Any:
+def build_cluster(
+    model_path: str, method: str, rollout_dtype: str, workers: int = ROLLOUT_WORKERS
+) -> Any:
     """A RayCluster through the real construction path: config, component specs, make_cluster."""
     cfg = load_config(
         None,
@@ -69,7 +79,7 @@ def build_cluster(model_path: str, method: str, rollout_dtype: str) -> Any:
             f"rollout.dtype={rollout_dtype}",
             "resources.mode=ray",
             "resources.ray_address=local",
-            f"resources.rollout_workers={ROLLOUT_WORKERS}",
+            f"resources.rollout_workers={workers}",
             f"resources.learners={LEARNERS}",
             "run.wandb=disabled",
         ],
@@ -195,6 +205,30 @@ def measure(model_path: str, method: str, rollout_dtype: str, repeats: int) -> d
     return {"bytes": nbytes, "new": new, "old": old, "new_rb": new_rb, "old_rb": old_rb}
 
 
+def measure_transports(
+    model_path: str, method: str, rollout_dtype: str, repeats: int, workers: int
+) -> dict[str, Any]:
+    """Object store against collective on one cluster: the transport is swapped between syncs
+    (the cluster hands its current one to every call)."""
+    cluster = build_cluster(model_path, method, rollout_dtype, workers)
+    collective = make_transport("collective", "ray")
+    collective.setup()
+    transports = {"object_store": cluster.transport, "collective": collective}
+    runs = {name: Runs() for name in transports}
+    try:
+        for transport in transports.values():  # warm-up: read-back, the group's rendezvous
+            cluster.transport = transport
+            nbytes = cluster.sync_weights().nbytes
+        for _ in range(repeats):
+            for name, transport in transports.items():
+                cluster.transport = transport
+                timed(name, lambda: cluster.sync_weights().nbytes, runs[name])
+    finally:
+        collective.close()
+        cluster.shutdown()
+    return {"bytes": nbytes, **runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=24, help="decoder layers (0.5B has 24)")
@@ -205,39 +239,46 @@ def main() -> None:
         "--rollout-dtype", default="float32", choices=("float32", "bfloat16", "float16")
     )
     parser.add_argument("--methods", default="lora,none", help="peft.method values, in order")
+    parser.add_argument("--transports", action="store_true", help="object store vs collective")
+    parser.add_argument("--workers", default="2,4", help="rollout worker counts (--transports)")
     args = parser.parse_args()
     t_start = time.perf_counter()
     model_path = ensure_model(args.layers)
     full_bytes = (model_path / "model.safetensors").stat().st_size  # fp32, tied: stored once
     mib = 1 << 20
 
-    def span(r: Runs) -> str:
-        s = r.seconds
-        return f"{statistics.median(s):8.3f} [{min(s):.3f}-{max(s):.3f}]"
-
+    workers = max(map(int, args.workers.split(","))) if args.transports else ROLLOUT_WORKERS
     print(
         f"0.5B-shaped model (Qwen2.5-0.5B dims, {args.layers} layers, random weights); "
         f"learner fp32, rollout {args.rollout_dtype}; local Ray, {LEARNERS} learner + "
-        f"{ROLLOUT_WORKERS} rollout workers, {os.cpu_count()} cores"
+        f"{args.workers if args.transports else ROLLOUT_WORKERS} rollout workers, "
+        f"{os.cpu_count()} cores"
     )
-    print("new: learner rank 0 exports, hashes and puts; the driver forwards the note")
-    print("old: the driver fetches the export, hashes and puts it, then calls the workers")
-    print(f"read-back off; {args.repeats} interleaved rounds; seconds: median [min-max]")
     print("method: peft.method (none: full fine-tuning, every weight travels)")
-    print(
-        f"{'method':6} {'bytes/sync':>15} {'new s':>24} {'old s':>24} {'old/new':>8}"
-        f"  driver RSS peak +MiB new / old",
-        flush=True,
-    )
     # The store's peak: the last published update, the export on its way to the driver and the
     # driver's own put, under full fine-tuning; plus slack. Ray's default (30% of the memory
     # free at start) depends on what else the shared machine runs.
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, ROLLOUT_WORKERS + LEARNERS),  # 1 CPU slot per actor
+        num_cpus=max(os.cpu_count() or 1, workers + LEARNERS),  # 1 CPU slot per actor
         object_store_memory=3 * full_bytes + (1 << 30),
         include_dashboard=False,
         log_to_driver=False,
+    )
+    if args.transports:
+        try:
+            compare_transports(args, str(model_path))
+        finally:
+            ray.shutdown()
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return
+    print("new: learner rank 0 exports, hashes and puts; the driver forwards the note")
+    print("old: the driver fetches the export, hashes and puts it, then calls the workers")
+    print(f"read-back off; {args.repeats} interleaved rounds; seconds: median [min-max]")
+    print(
+        f"{'method':6} {'bytes/sync':>15} {'new s':>24} {'old s':>24} {'old/new':>8}"
+        f"  driver RSS peak +MiB new / old",
+        flush=True,
     )
     results = {}
     try:
@@ -262,6 +303,32 @@ def main() -> None:
             f"  driver RSS peak +MiB {new.rss[0] / mib:.1f} / {old.rss[0] / mib:.1f}"
         )
     print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+def compare_transports(args: argparse.Namespace, model_path: str) -> None:
+    print("object_store: rank 0 puts once, each worker pulls; collective: rank 0 broadcasts (gloo)")
+    print(f"read-back off; {args.repeats} interleaved rounds; seconds: median [min-max]")
+    print(
+        f"{'method':6} {'workers':>7} {'bytes/sync':>15} {'object_store s':>24} "
+        f"{'collective s':>24} {'store/coll':>10}",
+        flush=True,
+    )
+    for method in args.methods.split(","):
+        for workers in map(int, args.workers.split(",")):
+            print(f"peft.method={method}, {workers} workers", file=sys.stderr)
+            r = measure_transports(model_path, method, args.rollout_dtype, args.repeats, workers)
+            store, coll = r["object_store"], r["collective"]
+            ratio = statistics.median(store.seconds) / statistics.median(coll.seconds)
+            print(
+                f"{method:6} {workers:>7} {r['bytes']:>15,} {span(store):>24} {span(coll):>24} "
+                f"{ratio:>9.2f}x",
+                flush=True,
+            )
+
+
+def span(r: Runs) -> str:
+    s = r.seconds
+    return f"{statistics.median(s):8.3f} [{min(s):.3f}-{max(s):.3f}]"
 
 
 if __name__ == "__main__":

@@ -59,3 +59,10 @@ def test_peft_memory_bench_reports_a_row_per_method():
         ), out
     assert re.search(r"^none +[\d,]+ +100\.000% ", out, re.M), out
     assert re.search(r"^train peak as a share of full fine-tuning's: lora \d+%$", out, re.M), out
+
+
+def test_sync_seconds_bench_compares_the_transports():
+    out = run("sync_seconds.py", "--transports", "--layers", "2", "--repeats", "1", "--workers=2")
+    span = r"\d+\.\d{3} \[\d+\.\d{3}-\d+\.\d{3}\]"
+    for method in ("lora", "none"):
+        assert re.search(rf"^{method} +2 +[\d,]+ +{span} +{span} +\d+\.\d\dx$", out, re.M), out
