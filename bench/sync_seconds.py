@@ -26,8 +26,8 @@ machine may have free (Ray's memory monitor then kills a worker).
 ``--transports`` compares the two transports instead, on the same actors and interleaved
 (object store, collective, object store, ...): the current path against
 ``resources.weight_transport=collective`` (learner rank 0 broadcasts over gloo), for each
-rollout worker count in ``--workers`` (2,4); the first sync of each (the collective's group
-rendezvous, and a read-back) is a warm-up, not timed.
+rollout worker count in ``--workers`` (2,4); the first sync of each (for the collective, its
+group's rendezvous) is a warm-up, not timed; only the cluster's first sync reads back.
 
     python bench/sync_seconds.py --transports --workers 2,4 [--layers 24] [--repeats 3]
 """

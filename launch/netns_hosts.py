@@ -13,8 +13,8 @@ whose other end is plugged into a bridge inside a namespace of its own (``NAME-s
 has no link to the machine's own network, so traffic goes only between these hosts: nothing
 reaches them from outside and nothing they send leaves (each host's default route points at the
 switch so that Ray's node-address discovery finds the host's address, and what goes that way is
-dropped there). Distinct addresses, no shared loopback: a multi-host Ray cluster in everything
-but the hardware, where a partition is a link set down.
+dropped there). Distinct addresses and network stacks, no shared loopback, a partition is a
+link set down; the hosts still share this machine's filesystem, /dev/shm and process table.
 
 ``up`` starts a Ray head on h0 (``--head-cpus``, no ``rollout`` resource: the learners and the
 driver's actors go there) and a Ray node on every other host with the ``rollout`` custom
@@ -105,7 +105,8 @@ def namespaces(name: str) -> list[str]:
 
 
 def kill_namespace(netns: str) -> int:
-    """SIGKILL every process in ``netns`` and wait for them to go; returns how many."""
+    """SIGKILL every process in ``netns`` and wait for them to go; returns how many are left
+    (0 unless one outlived the 30 s wait)."""
     out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout
     pids = [int(p) for p in out.split()]
     for pid in pids:

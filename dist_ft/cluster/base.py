@@ -75,8 +75,8 @@ class Cluster(Protocol):
     def placement(self) -> dict[str, list[Any]]: ...
 
     def fleet_stats(self) -> dict[str, float]:
-        """This step's ``fleet/*`` metrics (live rollout workers; joins, losses and prompts
-        issued again since the last call); empty where the workers cannot come and go."""
+        """This step's ``fleet/*`` metrics (live rollout workers; joins, losses, drains and
+        prompts issued again since the last call); empty in debug mode."""
         ...
 
     def shutdown(self) -> None: ...

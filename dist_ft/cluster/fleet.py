@@ -32,8 +32,9 @@ def draining_nodes() -> set[str]:
     return set(state.state.get_draining_nodes())
 
 
-class FleetError(RuntimeError):
-    """Fewer rollout workers than resources.min_rollout_workers, for longer than the timeout."""
+class FleetError(TimeoutError):
+    """Fewer rollout workers than resources.min_rollout_workers, for longer than the timeout.
+    A TimeoutError: the CLI ends the run with it as one line, exit 1, the adapter saved."""
 
 
 @dataclass(eq=False)
@@ -101,7 +102,7 @@ class Fleet:
         """Elastic: started workers go live once loaded; the fleet grows to the live nodes'
         ``rollout`` units (at most ``max_workers``) and drops joiners beyond them."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         if not self.elastic:
             return
@@ -114,9 +115,12 @@ class Fleet:
             try:
                 worker = Worker(handle, index, ray.get(ref), None)
                 load(worker)
-            except RayActorError as e:  # died starting or loading (its node left again)
+            # died starting or loading (its node left again), a transfer cut short, or hung: it
+            # does not join. A load that arrives wrong (SyncMismatchError) still stops the run.
+            except (RayActorError, RayTaskError, TimeoutError) as e:
                 why = str(e).strip().splitlines()[-1][:300]
-                warnings.warn(f"rollout worker {index} died while joining: {why}", stacklevel=3)
+                warnings.warn(f"rollout worker {index} did not join: {why}", stacklevel=3)
+                ray.kill(handle)
                 continue
             self.live.append(worker)
             self._counts["joins"] += 1
@@ -164,6 +168,8 @@ class Fleet:
         for worker in [w for w in self._leaving if w.busy == 0]:
             self._leaving.remove(worker)
             self._counts["drained"] += 1
+            # its engine's processes first, as at shutdown; it is idle, so this is quick
+            ray.wait([worker.handle.close.remote()], timeout=30)
             ray.kill(worker.handle)
             print(f"dist-ft: {worker.name} drained and left", file=sys.stderr)
 
@@ -173,6 +179,12 @@ class Fleet:
         self.poll(load)
         if len(self.live) >= self.min_workers:
             return
+        if not self.elastic:  # lost for good (a blocking transport), and none can join
+            raise FleetError(
+                f"{len(self.live)} rollout worker(s) left of a fixed count: the others were "
+                "lost; set resources.rollout_workers=auto on a cluster with the `rollout` "
+                "resource for a fleet that replaces them"
+            )
         print(
             f"dist-ft: {len(self.live)} rollout worker(s) live, resources.min_rollout_workers="
             f"{self.min_workers}: waiting up to {self.timeout_s:.0f} s for nodes with the "

@@ -15,6 +15,10 @@ from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.placement import ActorRequest
 
 
+class ActorTimeoutError(TimeoutError):
+    """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
+
+
 def cluster_nodes() -> list[dict[str, Any]]:
     """The live nodes of the Ray this process is connected to (``ray.nodes()`` entries)."""
     import ray

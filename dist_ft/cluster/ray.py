@@ -21,6 +21,7 @@ from dist_ft.cluster.base import PendingRollout, SyncStats, share_seed, split_pr
 from dist_ft.cluster.connect import init_ray
 from dist_ft.cluster.fleet import Fleet, Worker
 from dist_ft.cluster.nodes import (
+    ActorTimeoutError,
     actor_info,
     cluster_nodes,
     missing_resources,
@@ -117,10 +118,6 @@ class RemoteJudge:
         return ray.get(ref, timeout=self.timeout_s)
 
 
-class ActorTimeoutError(TimeoutError):
-    """A rollout worker or learner rank did not answer within resources.actor_timeout_s."""
-
-
 class RayCluster:
     """Rollout workers and a data-parallel learner group as Ray actors.
 
@@ -196,8 +193,7 @@ class RayCluster:
 
         from dist_ft.rollout import RolloutWorker
 
-        # Elastic (fleet.py): the fleet follows the cluster's `rollout` units; a lost worker is
-        # replaced by the fleet where a unit is free, not restarted by Ray.
+        # Elastic (fleet.py): the workers follow the cluster's `rollout` units.
         elastic = (
             actors.rollout_workers == "auto"
             and not actors.colocate
@@ -367,15 +363,28 @@ class RayCluster:
             update, self.transport.bind(members, 1), read_back=True
         )
         sending = self.learners[0].send_weights.remote(self.transport.bind(members, 0))
-        fp = self._get(ref, worker.name)
-        self._learners_get([sending])
+        try:
+            fp = self._get(ref, worker.name)
+        except BaseException:  # rank 0 is free again before anything else is asked of it
+            self._await_send(sending, failed=True)
+            raise
+        self._await_send(sending, failed=False)
         check_fingerprints(update, [fp], read_back=True)
         worker.version = update.version
 
+    def _await_send(self, sending: Any, failed: bool) -> None:
+        """Wait for rank 0's send; after a receiver ``failed``, its failure is not rank 0's."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            self._learners_get([sending])
+        except RayTaskError:
+            if not failed:
+                raise
+
     def _lost(self, worker: Worker, why: str, quiet: bool = False) -> None:
-        """A call on ``worker`` failed: elastic, or with a collective transport (whose groups
-        name worker processes), it leaves the fleet; else Ray restarts it, with its initial
-        weights, and says so."""
+        """A call on ``worker`` failed: it leaves the fleet (elastic, or a blocking transport,
+        whose groups name processes), else Ray restarts it with its initial weights."""
         if self._leave_on_loss:
             self.fleet.lose(worker, why)
         elif not quiet:
@@ -520,11 +529,7 @@ class RayCluster:
         lost = [w for w, r in zip(workers, results) if isinstance(r, RayActorError)]
         for w in lost:  # elastic or collective: it leaves; else Ray restarts it
             self._lost(w, f"died during weight sync v{update.version}")
-        try:
-            self._learners_get([sending])
-        except RayTaskError:
-            if not lost:  # a broadcast fails for its sender when a receiver dies mid-way
-                raise
+        self._await_send(sending, failed=bool(lost))
         if not lost and (broken := [r for r in results if isinstance(r, RayTaskError)]):
             raise broken[0]
         prints = []
@@ -544,9 +549,17 @@ class RayCluster:
         return self._learners_get([h.load_state.remote(str(ckpt_dir)) for h in self.learners])[0]
 
     def rng_states(self) -> list[torch.Tensor]:
-        """Each rollout worker's sampling RNG (its process's torch generator)."""
-        refs = [w.__ray_call__.remote(lambda _self: torch.get_rng_state()) for w in self.workers]
-        return self._get(refs, "rollout workers")
+        """Each live rollout worker's sampling RNG (its process's torch generator)."""
+        from ray.exceptions import RayActorError
+
+        states = []
+        for w in list(self.fleet.live):
+            ref = w.handle.__ray_call__.remote(lambda _self: torch.get_rng_state())
+            try:
+                states.append(self._get(ref, w.name))
+            except RayActorError as e:
+                self._lost(w, f"died during a checkpoint ({type(e).__name__})")
+        return states
 
     def load_rng_states(self, states: list[torch.Tensor]) -> None:
         workers = self.workers

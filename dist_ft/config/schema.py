@@ -491,6 +491,16 @@ class Config:
                 f"resources.min_rollout_workers={res.min_rollout_workers}",
                 keys=("resources.min_rollout_workers", "resources.max_rollout_workers"),
             )
+        if res.weight_transport == "collective" and self.grpo.max_staleness:
+            # An actor runs one call at a time: a worker receives only after the rollouts it
+            # holds, and rank 0's broadcast (so the learner) would wait for the slowest.
+            raise ConfigError(
+                "resources.weight_transport=collective broadcasts to every rollout worker at "
+                "once, and with grpo.max_staleness="
+                f"{self.grpo.max_staleness} they are still generating: use object_store (or "
+                "auto) for async rollouts",
+                keys=("resources.weight_transport", "grpo.max_staleness"),
+            )
         if res.colocate and res.rollout_workers not in ("auto", res.learners):
             raise ConfigError(
                 "resources.colocate pairs rollout worker i with learner rank i: set "

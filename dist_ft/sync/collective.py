@@ -1,10 +1,11 @@
 """Weights broadcast over torch.distributed, from learner rank 0 to the rollout workers, in
 process groups of their own (gloo; the learners' DeepSpeed group is not touched).
 
-Membership: a group is made for each set of receivers a sync goes to, and kept while its
-members live: the driver names the members by worker index (never reused within a run), so a
-set of indices is one set of processes. A worker that joins gets the current version in a
-group of two (rank 0 and itself); the next full sync makes the group of the new membership.
+Membership: a group is made for each set of receivers a sync goes to, and kept in each of its
+processes (not released when a member leaves). The driver names the members by worker index
+(never reused within a run), so a set of indices is one set of processes. A worker that
+joins gets the current version in a group of two (rank 0 and itself); the next full sync
+makes the group of the new membership.
 Why a group per membership and not one group grown in place: gloo groups cannot change size,
 and a group per membership costs one rendezvous at the first sync after a change, then
 nothing; the workers outside a new group keep running.
@@ -35,7 +36,9 @@ class CollectiveTransport(WeightTransport):
     """``resources.weight_transport=collective``: see the module docstring."""
 
     blocking = True
-    timeout_s = 300.0  # a member that never joins a group or a broadcast fails the sync
+    # A member that never joins a group or a broadcast fails the sync after this; gloo's
+    # broadcast relays through members, so one lost mid-sync can hold the others that long.
+    timeout_s = 300.0
 
     def __init__(self) -> None:
         self.host, self.port = "", 0
@@ -106,9 +109,10 @@ class CollectiveTransport(WeightTransport):
             client = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout)
             store = dist.PrefixStore("-".join(map(str, self.members)) + "/", client)
             opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-            opts._devices = [
-                dist.ProcessGroupGloo.create_device(hostname=address_towards(self.host) or "")
-            ]
+            local = address_towards(self.host)
+            if local is None:
+                raise RuntimeError(f"no route to the collective transport's store at {self.host}")
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local)]
             opts._timeout = timeout
             _GROUPS[key] = dist.ProcessGroupGloo(store, self.rank, len(self.members) + 1, opts)
         return _GROUPS[key]

@@ -330,3 +330,10 @@ def test_max_rollout_workers_caps_an_auto_fleet_at_start():
     capped = ActorSpec("auto", 1, max_rollout_workers=3)
     assert len(plan_actors(capped, nodes).of("rollout")) == 3
     assert len(plan_actors(ActorSpec(5, 1, max_rollout_workers=3), nodes).of("rollout")) == 5
+
+
+def test_the_collective_transport_is_refused_with_async_rollouts():
+    with pytest.raises(ConfigError, match=r"collective .*grpo\.max_staleness=1") as e:
+        load_config(None, ["resources.weight_transport=collective", "grpo.max_staleness=1"])
+    assert e.value.keys == ("resources.weight_transport", "grpo.max_staleness")
+    assert load_config(None, ["resources.weight_transport=collective"])
