@@ -106,7 +106,8 @@ class Fleet:
 
         if not self.elastic:
             return
-        self._drain()
+        draining = draining_nodes()  # one GCS call a step, for the drain and the target
+        self._drain(draining)
         refs = [j[2] for j in self._joining]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
         for joiner in [j for j in self._joining if j[2] in ready]:
@@ -133,7 +134,6 @@ class Fleet:
         # node's unit is released before the node is declared dead, and a worker started for
         # it would wait for a place forever. Joiners that are not placed yet simply wait for
         # the next node; those beyond the target (nodes left) are dropped, the newest first.
-        draining = draining_nodes()
         units = sum(
             int(n["Resources"].get("rollout", 0))
             for n in cluster_nodes()
@@ -151,12 +151,11 @@ class Fleet:
             self._joining.append((self._next_index, handle, ref, now))
             self._next_index += 1
 
-    def _drain(self) -> None:
+    def _drain(self, draining: set[str]) -> None:
         """Workers on a draining node (``ray drain-node``) take no new shares; each leaves once
         the shares it holds are collected, so a drain wastes no sample."""
         import ray
 
-        draining = draining_nodes()
         for worker in [w for w in self.live if w.info["node_id"] in draining]:
             self.live.remove(worker)
             self._leaving.append(worker)
