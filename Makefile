@@ -43,7 +43,7 @@ demo: $(STAMP)
 test: test-fast
 	$(PY) -m pytest -q -ra tests/slow
 
-# Pure tests only (no DeepSpeed, Ray or training runs): 426 tests, about 55 s on 2 cores, as the
+# Pure tests only (no DeepSpeed, Ray or training runs): 430 tests, about 55 s on 2 cores, as the
 # README says.
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

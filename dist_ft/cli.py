@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from dist_ft.costmodel import ASSUMPTIONS_HELP
+
 # Nothing heavy at import time: torch, datasets and transformers take 5-20 s to import, and
 # `dist-ft --help` or a typo in a config should not wait for them.
 if TYPE_CHECKING:
@@ -33,6 +35,17 @@ if TYPE_CHECKING:
 
 RUN_DIR_HELP = "a run's run.output_dir (config.yaml + adapter/ or model/)"
 OVERWRITE_HELP = "replace an OUT that holds an earlier export (else a non-empty OUT is refused)"
+
+
+def _counts(text: str) -> list[int]:
+    """``8,64,1000`` -> [8, 64, 1000], each at least 1."""
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected worker counts like 8,64,1000")
+    return counts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print placement, batch sizes and bytes; no training")
     plan.add_argument("config", help="path to a YAML config")
     plan.add_argument("overrides", nargs="*", help="section.key=value")
+    plan.add_argument(
+        "--fleet",
+        type=_counts,
+        metavar="W[,W...]",
+        help="also predict the step's seconds and bytes on these rollout worker counts, e.g. "
+        "8,64,1000 (the model: dist_ft/costmodel.py)",
+    )
+    for name, help_text in ASSUMPTIONS_HELP.items():
+        plan.add_argument(f"--{name.replace('_', '-')}", type=float, help=help_text)
     demo = sub.add_parser(
         "demo",
         help="train the built-in tiny model on the built-in task (starts fresh in runs/demo)",
@@ -193,9 +215,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"dist-ft: warning: {missing}", file=sys.stderr)
         return 0
     if args.command == "plan":
+        from dist_ft.costmodel import Rates
         from dist_ft.recipes.plan import describe_plan
 
-        print(describe_plan(cfg))
+        given = {k: getattr(args, k) for k in ASSUMPTIONS_HELP if getattr(args, k) is not None}
+        print(describe_plan(cfg, args.fleet, Rates(**given)))
         return 0
     preflight(cfg, samples=args.command == "label")
     if args.command == "label":

@@ -113,6 +113,9 @@ def train(cfg: Config) -> dict[str, Any]:
         start = state.get("step", 0) + 1
         next_issue = start + len(pending)
         for step in range(start, cfg.run.steps + 1):
+            # the driver process's CPU this step, its Ray threads included: the control plane's
+            # cost (bench/fleet_scaling.py); in debug mode it holds generation and training too
+            t_step, cpu_step = time.perf_counter(), time.process_time()
             # ---- generate + score: G completions per prompt, rewards, group advantages.
             # Async: keep up to max_staleness later steps in flight, generating while we train.
             while next_issue <= min(step + a.max_staleness, cfg.run.steps):
@@ -147,6 +150,8 @@ def train(cfg: Config) -> dict[str, Any]:
                     metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
                 )
                 row.update(cluster.fleet_stats())
+                row["driver_cpu_seconds"] = time.process_time() - cpu_step
+                row["step_seconds"] = time.perf_counter() - t_step
                 tracker.log(step, row)
                 tracker.log_samples(step, batch, tokenizer, prompts)
                 watch.check(step, batch)

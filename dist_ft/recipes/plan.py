@@ -13,6 +13,7 @@ from dist_ft.cluster.placement import (
     resolve_rollout_workers,
 )
 from dist_ft.config import Config
+from dist_ft.costmodel import Rates, StepShape, cost_table
 from dist_ft.run.specs import actor_spec
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "placement_lines",
     "predict_placement",
     "resolve_rollout_workers",
+    "step_shape",
 ]
 
 
@@ -91,15 +93,10 @@ def placement_lines(placed: list[tuple[ActorRequest, str]]) -> list[str]:
     return lines
 
 
-def describe_plan(cfg: Config) -> str:
+def describe_plan(cfg: Config, fleet: list[int] | None = None, rates: Rates | None = None) -> str:
     """Placement (against the running cluster in Ray mode), derived batch sizes, and the bytes
-    a step moves, computed without loading weights or training."""
-    from transformers import AutoConfig
-
-    from dist_ft.model.loading import resolve_model_path
-    from dist_ft.model.weights import sync_bytes
-    from dist_ft.wire.batch import ScoredBatch
-
+    a step moves, computed without loading weights or training; with ``fleet``, the predicted
+    step on each of those rollout worker counts (``dist_ft/costmodel.py``)."""
     res = cfg.resources
     lines = [f"mode: {res.mode}"]
     if res.mode == "ray":
@@ -145,23 +142,57 @@ def describe_plan(cfg: Config) -> str:
         f"{cfg.samples_per_step // res.learners} per learner rank, micro-batch "
         f"{cfg.micro_batch_size} x {cfg.learner.micro_batches} accumulation step(s)",
     ]
-    per_sample = ScoredBatch.bytes_per_sample(
-        cfg.data.max_prompt_tokens,
-        cfg.rollout.max_new_tokens,
-        len(cfg.reward.functions),
-        ref=cfg.grpo.beta > 0,
-        group_size=g,
-        adapters=bool(cfg.peft.adapters),
-    )
-    path = resolve_model_path(cfg.model.path, cfg.model.tiny)
-    sizes = sync_bytes(AutoConfig.from_pretrained(path), cfg.peft, cfg.model.dtype)
+    shape = step_shape(cfg)
     adapter = cfg.peft.method.value != "none"
-    sync = sizes["adapter"] if adapter else sizes["full"]
     lines += [
-        f"rollout -> learner: <= {per_sample:,} bytes per sample (prompts padded to "
+        f"rollout -> learner: <= {shape.payload_bytes:,} bytes per sample (prompts padded to "
         f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}), <= "
-        f"{per_sample * cfg.samples_per_step:,} bytes per step",
-        f"learner -> rollout: {sync:,} bytes per sync "
-        f"({'adapter only' if adapter else 'full weights'}; full model {sizes['full']:,})",
+        f"{shape.payload_bytes * cfg.samples_per_step:,} bytes per step",
+        f"learner -> rollout: {shape.sync_bytes:,} bytes per sync "
+        f"({'adapter only' if adapter else 'full weights'}; full model {shape.full_bytes:,})",
     ]
+    if fleet:
+        rates = rates or Rates()
+        transport = "collective" if res.weight_transport == "collective" else "object store"
+        lines += [
+            f"predicted step on a fleet (dist_ft/costmodel.py; {transport} sync; "
+            f"{rates.worker_tokens_per_s:g} completion tokens/s per rollout worker, "
+            f"{rates.learner_tflops:g} TFLOP/s per learner rank, {rates.link_gbps:g} Gbit/s "
+            f"links, {rates.driver_ms_per_worker:g} driver ms per worker):",
+            *cost_table(shape, fleet, transport, rates),
+        ]
     return "\n".join(lines)
+
+
+def step_shape(cfg: Config, model_config: Any = None) -> StepShape:
+    """One step's work under ``cfg``, from the model's config alone (no weights load):
+    ``model_config``, else the one in ``cfg.model.path``."""
+    from transformers import AutoConfig
+
+    from dist_ft.model.loading import DTYPES, resolve_model_path
+    from dist_ft.model.weights import sync_bytes
+    from dist_ft.wire.batch import ScoredBatch
+
+    if model_config is None:
+        path = resolve_model_path(cfg.model.path, cfg.model.tiny)
+        model_config = AutoConfig.from_pretrained(path)
+    sizes = sync_bytes(model_config, cfg.peft, cfg.model.dtype)
+    full = cfg.peft.method.value == "none"
+    return StepShape(
+        samples=cfg.samples_per_step,
+        prompt_tokens=cfg.data.max_prompt_tokens,
+        completion_tokens=cfg.rollout.max_new_tokens,
+        payload_bytes=ScoredBatch.bytes_per_sample(
+            cfg.data.max_prompt_tokens,
+            cfg.rollout.max_new_tokens,
+            len(cfg.reward.functions),
+            ref=cfg.grpo.beta > 0,
+            group_size=cfg.rollout.group_size,
+            adapters=bool(cfg.peft.adapters),
+        ),
+        sync_bytes=sizes["full"] if full else sizes["adapter"],
+        full_bytes=sizes["full"],
+        params=sizes["full"] // DTYPES[cfg.model.dtype].itemsize,
+        full=full,
+        learners=cfg.resources.learners,
+    )

@@ -106,6 +106,35 @@ def test_nbytes_counts_the_prompt_once_per_group():
     assert ScoredBatch.bytes_per_sample(3, 4, 2, ref=False) == 480 // 6 + 10
 
 
+def test_a_batch_crosses_the_wire_as_raw_buffers_and_arrives_whole():
+    """Pickled (Ray's path) as numpy buffers, not through torch.save per tensor (the driver's
+    main cost at 64 workers, bench/fleet_scaling.py); it arrives equal, with writable tensors
+    even from read-only buffers (Ray's object store hands those out; the ledger writes)."""
+    import pickle
+
+    import numpy as np
+
+    a, _ = two_workers()
+    a.ref_logprobs = a.logprobs[:, :1].expand(-1, a.logprobs.shape[1])  # non-contiguous
+    data = pickle.dumps(a, protocol=5)
+    assert b"torch._utils" not in data and b"_load_from_bytes" not in data
+    state = a.__getstate__()
+    for v in state.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    for b in (pickle.loads(data), ScoredBatch.__new__(ScoredBatch)):
+        if not b.__dict__:
+            b.__setstate__(state)
+        for name, t in vars(a).items():
+            got = getattr(b, name)
+            if isinstance(t, torch.Tensor):
+                assert got.dtype == t.dtype and torch.equal(got, t), name
+            else:
+                assert got == t, name
+        b.valid[0] = False  # writable
+    assert bool(a.valid[0]) and not state["valid"].flags.writeable
+
+
 def test_advantages_follow_group_ids_not_row_order():
     rewards_BG = torch.tensor([[1.0, 0.0, 3.0], [2.0, 2.5, -1.0]])
     expected_BG = group_advantages(rewards_BG)

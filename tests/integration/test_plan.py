@@ -82,6 +82,31 @@ def test_plan_cli_reports_the_bytes_a_sync_really_sends(tiny_path):
     assert sync == sum(t.nbytes for t in export_state(model, adapter_only=True).values())
 
 
+def test_plan_cli_predicts_the_step_on_each_fleet_size(tiny_path):
+    def plan(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "dist_ft.cli", "plan", str(ROOT / "configs" / "demo.yaml")]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+
+    r = plan("--fleet", "2,1000", "--link-gbps", "8", "--driver-ms-per-worker", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    sync = int(re.search(r"learner -> rollout: ([\d,]+) bytes", r.stdout).group(1).replace(",", ""))
+    payload = int(re.search(r"<= ([\d,]+) bytes per sample", r.stdout).group(1).replace(",", ""))
+    assert "object store sync" in r.stdout and "8 Gbit/s links, 3 driver ms" in r.stdout
+    rows = {
+        int(m[0].replace(",", "")): m[1:]
+        for m in re.findall(r"^ +([\d,]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) "
+                            r"+([\d.]+) +([\d.]+ [KMGT]?B)$", r.stdout, re.M)
+    }  # fmt: skip
+    assert sorted(rows) == [2, 1000], r.stdout
+    # at 8 Gbit/s (1e9 B/s) the store's sync is one copy per worker; the driver 3 ms each
+    assert float(rows[1000][4]) == pytest.approx(1000 * sync / 1e9, abs=0.05)
+    assert float(rows[1000][5]) == pytest.approx(3.0)
+    total = 2 * 64 * payload + 1000 * sync  # the demo's 64 samples, in and out of the driver
+    assert rows[1000][6] == f"{total / 1e6:.1f} MB"
+    bad = plan("--fleet", "8,0")
+    assert bad.returncode == 2 and "expected worker counts like 8,64,1000" in bad.stderr
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", [m.value for m in PeftMethod])
 def test_sync_bytes_predicts_every_methods_real_export(tiny_path, method, dtype):

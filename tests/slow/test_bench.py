@@ -66,3 +66,18 @@ def test_sync_seconds_bench_compares_the_transports():
     span = r"\d+\.\d{3} \[\d+\.\d{3}-\d+\.\d{3}\]"
     for method in ("lora", "none"):
         assert re.search(rf"^{method} +2 +[\d,]+ +{span} +{span} +\d+\.\d\dx$", out, re.M), out
+
+
+def test_fleet_scaling_bench_reports_each_fleet_and_the_cost_model():
+    out = run(
+        "fleet_scaling.py", "--workers", "1,2", "--steps", "3", "--warmup", "1", "--latency", "0.2"
+    )
+    for workers, samples in ((1, 8), (2, 16)):
+        assert re.search(
+            rf"^ +{workers} +{samples} +\d+\.\d\d( +\d+\.\d\d){{2}} +\d+\.\d{{3}} +\d+\.\d% "
+            r"+\d+\.\d$",
+            out,
+            re.M,
+        ), out
+    # the 7B prediction: LoRA and full, each transport, 8/64/1,000 workers
+    assert len(re.findall(r"^ +(8|64|1,000) +\d+\.\d ", out, re.M)) == 12, out
