@@ -578,8 +578,8 @@ class RayCluster:
         self._learners_get([h.save_pretrained.remote(str(out_dir)) for h in self.learners])
 
     def placement(self) -> dict[str, list[Any]]:
-        """Node and pid of every actor, rollout workers first, learners in rank order."""
-        return self._info
+        """Node and pid of every actor, the live rollout workers first, learners in rank order."""
+        return {**self._info, "rollout": [w.info for w in self.fleet.live]}
 
     def shutdown(self) -> None:
         import ray

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import random
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from dist_ft.run.lifecycle import (
     stop_run,
     write_checkpoint,
 )
-from dist_ft.run.outputs import keep_rejects, prepare_output_dir
+from dist_ft.run.outputs import keep_rejects, prepare_output_dir, write_placement
 from dist_ft.run.runstatus import RunStatus
 from dist_ft.run.samplers import AdapterSampler, adapter_rows, load_prompts, make_sampler
 from dist_ft.run.specs import cluster_for, component_specs, reward_columns
@@ -71,7 +70,7 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- placement: the only line that differs between debug mode and a cluster
     rollout_spec, learner_spec = component_specs(cfg, model_path)
     cluster = cluster_for(cfg, rollout_spec, learner_spec)
-    (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
+    write_placement(out, cluster)
     tracker = make_tracker(cfg, out, state, breakdown=TASK_METRIC)
     watch = RewardWatch(
         names,
@@ -150,6 +149,8 @@ def train(cfg: Config) -> dict[str, Any]:
                     metrics, batch, ledger_stats, sync, t_rollout, t_train, task_of, reward_tasks
                 )
                 row.update(cluster.fleet_stats())
+                if any(row.get(f"fleet/{k}") for k in ("joins", "losses", "drained")):
+                    write_placement(out, cluster)  # where the fleet is now
                 row["driver_cpu_seconds"] = time.process_time() - cpu_step
                 row["step_seconds"] = time.perf_counter() - t_step
                 tracker.log(step, row)

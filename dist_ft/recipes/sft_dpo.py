@@ -18,7 +18,6 @@ them instead of recomputing them with trained weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from dist_ft.run.lifecycle import (
     stop_run,
     write_checkpoint,
 )
-from dist_ft.run.outputs import keep_rejects, prepare_output_dir
+from dist_ft.run.outputs import keep_rejects, prepare_output_dir, write_placement
 from dist_ft.run.runstatus import FINISHED, RunStatus
 from dist_ft.run.specs import cluster_for, component_specs
 from dist_ft.run.tracking import finish_tracking, make_tracker
@@ -265,7 +264,7 @@ def train_offline(cfg: Config) -> dict[str, Any]:
     # ---- learners, and rollout workers only to answer the held-out prompts
     rollout_spec, learner_spec = component_specs(cfg, model_path)
     cluster = cluster_for(cfg, rollout_spec, learner_spec, None if eval_prompts else 0)
-    (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
+    write_placement(out, cluster)
     if dpo:
         shown: tuple[str, ...] = ("loss", "eval_loss", "accuracy", "eval_accuracy")
     else:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from dist_ft.config import Config, ConfigError, config_to_dict
 from dist_ft.data import Reject, write_rejects
 from dist_ft.run import checkpoint, runstatus
+
+if TYPE_CHECKING:
+    from dist_ft.cluster import Cluster
 
 
 def keep_rejects(out: Path, source: str, rejects: list[Reject]) -> None:
@@ -32,6 +37,12 @@ RUN_OUTPUTS = (
     runstatus.STATUS_FILE,
     *("reward.png", "sft.png", "dpo.png", "reference_logprobs.safetensors", "samples.jsonl"),
 )
+
+
+def write_placement(out: Path, cluster: Cluster) -> None:
+    """<output_dir>/placement.json: the node and pid of every actor the run holds now (an
+    elastic fleet rewrites it when workers join or leave)."""
+    (out / "placement.json").write_text(json.dumps(cluster.placement(), indent=1))
 
 
 def check_run_dir(cfg: Config) -> bool:

@@ -154,6 +154,7 @@ def test_rollout_nodes_join_die_partition_and_drain_mid_run(hosts, tmp_path):
     def count(text: str) -> int:
         return log.read_text().count(text)
 
+    added: dict[str, str] = {}  # host -> address
     try:
         wait_for(proc, log, out, "step 2", lambda: len(rows(out)) >= 2)
         for host, event in [
@@ -162,7 +163,7 @@ def test_rollout_nodes_join_die_partition_and_drain_mid_run(hosts, tmp_path):
         ]:  # fmt: skip
             joins, losses = count("joined with the current weights"), count("leaves the fleet")
             if event == "add":
-                address = json.loads(hosts.do("add").splitlines()[-1])[host]
+                address = added[host] = json.loads(hosts.do("add").splitlines()[-1])[host]
                 wait_for(proc, log, out, f"{host} joined", lambda n=joins: count("joined with") > n)
                 assert f"on node {address}) joined" in log.read_text()
             elif event == "drain":
@@ -184,6 +185,10 @@ def test_rollout_nodes_join_die_partition_and_drain_mid_run(hosts, tmp_path):
     total = {k: sum(row[f"fleet/{k}"] for row in logged) for k in ("joins", "losses", "drained")}
     assert total == {"joins": 3, "losses": 2, "drained": 1}, total
     assert {row["fleet/workers"] for row in logged} >= {1.0, 2.0}
+    # placement.json follows the fleet: h4's worker alone is left (h1 killed, h2 partitioned,
+    # h3 drained)
+    placement = json.loads((out / "placement.json").read_text())
+    assert [a["ip"] for a in placement["rollout"]] == [added["h4"]], placement
     # The ledger: every issued sample trained exactly once.
     cfg = load_config(ROOT / "configs" / "demo.yaml", [])
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
@@ -227,3 +232,6 @@ def test_a_late_joiner_gets_the_current_weights_through_the_collective(hosts, tm
     assert sum(row["fleet/joins"] for row in logged) == 1
     assert logged[-1]["fleet/workers"] == 2  # both take prompts after the join
     assert logged[-1]["rollout/worker1_samples_per_s"] > 0
+    # placement.json follows the fleet: the joiner is in it, on its host
+    placement = json.loads((out / "placement.json").read_text())
+    assert len(placement["rollout"]) == 2 and placement["rollout"][1]["ip"] == address
