@@ -8,23 +8,27 @@ reward functions score both, and a few prompts are shown side by side. Written t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dist_ft.model.loading import load_policy, load_tokenizer, resolve_model_path
 from dist_ft.model.spec import HFModel, PeftMethod, PeftSpec
 
+if TYPE_CHECKING:
+    from dist_ft.rollout import RolloutSpec
+    from dist_ft.wire.prompt import Prompt
+
 
 @dataclass
 class Answers:
     """One policy's answers to the M prompts."""
 
-    greedy: list[str]  # [M]
+    greedy: list[str]  # [M]; empty for an environment's episodes (sampled only)
     sampled: list[str]  # [M * S]: S samples per prompt at the run's temperature, prompt-major
-    reward_greedy: list[float]  # [M] weighted total reward of each answer
+    reward_greedy: list[float]  # [M] weighted total reward of each answer (or empty)
     reward_sampled: list[float]  # [M * S]
 
 
@@ -48,11 +52,15 @@ class Comparison:
             return f"{sum(x) / len(x):.3f}"
 
         m, s, b, a = len(self.questions), self.samples, self.before, self.after
+        greedy = (
+            f"; greedy before {mean(b.reward_greedy)}, after {mean(a.reward_greedy)}"
+            if b.greedy
+            else " (episodes: transcripts below, environment turns as [env: ...])"
+        )
         lines = [
             f"Mean reward over {m} prompts: sampled ({s} per prompt, temperature "
             f"{self.temperature:g}) before {mean(b.reward_sampled)}, after "
-            f"{mean(a.reward_sampled)}; greedy before {mean(b.reward_greedy)}, after "
-            f"{mean(a.reward_greedy)}",
+            f"{mean(a.reward_sampled)}{greedy}",
             "",
             "| prompt | answer | before (sampled) | reward | after (sampled) | reward |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -117,16 +125,26 @@ def compare_run(
 
     cfg, weights = finished_run(run_dir)
     run, method = Path(run_dir), cfg.peft.method
-    if cfg.env.name is not None:  # before any model loads
-        raise ConfigError(
-            f"{run}: compare answers single prompts, and this run's samples are episodes in "
-            f"env {cfg.env.name}; {run}/samples.jsonl holds them, every turn with its rewards",
-            keys=("env.name",),
-        )
     base = resolve_model_path(cfg.model.path, cfg.model.tiny)
+    rollout, _ = component_specs(cfg, base)
+    if any(name == "judge" for name, _, _ in rollout.rewards):  # before any model loads
+        raise ConfigError(
+            f"{run}: compare scores with rule and user reward functions; this run's reward "
+            "includes the RLAIF judge, which needs its own model (see dist-ft label)",
+            keys=("reward.functions",),
+        )
     tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg, tokenizer).prompts
     prompts = prompts[:max_prompts] if max_prompts else prompts
+    rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)
+    questions = [str(prompt_row(rows, p.index)[cfg.data.prompt_field]) for p in prompts]
+    answers = [p.answer for p in prompts]
+    if rollout.env is not None:
+        before, after = (
+            play_episodes(rollout, prompts, tokenizer, samples, seed, weights if trained else None)
+            for trained in (False, True)
+        )
+        return Comparison(questions, answers, samples, cfg.rollout.temperature, before, after)
     texts = [p.text for p in prompts]
     device = torch.device(resolve_device(cfg.resources.device))
     dtype, remote, new = cfg.model.dtype, cfg.model.trust_remote_code, cfg.rollout.max_new_tokens
@@ -149,15 +167,7 @@ def compare_run(
             )
         )
 
-    rollout, _ = component_specs(cfg, base)
-    if any(name == "judge" for name, _, _ in rollout.rewards):
-        raise ConfigError(
-            f"{run}: compare scores with rule and user reward functions; this run's reward "
-            "includes the RLAIF judge, which needs its own model (see dist-ft label)",
-            keys=("reward.functions",),
-        )
     rewards = RewardSet(rollout.rewards, rollout.reward_timeout_s, tasks=rollout.reward_tasks)
-    answers = [p.answer for p in prompts]
     tasks = [p.task for p in prompts]
 
     def totals(completions: list[str]) -> list[float]:
@@ -169,7 +179,46 @@ def compare_run(
         scores = rewards.score(each(texts), completions, each(answers), each(tasks))
         return scores.total(rewards.weights, fill=0.0).tolist()
 
-    rows = load_rows(cfg.data.source, cfg.data.demo_size, cfg.run.seed)
-    questions = [str(prompt_row(rows, p.index)[cfg.data.prompt_field]) for p in prompts]
     before, after = (Answers(g, s, totals(g), totals(s)) for g, s in outputs)
     return Comparison(questions, answers, samples, cfg.rollout.temperature, before, after)
+
+
+def play_episodes(
+    rollout: RolloutSpec,
+    prompts: list[Prompt],
+    tokenizer: Any,
+    samples: int,
+    seed: int,
+    weights: Path | None,
+) -> Answers:
+    """An environment run's policy (the base model when ``weights`` is None) plays ``samples``
+    episodes of each prompt through the run's own rollout worker (its environment, tools and
+    rewards), sampled at the run's temperature from ``seed``. Each answer is the episode's
+    transcript, environment turns marked ``[env: ...]``; its reward the episode's return.
+    Episodes are sampled only: an environment's turns are not greedy."""
+    from dist_ft.model.weights import load_artefact
+    from dist_ft.rollout import RolloutWorker
+    from dist_ft.wire.batch import Span
+
+    gen = rollout.generation
+    if weights is None:
+        gen = replace(gen, peft=PeftSpec(method=PeftMethod.NONE))
+    elif gen.peft.method is PeftMethod.NONE:
+        gen = replace(gen, model_path=str(weights))  # the run's full model
+    worker = RolloutWorker(replace(rollout, generation=gen, group_size=samples, seed=seed))
+    if weights is not None and gen.peft.method is not PeftMethod.NONE:
+        load_artefact(worker.generator.model, weights)  # type: ignore[attr-defined]
+    torch.manual_seed(seed)  # both policies sample from the same stream
+    batch = worker.rollout(0, prompts, seed)
+    # prompt-major, each prompt's episodes in their order (episodes finish out of order)
+    order = sorted(range(len(batch)), key=lambda i: (int(batch.group_ids[i]), i))
+    transcripts = [
+        "".join(
+            text if span is Span.TRAINED else f" [env: {text.strip()}] "
+            for span, ids in batch.turns(i)
+            for text in [tokenizer.decode(ids, skip_special_tokens=True)]
+        )
+        for i in order
+    ]
+    worker.close()
+    return Answers([], transcripts, [], [float(batch.reward_total[i]) for i in order])
