@@ -1,11 +1,12 @@
 """Weights broadcast over torch.distributed, from learner rank 0 to the rollout workers, in
 process groups of their own (gloo; the learners' DeepSpeed group is not touched).
 
-Membership: a group is made for each set of receivers a sync goes to, and kept in each of its
-processes (not released when a member leaves). The driver names the members by worker index
-(never reused within a run), so a set of indices is one set of processes. A worker that
-joins gets the current version in a group of two (rank 0 and itself); the next full sync
-makes the group of the new membership.
+Membership: a group is made for each set of receivers a sync goes to. The driver names the
+members by worker index (never reused within a run) and numbers the group: a membership other
+than the one bound last gets a new number, so each process keeps only the group of the sync
+under way and drops (closes) the one before; a run whose fleet changes a thousand times holds
+one group per process, not a thousand. A worker that joins gets the current version in a group
+of two (rank 0 and itself); the next full sync makes the group of the new membership.
 Why a group per membership and not one group grown in place: gloo groups cannot change size,
 and a group per membership costs one rendezvous at the first sync after a change, then
 nothing; the workers outside a new group keep running.
@@ -28,8 +29,9 @@ import torch
 from dist_ft.sync.base import Published, WeightTransport, describe
 from dist_ft.sync.rendezvous import address_towards, listening_fd
 
-# This process's groups: (store address, members) -> gloo process group
-_GROUPS: dict[tuple[str, int, tuple[int, ...]], Any] = {}
+# This process's group, for each store (host, port): (group number, members, gloo group). One
+# at a time: syncs never overlap, and a number is never used again for another group.
+_GROUPS: dict[tuple[str, int], tuple[int, tuple[int, ...], Any]] = {}
 
 
 class CollectiveTransport(WeightTransport):
@@ -44,6 +46,8 @@ class CollectiveTransport(WeightTransport):
         self.host, self.port = "", 0
         self.members: tuple[int, ...] = ()  # worker indices of the receivers, in rank order
         self.rank = 0  # 0: learner rank 0 (the sender); i: members[i - 1]
+        self.group = 0  # the group's number (bind)
+        self._bound: tuple[int, ...] | None = None  # driver: the membership bound last
         self._server: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -65,6 +69,10 @@ class CollectiveTransport(WeightTransport):
         )
 
     def bind(self, members: tuple[int, ...], rank: int) -> CollectiveTransport:
+        # A new number for a membership seen before too: some of its processes may have
+        # dropped its old group since, and a rendezvous under the old number would mix.
+        if members != self._bound:
+            self._bound, self.group = members, self.group + 1
         bound = copy.copy(self)
         bound.members, bound.rank, bound._server = members, rank, None
         return bound
@@ -103,19 +111,21 @@ class CollectiveTransport(WeightTransport):
     def _group(self) -> Any:
         import torch.distributed as dist
 
-        key = (self.host, self.port, self.members)
-        if key not in _GROUPS:
+        key = (self.host, self.port)
+        if key not in _GROUPS or _GROUPS[key][0] != self.group:
+            _GROUPS.pop(key, None)  # the group before: its connections close with it
             timeout = datetime.timedelta(seconds=self.timeout_s)
             client = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout)
-            store = dist.PrefixStore("-".join(map(str, self.members)) + "/", client)
+            store = dist.PrefixStore(f"{self.group}/", client)
             opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
             local = address_towards(self.host)
             if local is None:
                 raise RuntimeError(f"no route to the collective transport's store at {self.host}")
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local)]
             opts._timeout = timeout
-            _GROUPS[key] = dist.ProcessGroupGloo(store, self.rank, len(self.members) + 1, opts)
-        return _GROUPS[key]
+            group = dist.ProcessGroupGloo(store, self.rank, len(self.members) + 1, opts)
+            _GROUPS[key] = (self.group, self.members, group)
+        return _GROUPS[key][2]
 
     def close(self) -> None:
         self._server = None

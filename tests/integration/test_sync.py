@@ -181,7 +181,7 @@ def test_a_collective_sync_keeps_its_group_and_a_lost_member_leaves(tiny_path):
     back: the broadcast group of (rank 0, worker 0, worker 1) is made once and reused; a worker
     SIGKILLed between syncs leaves the fleet at the next (Ray does not restart it: a restarted
     process would be a stranger to the group), and the survivor keeps getting exact weights,
-    through a new group of its own."""
+    through a new group of its own; the group before is dropped, in rank 0 and the survivor."""
     import os
     import signal
 
@@ -200,27 +200,28 @@ def test_a_collective_sync_keeps_its_group_and_a_lost_member_leaves(tiny_path):
         transport=make_transport("collective", "ray"),
     )
 
-    def held_groups(_self) -> list[tuple[int, ...]]:  # runs in learner rank 0's process
+    def held_groups(_self) -> list[tuple[int, ...]]:  # runs in the actor's process
         from dist_ft.sync import collective
 
-        return [key[2] for key in collective._GROUPS]
+        return [members for _, members, _ in collective._GROUPS.values()]
 
-    def groups() -> list[tuple[int, ...]]:
-        return ray.get(cluster.learners[0].__ray_call__.remote(held_groups))
+    def groups() -> list[list[tuple[int, ...]]]:  # of learner rank 0 and each live worker
+        actors = [cluster.learners[0], *cluster.workers]
+        return ray.get([a.__ray_call__.remote(held_groups) for a in actors])
 
     try:
         for _ in range(3):
             sync = cluster.sync_weights()
             held = ray.get([w.fingerprint.remote() for w in cluster.workers])
             assert held == [cluster._update.fingerprint] * 2 and sync.nbytes > 0
-        assert groups() == [(0, 1)]  # one rendezvous for three syncs
+        assert groups() == [[(0, 1)]] * 3  # one rendezvous for three syncs
         os.kill(cluster.fleet.live[1].info["pid"], signal.SIGKILL)
         with pytest.warns(UserWarning, match="rollout worker 1 .* leaves the fleet"):
             cluster.sync_weights()
         assert [w.index for w in cluster.fleet.live] == [0]
         cluster.sync_weights()
         assert ray.get(cluster.workers[0].fingerprint.remote()) == cluster._update.fingerprint
-        assert groups() == [(0, 1), (0,)]
+        assert groups() == [[(0,)]] * 2
     finally:
         cluster.shutdown()
 
