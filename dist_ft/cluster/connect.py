@@ -51,6 +51,9 @@ def init_ray(address: str, num_cpus: float) -> None:
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)),
                 include_dashboard=False,
+                # every actor's process first keeps the libraries' routine chatter out, as the
+                # CLI does in the driver (the actors' output reaches the driver's log)
+                runtime_env={"worker_process_setup_hook": "dist_ft.cli.quiet_third_party"},
             )
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
