@@ -173,9 +173,7 @@ def predict_7b(rates: Rates, fleet: list[int]) -> None:
     model = SHAPES["7B (Qwen2.5-7B dims)"]
     print(
         f"\npredicted step, 7B (Qwen2.5-7B dims), {' '.join(PREDICT_OVERRIDES[:5])}; "
-        f"{rates.worker_tokens_per_s:g} completion tokens/s per rollout worker, "
-        f"{rates.learner_tflops:g} TFLOP/s per learner rank, {rates.link_gbps:g} Gbit/s "
-        f"links, {rates.driver_ms_per_worker:.2f} driver ms per worker"
+        f"{rates.describe()}"
     )
     for method in ("lora", "none"):
         cfg = load_config(

@@ -28,17 +28,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Every assumption, and where its default comes from. Override them with dist-ft plan's flags.
-ASSUMPTIONS_HELP = {
-    "worker_tokens_per_s": "completion tokens/s of one rollout worker (default: a 7B model on "
-    "one H100 under vLLM at a large batch, ~5,000; measure yours with bench/generate_speed.py)",
-    "learner_tflops": "achieved TFLOP/s per learner rank (default 400: 40 percent of an H100's "
-    "dense bf16 peak)",
-    "link_gbps": "each node's network link in Gbit/s (default 25)",
-    "driver_ms_per_worker": "the driver's CPU ms per rollout worker and step (default: "
-    "bench/fleet_scaling.py at 64 workers on this project's 2-core CI machine)",
-}
-
 
 @dataclass(frozen=True)
 class Rates:
@@ -48,6 +37,27 @@ class Rates:
     learner_tflops: float = 400.0
     link_gbps: float = 25.0
     driver_ms_per_worker: float = 1.9
+
+    def describe(self) -> str:
+        return (
+            f"{self.worker_tokens_per_s:g} completion tokens/s per rollout worker, "
+            f"{self.learner_tflops:g} TFLOP/s per learner rank, {self.link_gbps:g} Gbit/s "
+            f"links, {self.driver_ms_per_worker:g} driver ms per worker"
+        )
+
+
+# Every assumption, and where its default comes from. Override them with dist-ft plan's flags.
+ASSUMPTIONS_HELP = {
+    "worker_tokens_per_s": "completion tokens/s of one rollout worker (default "
+    f"{Rates.worker_tokens_per_s:g}: a 7B model on one H100 under vLLM at a large batch; "
+    "measure yours with bench/generate_speed.py)",
+    "learner_tflops": f"achieved TFLOP/s per learner rank (default {Rates.learner_tflops:g}: "
+    "40 percent of an H100's dense bf16 peak)",
+    "link_gbps": f"each node's network link in Gbit/s (default {Rates.link_gbps:g})",
+    "driver_ms_per_worker": "the driver's CPU ms per rollout worker and step (default "
+    f"{Rates.driver_ms_per_worker:g}: bench/fleet_scaling.py at 64 workers on this project's "
+    "2-core CI machine)",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,6 @@ class StepShape:
 class StepCost:
     """Predicted seconds of each phase of one step, and the bytes it moves."""
 
-    workers: int
     generate_s: float
     payload_s: float
     train_s: float
@@ -101,7 +110,6 @@ def predict(shape: StepShape, workers: int, transport: str, rates: Rates) -> Ste
     else:
         sync_s = workers * copy_s
     return StepCost(
-        workers=workers,
         generate_s=per_worker * shape.completion_tokens / rates.worker_tokens_per_s,
         payload_s=payload / link,
         train_s=flops / (shape.learners * rates.learner_tflops * 1e12),

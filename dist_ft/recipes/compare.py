@@ -206,10 +206,13 @@ def play_episodes(
     elif gen.peft.method is PeftMethod.NONE:
         gen = replace(gen, model_path=str(weights))  # the run's full model
     worker = RolloutWorker(replace(rollout, generation=gen, group_size=samples, seed=seed))
-    if weights is not None and gen.peft.method is not PeftMethod.NONE:
-        load_artefact(worker.generator.model, weights)  # type: ignore[attr-defined]
-    torch.manual_seed(seed)  # both policies sample from the same stream
-    batch = worker.rollout(0, prompts, seed)
+    try:
+        if weights is not None and gen.peft.method is not PeftMethod.NONE:
+            load_artefact(worker.generator.model, weights)  # type: ignore[attr-defined]
+        torch.manual_seed(seed)  # both policies sample from the same stream
+        batch = worker.rollout(0, prompts, seed)
+    finally:
+        worker.close()  # an engine's own process (vLLM) goes with it
     # prompt-major, each prompt's episodes in their order (episodes finish out of order)
     order = sorted(range(len(batch)), key=lambda i: (int(batch.group_ids[i]), i))
     transcripts = [
@@ -220,5 +223,4 @@ def play_episodes(
         )
         for i in order
     ]
-    worker.close()
     return Answers([], transcripts, [], [float(batch.reward_total[i]) for i in order])

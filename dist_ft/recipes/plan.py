@@ -143,22 +143,19 @@ def describe_plan(cfg: Config, fleet: list[int] | None = None, rates: Rates | No
         f"{cfg.micro_batch_size} x {cfg.learner.micro_batches} accumulation step(s)",
     ]
     shape = step_shape(cfg)
-    adapter = cfg.peft.method.value != "none"
     lines += [
         f"rollout -> learner: <= {shape.payload_bytes:,} bytes per sample (prompts padded to "
         f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}), <= "
         f"{shape.payload_bytes * cfg.samples_per_step:,} bytes per step",
         f"learner -> rollout: {shape.sync_bytes:,} bytes per sync "
-        f"({'adapter only' if adapter else 'full weights'}; full model {shape.full_bytes:,})",
+        f"({'full weights' if shape.full else 'adapter only'}; full model {shape.full_bytes:,})",
     ]
     if fleet:
         rates = rates or Rates()
         transport = "collective" if res.weight_transport == "collective" else "object store"
         lines += [
             f"predicted step on a fleet (dist_ft/costmodel.py; {transport} sync; "
-            f"{rates.worker_tokens_per_s:g} completion tokens/s per rollout worker, "
-            f"{rates.learner_tflops:g} TFLOP/s per learner rank, {rates.link_gbps:g} Gbit/s "
-            f"links, {rates.driver_ms_per_worker:g} driver ms per worker):",
+            f"{rates.describe()}):",
             *cost_table(shape, fleet, transport, rates),
         ]
     return "\n".join(lines)
