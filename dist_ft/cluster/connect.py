@@ -21,6 +21,11 @@ from dist_ft.config import ConfigError
 # in milliseconds even across a datacenter; without this bound ray.init retries for 10+ min.
 CONNECT_TIMEOUT_S = 5.0
 
+# Every actor's process first keeps the libraries' routine chatter out, as the CLI does in the
+# driver (the actors' output reaches the driver's log). dist_ft is importable wherever its
+# actors run, so the hook is too.
+QUIET_ACTORS = {"worker_process_setup_hook": "dist_ft.cli.quiet_third_party"}
+
 
 class RayConnectError(ConfigError):
     """No Ray cluster answers at the configured or discovered address. A ConfigError, so the
@@ -51,9 +56,7 @@ def init_ray(address: str, num_cpus: float) -> None:
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, math.ceil(num_cpus)),
                 include_dashboard=False,
-                # every actor's process first keeps the libraries' routine chatter out, as the
-                # CLI does in the driver (the actors' output reaches the driver's log)
-                runtime_env={"worker_process_setup_hook": "dist_ft.cli.quiet_third_party"},
+                runtime_env=QUIET_ACTORS,
             )
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
@@ -66,7 +69,8 @@ def init_ray(address: str, num_cpus: float) -> None:
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = target
     try:
-        ray.init(address=address)
+        # Ray merges this with a `ray job submit` job's own runtime env (their keys differ)
+        ray.init(address=address, runtime_env=QUIET_ACTORS)
     except ConnectionError as e:  # the GCS answered, then refused us (after ~20 s of retries)
         why = str(e)
         if "InvalidAuthToken" in str(e.__cause__):

@@ -90,6 +90,9 @@ def final_answer(message: str, answer: float, penalty: float = 0.0) -> Step:
     return Step(reward=float(correct) - penalty, done=True, info={"correct": float(correct)})
 
 
+# Half add and half subtract, so that no one operator for every problem pays: a policy must
+# read the problem (a shift towards "+" on 2 of 3 problems left the third's groups all wrong,
+# with no advantage to learn from).
 _PROBLEMS: list[tuple[str, Callable[[int, int, int], int]]] = [
     (
         "A shop has {a} boxes with {b} pens in each and sells {c} pens. How many pens are left?",
@@ -102,6 +105,10 @@ _PROBLEMS: list[tuple[str, Callable[[int, int, int], int]]] = [
     (
         "{a} rows of {b} chairs, and {c} more chairs by the door. How many chairs?",
         lambda a, b, c: a * b + c,
+    ),
+    (
+        "A farm packs {a} crates of {b} eggs, and {c} eggs break. How many eggs are whole?",
+        lambda a, b, c: a * b - c,
     ),
 ]
 

@@ -184,7 +184,7 @@ def export_run(
             for f in weights.iterdir():
                 if f.is_file() and f.name != MANIFEST:
                     shutil.copyfile(f, tmp / f.name)
-            _name_base(tmp, cfg, Path(run_dir), base)
+            _card_for_run(tmp, cfg, Path(run_dir), base)
         written["adapter"] = str(adapter_to)
     if merge_to is not None:
         dtype, remote = DTYPES[cfg.model.dtype], cfg.model.trust_remote_code
@@ -205,10 +205,9 @@ def export_run(
     return written
 
 
-def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
+def _name_base(adapter: Path, base: str) -> str:
     """An exported adapter names its base by the base directory's name, not a path into this
-    machine's cache, and says in a model card (README.md, in place of peft's empty template)
-    which base it needs and how to load it."""
+    machine's cache (the model card says which base that is). Returns the name."""
     name = Path(base).name
     for file, key in (
         ("adapter_config.json", "base_model_name_or_path"),
@@ -218,15 +217,12 @@ def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
             meta = json.loads((adapter / file).read_text())
             meta[key] = name
             (adapter / file).write_text(json.dumps(meta, indent=2) + "\n")
-    if cfg.model.path == "tiny":
-        t = cfg.model.tiny
-        origin = (
-            f"dist_ft's built-in tiny Llama (model.tiny: hidden_size={t.hidden_size}, "
-            f"num_layers={t.num_layers}, num_heads={t.num_heads}, seed={t.seed}), which dist_ft "
-            "builds from these settings (`dist_ft.model.tiny.ensure_tiny_model`)"
-        )
-    else:
-        origin = f"the local model directory `{name}` (the run's model.path: {cfg.model.path})"
+    return name
+
+
+def _write_card(adapter: Path, title: str, base: str, origin: str, about: str) -> None:
+    """The adapter's model card (README.md, in place of peft's empty template): which base it
+    needs, where it came from (``about``) and how to load it."""
     if (adapter / PEFT_WEIGHTS_FILE).is_file():
         load = (
             "```python\nfrom peft import PeftModel\nfrom transformers import "
@@ -241,12 +237,29 @@ def _name_base(adapter: Path, cfg: Any, run: Path, base: str) -> None:
             "`dist_ft.model.weights.load_artefact(model, THIS_DIR)`)."
         )
     (adapter / "README.md").write_text(
-        f"# {run.resolve().name}: a {cfg.peft.method.value} adapter trained by dist_ft\n\n"
-        f"Base model: `{name}`, {origin}. The adapter is trained for that base only.\n\n"
-        f"Objective: {cfg.algo.objective}, {cfg.run.steps} steps; the run's full "
-        f"settings are in its `config.yaml`. Load it on the base (BASE_DIR: the base's "
-        f"directory):\n\n{load}\n\n`{MANIFEST}` lists the sha256 of every file.\n"
+        f"# {title}\n\nBase model: `{base}`, {origin}. The adapter is for that base only.\n\n"
+        f"{about} Load it on the base (BASE_DIR: the base's directory):\n\n{load}\n\n"
+        f"`{MANIFEST}` lists the sha256 of every file.\n"
     )
+
+
+def _card_for_run(adapter: Path, cfg: Any, run: Path, base: str) -> None:
+    name = _name_base(adapter, base)
+    if cfg.model.path == "tiny":
+        t = cfg.model.tiny
+        origin = (
+            f"dist_ft's built-in tiny Llama (model.tiny: hidden_size={t.hidden_size}, "
+            f"num_layers={t.num_layers}, num_heads={t.num_heads}, seed={t.seed}), which dist_ft "
+            "builds from these settings (`dist_ft.model.tiny.ensure_tiny_model`)"
+        )
+    else:
+        origin = f"the local model directory `{name}` (the run's model.path: {cfg.model.path})"
+    about = (
+        f"Objective: {cfg.algo.objective}, {cfg.run.steps} steps; the run's full settings are "
+        "in its `config.yaml`."
+    )
+    title = f"{run.resolve().name}: a {cfg.peft.method.value} adapter trained by dist_ft"
+    _write_card(adapter, title, name, origin, about)
 
 
 def _load(path: str, dtype: torch.dtype | str, remote: bool, config: Any = None) -> nn.Module:
@@ -395,6 +408,15 @@ def merge_adapters(
     check_tensors(merged.items(), f"the merge of {', '.join(map(str, sources))}")
     with _writing(Path(out)) as tmp:
         model.save_pretrained(str(tmp), selected_adapters=["default"])
+        name = _name_base(tmp, base)
+        inputs = ", ".join(f"`{s}` x {w:g}" for s, w in zip(sources, weights, strict=True))
+        about = (
+            f"Made by `dist-ft merge --method {method}`"
+            + (f" (density {density:g})" if density is not None else "")
+            + f" of {inputs} (peft's `add_weighted_adapter`)."
+        )
+        origin = f"the local model directory `{name}` its inputs were trained on"
+        _write_card(tmp, f"{Path(out).name}: merged adapters", name, origin, about)
     return str(out)
 
 

@@ -87,7 +87,7 @@ def test_adapter_export_loads_in_peft(lora_run, ids, tiny_path, tmp_path):
     assert torch.allclose(logits(loaded, ids), logits(policy, ids), atol=1e-5)
 
 
-def test_merge_two_adapters_by_peft_semantics(lora_run, tmp_path):
+def test_merge_two_adapters_by_peft_semantics(lora_run, tiny_path, tmp_path):
     run_a, _ = lora_run
     run_b, _ = make_run(tmp_path / "b", seed=2)
     a, b = (load_file(str(r / "adapter" / LORA_FILE)) for r in (run_a, run_b))
@@ -100,6 +100,10 @@ def test_merge_two_adapters_by_peft_semantics(lora_run, tmp_path):
     m = load_file(str(out / LORA_FILE))
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 4
+    # named as export names it, with a card that says what was merged, how
+    assert cfg["base_model_name_or_path"] == Path(tiny_path).name
+    card = (out / "README.md").read_text()
+    assert f"`{run_a}` x 0.5, `{run_b / 'adapter'}` x 0.5" in card and "--method linear" in card
     k = (0.5 * s) ** 0.5
     for part in ("lora_A", "lora_B"):
         key = f"{LAYER}.{part}.weight"

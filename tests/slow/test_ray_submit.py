@@ -102,6 +102,9 @@ def test_readme_ray_recipe_runs_as_written(tmp_path, earlier_local_run):
         named = [a.split("=", 1)[1] for a in submit if a.startswith("run.output_dir=")]
         assert out == repo / named[-1]
         assert f"metrics: {out / 'metrics.jsonl'}" in r.stdout  # the job's log says the same
+        # the actors' output reaches the job's log without the libraries' routine lines
+        actors = re.findall(r"^.*\((?:RolloutWorker|LearnerHost) pid=.*$", r.stdout, re.M)
+        assert actors == [], actors
         # inside the job, resources.ray_address=auto is the address Ray's job runner hands it
         assert re.search(
             r"Ray cluster at \S+ \(from the RAY_ADDRESS environment variable\)", r.stdout

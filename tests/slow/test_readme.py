@@ -130,7 +130,7 @@ def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
     with log.open("w") as f:
         r = subprocess.run(
             ["bash", "-c", "\n".join(script)],
-            cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1800,
+            cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=2700,
         )  # fmt: skip
     text = log.read_text()
     # one section per command: its line, its output, its exit code and seconds
@@ -160,7 +160,8 @@ def test_readme_commands_in_order_on_a_fresh_copy(tmp_path):
         elif argv[1] == "label":
             assert " pairs from 16 prompts -> " in out, out
     for made in ("runs/demo", "runs/from-file", "runs/lr5e-4", "runs/multitask_demo",
-                 "runs/sft-demo", "runs/dpo-demo", "runs/rlaif_dpo_demo", "runs/ray"):  # fmt: skip
+                 "runs/sft-demo", "runs/dpo-demo", "runs/rlaif_dpo_demo", "runs/ray",
+                 "runs/env_calculator_sft", "runs/smollm2-calculator"):  # fmt: skip
         assert (repo / made / "metrics.jsonl").is_file(), made
     for made in ("out/merged", "out/adapter", "out/ab", "out/ties"):
         assert any((repo / made).rglob("*.safetensors")), made
