@@ -244,6 +244,7 @@ def _write_card(adapter: Path, title: str, base: str, origin: str, about: str) -
 
 
 def _card_for_run(adapter: Path, cfg: Any, run: Path, base: str) -> None:
+    """An exported run's adapter named and carded: its base, objective and steps."""
     name = _name_base(adapter, base)
     if cfg.model.path == "tiny":
         t = cfg.model.tiny
