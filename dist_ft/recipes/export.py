@@ -222,7 +222,7 @@ def _name_base(adapter: Path, base: str) -> str:
 
 def _write_card(adapter: Path, title: str, base: str, origin: str, about: str) -> None:
     """The adapter's model card (README.md, in place of peft's empty template): which base it
-    needs, where it came from (``about``) and how to load it."""
+    needs (``base``, described by ``origin``), how it was made (``about``), how to load it."""
     if (adapter / PEFT_WEIGHTS_FILE).is_file():
         load = (
             "```python\nfrom peft import PeftModel\nfrom transformers import "
